@@ -1,0 +1,183 @@
+"""The codec's configuration: the fields and defaults of diffusers' ``AutoencoderKL`` config.json.
+
+Keeping the field names identical means a config.json written by diffusers loads here unchanged and
+ours loads in diffusers, so one file describes the model for both libraries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+# Keys diffusers writes into every config.json for its own bookkeeping; they carry no model meaning.
+DIFFUSERS_BOOKKEEPING_KEYS = frozenset({"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"})
+CONFIG_NAME = "config.json"
+
+
+class ConfigError(ValueError):
+    """A config.json that does not describe an AutoencoderKL we can build."""
+
+
+@dataclass
+class AutoencoderKLConfig:
+    in_channels: int = 3
+    out_channels: int = 3
+    down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",)
+    up_block_types: tuple[str, ...] = ("UpDecoderBlock2D",)
+    block_out_channels: tuple[int, ...] = (64,)
+    layers_per_block: int = 1
+    act_fn: str = "silu"
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    sample_size: int = 32
+    scaling_factor: float = 0.18215
+    shift_factor: float | None = None
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
+    force_upcast: bool = True
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_add_attention: bool = True
+
+    def __post_init__(self) -> None:
+        # JSON gives lists; tuples keep the config hashable and comparable.
+        for name in ("down_block_types", "up_block_types", "block_out_channels", "latents_mean", "latents_std"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, tuple(value))
+        self.validate()
+
+    def validate(self) -> None:
+        n = len(self.block_out_channels)
+        if n == 0:
+            raise ConfigError("block_out_channels must name at least one block")
+        if len(self.down_block_types) != n or len(self.up_block_types) != n:
+            raise ConfigError(
+                f"down_block_types ({len(self.down_block_types)}), up_block_types ({len(self.up_block_types)}) "
+                f"and block_out_channels ({n}) must have the same length"
+            )
+        for kind in self.down_block_types:
+            if kind != "DownEncoderBlock2D":
+                raise ConfigError(
+                    f"unsupported down block type {kind!r}: only 'DownEncoderBlock2D' exists in AutoencoderKL"
+                )
+        for kind in self.up_block_types:
+            if kind != "UpDecoderBlock2D":
+                raise ConfigError(
+                    f"unsupported up block type {kind!r}: only 'UpDecoderBlock2D' exists in AutoencoderKL"
+                )
+        if self.act_fn not in ACTIVATIONS:
+            raise ConfigError(f"unsupported act_fn {self.act_fn!r}; choose one of {sorted(ACTIVATIONS)}")
+        for channels in self.block_out_channels:
+            if channels % self.norm_num_groups:
+                raise ConfigError(
+                    f"block_out_channels {channels} is not divisible by norm_num_groups {self.norm_num_groups}"
+                )
+        for name in ("latents_mean", "latents_std"):
+            stats = getattr(self, name)
+            if stats is not None and len(stats) != self.latent_channels:
+                raise ConfigError(f"{name} has {len(stats)} values but latent_channels is {self.latent_channels}")
+
+    @property
+    def downsample_factor(self) -> int:
+        """Pixels per latent value along each side: 2 per block after the first."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """Latent (C, H, W) for an image of this size; sizes not divisible by the factor are padded up."""
+        f = self.downsample_factor
+        return (self.latent_channels, -(-height // f), -(-width // f))
+
+    # ---- serialisation -------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in data.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> AutoencoderKLConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known - DIFFUSERS_BOOKKEEPING_KEYS)
+        if unknown:
+            raise ConfigError(f"{source}: unknown AutoencoderKL config key(s) {', '.join(map(repr, unknown))}")
+        class_name = data.get("_class_name")
+        if class_name not in (None, "AutoencoderKL"):
+            raise ConfigError(f"{source}: describes a {class_name!r}, not an AutoencoderKL")
+        try:
+            return cls(**{key: value for key, value in data.items() if key in known})
+        except (TypeError, ConfigError) as error:
+            raise ConfigError(f"{source}: {error}") from error
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> AutoencoderKLConfig:
+        path = Path(path)
+        if path.is_dir():
+            path = path / CONFIG_NAME
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ConfigError(f"{path}: not valid JSON ({error})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        return cls.from_dict(data, source=str(path))
+
+    def to_json(self, path: str | os.PathLike, diffusers_version: str = "0.30.0") -> None:
+        """Write config.json as diffusers does, with its `_class_name` so `from_pretrained` finds the class."""
+        from codec.atomic import atomic_write_text
+
+        data = {"_class_name": "AutoencoderKL", "_diffusers_version": diffusers_version, **self.to_dict()}
+        atomic_write_text(Path(path), json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+ACTIVATIONS = ("silu", "swish", "gelu", "relu", "mish")
+
+
+def _sd_family(**overrides) -> AutoencoderKLConfig:
+    base = dict(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        sample_size=512,
+    )
+    base.update(overrides)
+    return AutoencoderKLConfig(**base)
+
+
+def preset(name: str) -> AutoencoderKLConfig:
+    """A named config: 'sd' (SD 1.x/2.x), 'sdxl', 'flux' (16-channel), 'sd3' (16-channel) or 'tiny' (tests)."""
+    name = name.lower()
+    if name in ("sd", "sd1", "sd2", "sd15", "sd-1", "sd-2"):
+        return _sd_family(scaling_factor=0.18215)
+    if name == "sdxl":
+        return _sd_family(scaling_factor=0.13025, sample_size=1024)
+    if name == "flux":
+        return _sd_family(
+            latent_channels=16,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            sample_size=1024,
+        )
+    if name == "sd3":
+        return _sd_family(
+            latent_channels=16,
+            scaling_factor=1.5305,
+            shift_factor=0.0609,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            sample_size=1024,
+        )
+    if name == "tiny":
+        # Keeps the 8x factor of the real models with a few hundred thousand parameters, for fast tests.
+        return _sd_family(block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=32, sample_size=64)
+    raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+
+
+PRESETS = ("sd", "sdxl", "flux", "sd3", "tiny")

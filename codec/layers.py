@@ -1,0 +1,140 @@
+"""The building blocks of the SD VAE, named so that their parameters carry diffusers' state-dict keys.
+
+Every attribute name here (norm1, conv_shortcut, to_q, to_out.0, downsamplers.0.conv, ...) is part of the
+checkpoint format: renaming one breaks loading of every published SD VAE.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from codec.groupnorm import GroupNorm
+
+EPS = 1e-6  # the GroupNorm epsilon of every norm in the SD VAE
+
+
+def activation(name: str) -> nn.Module:
+    if name in ("silu", "swish"):
+        return nn.SiLU()
+    if name == "gelu":
+        return nn.GELU()
+    if name == "relu":
+        return nn.ReLU()
+    if name == "mish":
+        return nn.Mish()
+    raise ValueError(f"unsupported activation {name!r}")
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm -> act -> 3x3 conv, twice, plus a (1x1 conv when channels change) shortcut."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int, act_fn: str) -> None:
+        super().__init__()
+        self.norm1 = GroupNorm(groups, in_channels, eps=EPS, act=act_fn)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = GroupNorm(groups, out_channels, eps=EPS, act=act_fn)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(self.norm1(x))
+        h = self.conv2(self.norm2(h))
+        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return shortcut + h
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over all spatial positions, as in the mid block of the SD VAE."""
+
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.group_norm = GroupNorm(groups, channels, eps=EPS)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        # A ModuleList so the output projection's key is `to_out.0`, as diffusers names it.
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        q, k, v = (proj(tokens).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))
+        out = F.scaled_dot_product_attention(q, k, v).squeeze(1)
+        out = self.to_out[0](out)
+        return x + out.transpose(1, 2).reshape(b, c, h, w)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv after padding one pixel on the right and bottom only, as the LDM encoder does."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 conv."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # bf16 nearest upsampling is missing or slow on some backends; fp32 costs one copy and is exact.
+        dtype = x.dtype
+        if dtype == torch.bfloat16:
+            x = x.float()
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return self.conv(x.to(dtype))
+
+
+class DownBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, act_fn: str, downsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups, act_fn) for i in range(layers)
+        )
+        self.downsamplers = nn.ModuleList([Downsample(out_channels)]) if downsample else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+        return x
+
+
+class UpBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, act_fn: str, upsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups, act_fn) for i in range(layers)
+        )
+        self.upsamplers = nn.ModuleList([Upsample(out_channels)]) if upsample else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x)
+        return x
+
+
+class MidBlock(nn.Module):
+    """Resnet -> attention -> resnet at the lowest resolution."""
+
+    def __init__(self, channels: int, groups: int, act_fn: str, add_attention: bool) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, groups, act_fn) for _ in range(2)])
+        self.attentions = nn.ModuleList([Attention(channels, groups)]) if add_attention else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.resnets[0](x)
+        if self.attentions is not None:
+            x = self.attentions[0](x)
+        return self.resnets[1](x)

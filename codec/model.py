@@ -1,0 +1,204 @@
+"""`AutoencoderKL`: the SD VAE with diffusers' API and state-dict keys.
+
+    vae = AutoencoderKL.from_pretrained("path/or/hub-id")
+    posterior = vae.encode(x).latent_dist          # x: (B, 3, H, W) in [-1, 1]
+    z = posterior.sample(generator)                # or posterior.mode()
+    x_hat = vae.decode(z).sample
+
+`encode`/`decode` also pad sizes that are not multiples of the downsampling factor, split large batches,
+tile images that would not fit the memory budget, and recompute in fp32 whatever half precision turns
+non-finite. `encode_latents`/`decode_latents` add the scaling and shift a diffusion model expects.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from codec.config import AutoencoderKLConfig
+from codec.distributions import DiagonalGaussianDistribution
+from codec.networks import Decoder, Encoder
+
+
+@dataclass
+class AutoencoderKLOutput:
+    latent_dist: DiagonalGaussianDistribution
+
+    def __getitem__(self, index: int) -> DiagonalGaussianDistribution:
+        return (self.latent_dist,)[index]
+
+
+@dataclass
+class DecoderOutput:
+    sample: torch.Tensor
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return (self.sample,)[index]
+
+
+class AutoencoderKL(nn.Module):
+    def __init__(self, config: AutoencoderKLConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or AutoencoderKLConfig()
+        latent = self.config.latent_channels
+        self.encoder = Encoder(self.config)
+        self.decoder = Decoder(self.config)
+        self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1) if self.config.use_quant_conv else None
+        self.post_quant_conv = nn.Conv2d(latent, latent, 1) if self.config.use_post_quant_conv else None
+        # Inference settings, read by codec.inference; see enable_tiling / enable_slicing.
+        self.use_tiling: bool | None = None  # None: tile only when the memory budget requires it
+        self.use_slicing: bool | None = None  # None: split the batch only when the memory budget requires it
+        self.memory_budget: int | None = None  # bytes; None: chosen from the device (codec.inference)
+        self.tile_latent_size: int | None = None  # latent side of a tile; None: the largest that fits the budget
+
+    # ---- properties ---------------------------------------------------------------------------
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.config.downsample_factor
+
+    # ---- raw network passes (no padding, tiling or fallback) ----------------------------------
+
+    def encode_moments(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean and log-variance stacked on channels, for an input whose sides are multiples of the factor."""
+        moments = self.encoder(x)
+        return self.quant_conv(moments) if self.quant_conv is not None else moments
+
+    def decode_raw(self, z: torch.Tensor) -> torch.Tensor:
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+    # ---- diffusers-compatible API -------------------------------------------------------------
+
+    def encode(self, x: torch.Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple:
+        from codec import inference
+
+        posterior = DiagonalGaussianDistribution(inference.encode_moments(self, x))
+        return AutoencoderKLOutput(posterior) if return_dict else (posterior,)
+
+    def decode(
+        self, z: torch.Tensor, return_dict: bool = True, generator: torch.Generator | None = None
+    ) -> DecoderOutput | tuple:
+        from codec import inference
+
+        sample = inference.decode(self, z)
+        return DecoderOutput(sample) if return_dict else (sample,)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        sample_posterior: bool = False,
+        return_dict: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> DecoderOutput | tuple:
+        """Reconstruct `sample`; the output has the input's size even when that is not a multiple of 8."""
+        posterior = self.encode(sample).latent_dist
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        decoded = self.decode(z).sample[..., : sample.shape[-2], : sample.shape[-1]]
+        return DecoderOutput(decoded) if return_dict else (decoded,)
+
+    # ---- latents as a diffusion model sees them -----------------------------------------------
+
+    def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw latent -> the unit-variance latent a diffusion model is trained on: (z - shift) * scale."""
+        shift = self.config.shift_factor or 0.0
+        return (z - shift) * self.config.scaling_factor
+
+    def unscale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Inverse of `scale_latents`."""
+        shift = self.config.shift_factor or 0.0
+        return latents / self.config.scaling_factor + shift
+
+    def encode_latents(
+        self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Images in [-1, 1] -> scaled latents (the posterior mean unless `sample`)."""
+        posterior = self.encode(x).latent_dist
+        return self.scale_latents(posterior.sample(generator) if sample else posterior.mode())
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in [-1, 1]."""
+        return self.decode(self.unscale_latents(latents)).sample
+
+    # ---- switches, named as in diffusers ------------------------------------------------------
+
+    def enable_tiling(self, tile_latent_size: int | None = None) -> None:
+        self.use_tiling = True
+        self.tile_latent_size = tile_latent_size
+
+    def disable_tiling(self) -> None:
+        self.use_tiling = False
+
+    def enable_slicing(self) -> None:
+        self.use_slicing = True
+
+    def disable_slicing(self) -> None:
+        self.use_slicing = False
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.encoder.gradient_checkpointing = self.decoder.gradient_checkpointing = True
+
+    def disable_gradient_checkpointing(self) -> None:
+        self.encoder.gradient_checkpointing = self.decoder.gradient_checkpointing = False
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.decoder.gradient_checkpointing
+
+    # ---- weights ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_hub_id: str | os.PathLike,
+        subfolder: str | None = None,
+        variant: str | None = None,
+        torch_dtype: torch.dtype | None = None,
+    ) -> AutoencoderKL:
+        """Load a diffusers folder (or a pipeline's `vae/` subfolder) or a hub id."""
+        from codec.weights import load_pretrained
+
+        return load_pretrained(cls, path_or_hub_id, subfolder=subfolder, variant=variant, torch_dtype=torch_dtype)
+
+    def save_pretrained(self, directory: str | os.PathLike, variant: str | None = None) -> None:
+        """Write config.json and diffusion_pytorch_model.safetensors, as diffusers does."""
+        from codec.weights import save_pretrained
+
+        save_pretrained(self, directory, variant=variant)
+
+    @classmethod
+    def from_single_file(
+        cls,
+        path: str | os.PathLike,
+        config: AutoencoderKLConfig | str | os.PathLike | None = None,
+        torch_dtype: torch.dtype | None = None,
+    ) -> AutoencoderKL:
+        """Load an LDM-layout `.safetensors`/`.ckpt` (VAE alone or a whole SD checkpoint)."""
+        from codec.single_file import load_single_file
+
+        return load_single_file(cls, path, config=config, torch_dtype=torch_dtype)
+
+    def save_single_file(self, path: str | os.PathLike) -> None:
+        """Write the LDM layout that A1111, ComfyUI and diffusers' `from_single_file` read."""
+        from codec.single_file import save_single_file
+
+        save_single_file(self, path)
+
+    @classmethod
+    def load(cls, spec: str | os.PathLike, torch_dtype: torch.dtype | None = None) -> AutoencoderKL:
+        """Whatever a user names: a diffusers folder, a single file, a hub id, a preset or 'builtin'."""
+        from codec.weights import load_any
+
+        return load_any(cls, spec, torch_dtype=torch_dtype)

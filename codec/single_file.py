@@ -1,0 +1,120 @@
+"""Single-file checkpoints as A1111, ComfyUI and the original LDM code write them.
+
+A VAE file holds bare keys (`encoder.down.0.block.0.conv1.weight`); a whole SD checkpoint holds them under
+`first_stage_model.`; some tools prefix `vae.`. The architecture is read off the tensor shapes; the scaling
+factor is not in the file, so it comes from `config` or from the family the shapes suggest, with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from codec.atomic import atomic_path
+from codec.checkpoint import CheckpointError, load_checked, read_tensors
+from codec.config import AutoencoderKLConfig, ConfigError, preset
+from codec.keys import diffusers_to_ldm, is_ldm_layout, ldm_to_diffusers, upgrade_legacy_attention_keys
+
+log = logging.getLogger(__name__)
+PREFIXES = ("first_stage_model.", "vae.", "model.")
+
+
+def extract_vae_tensors(tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """The VAE's tensors with any checkpoint prefix removed, in diffusers' layout."""
+    for prefix in PREFIXES:
+        if any(k.startswith(prefix + "encoder.") for k in tensors):
+            tensors = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            break
+    tensors = {k: v for k, v in tensors.items() if _is_vae_key(k)}
+    if not tensors:
+        raise CheckpointError(f"{source}: no VAE weights found (no keys starting with encoder./decoder./quant_conv.)")
+    if is_ldm_layout(tensors):
+        return ldm_to_diffusers(tensors)
+    return upgrade_legacy_attention_keys(tensors)
+
+
+def _is_vae_key(key: str) -> bool:
+    return key.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))
+
+
+def infer_config(tensors: dict[str, torch.Tensor], source: str) -> AutoencoderKLConfig:
+    """Architecture from the shapes of diffusers-layout tensors; scaling and shift from the matching family."""
+    try:
+        levels = 1 + max(int(m.group(1)) for k in tensors if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", k)))
+        channels = tuple(tensors[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(levels))
+        layers = len({m.group(1) for k in tensors if (m := re.match(r"encoder\.down_blocks\.0\.resnets\.(\d+)\.", k))})
+        latent = tensors["decoder.conv_in.weight"].shape[1]
+        in_channels = tensors["encoder.conv_in.weight"].shape[1]
+        out_channels = tensors["decoder.conv_out.weight"].shape[0]
+    except (KeyError, ValueError) as error:
+        raise CheckpointError(f"{source}: cannot infer the VAE architecture from its keys (missing {error})") from None
+    has_quant = "quant_conv.weight" in tensors
+    family = preset("sd") if latent == 4 else preset("flux") if latent == 16 else AutoencoderKLConfig()
+    if (latent, has_quant) in ((4, True), (16, False)):
+        log.warning(
+            "%s: the file does not record its scaling factor; assuming %s (%s). Pass config='sdxl' for SDXL's "
+            "VAE or config='sd3' for SD3's.",
+            source,
+            family.scaling_factor,
+            "SD 1.x/2.x" if latent == 4 else "FLUX",
+        )
+    try:
+        return AutoencoderKLConfig(
+            in_channels=in_channels,
+            out_channels=out_channels,
+            down_block_types=("DownEncoderBlock2D",) * levels,
+            up_block_types=("UpDecoderBlock2D",) * levels,
+            block_out_channels=channels,
+            layers_per_block=layers,
+            latent_channels=latent,
+            norm_num_groups=32,
+            sample_size=family.sample_size,
+            scaling_factor=family.scaling_factor,
+            shift_factor=family.shift_factor,
+            use_quant_conv=has_quant,
+            use_post_quant_conv="post_quant_conv.weight" in tensors,
+            mid_block_add_attention=any(".mid_block.attentions." in k for k in tensors),
+        )
+    except ConfigError as error:
+        raise CheckpointError(f"{source}: inferred an invalid config ({error})") from None
+
+
+def resolve_config(config, tensors: dict[str, torch.Tensor], source: str) -> AutoencoderKLConfig:
+    if config is None:
+        return infer_config(tensors, source)
+    if isinstance(config, AutoencoderKLConfig):
+        return config
+    text = str(config)
+    if Path(text).exists():
+        return AutoencoderKLConfig.from_json(text)
+    return preset(text)
+
+
+def load_single_file(cls, path: str | os.PathLike, config=None, torch_dtype: torch.dtype | None = None):
+    source = str(path)
+    tensors = extract_vae_tensors(read_tensors(path), source)
+    model = cls(resolve_config(config, tensors, source))
+    load_checked(model, tensors, source)
+    if torch_dtype is not None:
+        model.to(torch_dtype)
+    return model.eval()
+
+
+def save_single_file(model, path: str | os.PathLike) -> None:
+    """Bare LDM keys, as the VAE files A1111 and ComfyUI load; `.safetensors`, or `.ckpt` with a state_dict."""
+    path = Path(path)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = diffusers_to_ldm(state, len(model.config.block_out_channels))
+    with atomic_path(path) as tmp:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(state, str(tmp), metadata={"format": "pt"})
+        elif path.suffix in (".ckpt", ".pt", ".pth"):
+            torch.save({"state_dict": state}, str(tmp))
+        else:
+            raise CheckpointError(f"{path}: unknown single-file format; use .safetensors or .ckpt")

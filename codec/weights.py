@@ -1,0 +1,140 @@
+"""diffusers-format weights: folders of config.json + diffusion_pytorch_model.safetensors, locally or on the hub."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from codec.atomic import atomic_path
+from codec.checkpoint import CheckpointError, load_checked, read_tensors
+from codec.config import CONFIG_NAME, PRESETS, AutoencoderKLConfig, preset
+from codec.keys import upgrade_legacy_attention_keys
+
+log = logging.getLogger(__name__)
+WEIGHTS_STEM = "diffusion_pytorch_model"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def _weight_names(variant: str | None) -> list[str]:
+    infix = f".{variant}" if variant else ""
+    # safetensors first: it cannot carry code, and it loads without unpickling.
+    return [f"{WEIGHTS_STEM}{infix}.safetensors", f"{WEIGHTS_STEM}{infix}.bin"]
+
+
+def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError) as error:
+        raise CheckpointError(f"{index_path}: unreadable shard index ({error})") from None
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        tensors.update(read_tensors(index_path.parent / shard))
+    return tensors
+
+
+def _finish(cls, config: AutoencoderKLConfig, tensors: dict, source: str, torch_dtype: torch.dtype | None):
+    model = cls(config)
+    load_checked(model, upgrade_legacy_attention_keys(tensors), source)
+    if torch_dtype is not None:
+        model.to(torch_dtype)
+    return model.eval()
+
+
+def load_folder(cls, folder: Path, variant: str | None, torch_dtype: torch.dtype | None):
+    if not (folder / CONFIG_NAME).is_file() and (folder / "vae" / CONFIG_NAME).is_file():
+        folder = folder / "vae"  # a whole pipeline: its VAE lives in vae/
+    config = AutoencoderKLConfig.from_json(folder / CONFIG_NAME)
+    for name in _weight_names(variant):
+        path = folder / name
+        if path.is_file():
+            return _finish(cls, config, read_tensors(path), str(path), torch_dtype)
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            return _finish(cls, config, _read_sharded(index), str(index), torch_dtype)
+    raise CheckpointError(f"{folder}: no weights found; expected one of {', '.join(_weight_names(variant))}")
+
+
+def load_from_hub(cls, repo_id: str, subfolder: str | None, variant: str | None, torch_dtype: torch.dtype | None):
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+    def fetch(filename: str, folder: str | None) -> Path:
+        return Path(hf_hub_download(repo_id, filename, subfolder=folder))
+
+    folders = [subfolder] if subfolder else [None, "vae"]
+    last_error: Exception | None = None
+    for folder in folders:
+        try:
+            config_path = fetch(CONFIG_NAME, folder)
+        except EntryNotFoundError as error:
+            last_error = error
+            continue
+        except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
+            raise CheckpointError(
+                f"{repo_id}: could not fetch it from the Hugging Face hub ({type(error).__name__}: {error}).\n"
+                "  It is not a local folder or file either. Offline, download it where there is a network "
+                f"(`hf download {repo_id}`), then pass the local folder or set HF_HUB_OFFLINE=1 to use the cache."
+            ) from None
+        config = AutoencoderKLConfig.from_json(config_path)
+        for name in _weight_names(variant):
+            try:
+                weights = fetch(name, folder)
+            except EntryNotFoundError:
+                continue
+            return _finish(cls, config, read_tensors(weights), f"{repo_id}/{weights.name}", torch_dtype)
+        raise CheckpointError(f"{repo_id}: no weights file in {folder or 'the repository root'}")
+    raise CheckpointError(f"{repo_id}: no config.json at the root or in vae/ ({last_error})")
+
+
+def load_pretrained(cls, path_or_hub_id, subfolder=None, variant=None, torch_dtype=None):
+    path = Path(path_or_hub_id)
+    if subfolder:
+        path = path / subfolder
+    if path.is_dir():
+        return load_folder(cls, path, variant, torch_dtype)
+    if path.is_file():
+        raise CheckpointError(f"{path}: is a file; use AutoencoderKL.from_single_file for single-file checkpoints")
+    name = str(path_or_hub_id)
+    if not HUB_ID.fullmatch(name):
+        raise CheckpointError(f"{name}: no such folder, and not a hub id of the form owner/name")
+    return load_from_hub(cls, name, subfolder, variant, torch_dtype)
+
+
+def save_pretrained(model, directory: str | os.PathLike, variant: str | None = None) -> None:
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.config.to_json(directory / CONFIG_NAME)
+    state = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}
+    with atomic_path(directory / _weight_names(variant)[0]) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+
+
+def load_any(cls, spec: str | os.PathLike, torch_dtype: torch.dtype | None = None):
+    """Resolve what a user typed after --model: 'builtin', 'preset:NAME' (random weights), a folder, a file, a hub id."""
+    text = str(spec)
+    if text == "builtin":
+        from codec.builtin import load_builtin
+
+        return load_builtin(cls, torch_dtype=torch_dtype)
+    if text.startswith("preset:"):
+        name = text.split(":", 1)[1]
+        if name not in PRESETS:
+            raise CheckpointError(f"{text}: unknown preset; choose one of {', '.join(PRESETS)}")
+        log.warning("%s: randomly initialised weights (seed 0), for testing only", text)
+        torch.manual_seed(0)
+        model = cls(preset(name)).eval()
+        return model.to(torch_dtype) if torch_dtype is not None else model
+    path = Path(text).expanduser()
+    if path.is_file():
+        if path.suffix not in SINGLE_FILE_SUFFIXES:
+            raise CheckpointError(f"{path}: not a checkpoint; expected one of {', '.join(SINGLE_FILE_SUFFIXES)}")
+        return cls.from_single_file(path, torch_dtype=torch_dtype)
+    return load_pretrained(cls, path, torch_dtype=torch_dtype)
