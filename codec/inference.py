@@ -10,15 +10,20 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from codec import memory, tiling
+from codec.groupnorm import GroupNorm
 
 log = logging.getLogger(__name__)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 MIN_TILE_LATENT = 16
+# Up to this many latent positions (a 1024x1024 image at f8) the mid block's attention runs over the whole
+# image even when tiling; beyond, its quadratic cost dominates and it runs per tile, as in diffusers.
+GLOBAL_ATTENTION_MAX_TOKENS = 128 * 128
 
 
 class _Fp32Fallback:
@@ -35,6 +40,10 @@ class _Fp32Fallback:
         if self._fp32 is None:
             log.warning("%s result was not finite; recomputing in float32 (force_upcast)", y.dtype)
             self._fp32 = copy.deepcopy(self.vae).float()
+        # Tiling may have installed shared-statistics hooks on the original's norms since the copy was made.
+        for source, target in zip(self.vae.modules(), self._fp32.modules(), strict=True):
+            if isinstance(source, GroupNorm):
+                target.stats_hook, target.stats_key = source.stats_hook, getattr(source, "stats_key", None)
         return run(self._fp32, x.float()).to(y.dtype)
 
 
@@ -69,61 +78,75 @@ def _largest_tile(cost: Callable[[int], int], budget: int, limit: int, align: in
     return side
 
 
+def _tile_size(vae, cost: Callable[[int, int], int], budget: int, h: int, w: int, unit: int) -> int:
+    if vae.tile_latent_size:
+        return vae.tile_latent_size * unit
+    tile = _largest_tile(lambda side: cost(side, side), budget, max(h, w), unit)
+    return max(tile, MIN_TILE_LATENT * unit)
+
+
+def _encode_tiled(vae, x: torch.Tensor, tile: int, guarded: _Fp32Fallback) -> torch.Tensor:
+    f = vae.config.downsample_factor
+    overlap = tiling.overlap_for(tile, f)
+    if (x.shape[-2] // f) * (x.shape[-1] // f) > GLOBAL_ATTENTION_MAX_TOKENS:
+        # Too many positions for one global attention: the whole encoder runs per tile, attention included.
+        run_all = partial(guarded, lambda m, t: m.encode_moments(t))
+        return tiling.tiled_apply(vae, run_all, x, tile, overlap, 1 / f, f, 2 * vae.config.latent_channels)
+    # Tile only the convolutional part; the mid block's attention then sees the whole image, as untiled.
+    run_head = partial(guarded, lambda m, t: m.encoder.forward_head(t))
+    channels = vae.config.block_out_channels[-1]
+    features = tiling.tiled_apply(vae.encoder, run_head, x, tile, overlap, 1 / f, f, channels)
+    return guarded(lambda m, t: m.encode_tail(t), features)
+
+
+def _decode_tiled(vae, z: torch.Tensor, tile: int, guarded: _Fp32Fallback) -> torch.Tensor:
+    f = vae.config.downsample_factor
+    overlap = tiling.overlap_for(tile, 1)
+    if z.shape[-2] * z.shape[-1] > GLOBAL_ATTENTION_MAX_TOKENS:
+        run_all = partial(guarded, lambda m, t: m.decode_raw(t))
+        return tiling.tiled_apply(vae, run_all, z, tile, overlap, f, 1, vae.config.out_channels)
+    features = guarded(lambda m, t: m.decode_head(t), z)
+    run_tail = partial(guarded, lambda m, t: m.decoder.forward_tail(t))
+    return tiling.tiled_apply(vae.decoder, run_tail, features, tile, overlap, f, 1, vae.config.out_channels)
+
+
 def _run(vae, x: torch.Tensor, *, encode: bool) -> torch.Tensor:
+    """Encode (images -> moments) or decode (latents -> images), sliced and tiled to fit the memory budget."""
     config = vae.config
     f = config.downsample_factor
     itemsize = torch.finfo(vae.dtype).bits // 8
-    if encode:
-        align, scale, out_channels = f, 1 / f, 2 * config.latent_channels
+    estimate = memory.encode_bytes if encode else memory.decode_bytes
 
-        def cost(h, w, b=1):
-            return memory.encode_bytes(config, h, w, itemsize, b)
+    def cost(h: int, w: int, batch: int = 1) -> int:
+        return estimate(config, h, w, itemsize, batch)
 
-        def network(model, t):
-            return model.encode_moments(t)
-    else:
-        align, scale, out_channels = 1, f, config.out_channels
-
-        def cost(h, w, b=1):
-            return memory.decode_bytes(config, h, w, itemsize, b)
-
-        def network(model, t):
-            return model.decode_raw(t)
+    def network(model, t):
+        return model.encode_moments(t) if encode else model.decode_raw(t)
 
     if torch.is_grad_enabled():
         return network(vae, x)
 
     batch, _, h, w = x.shape
     budget = _budget(vae)
-    tile_needed = cost(h, w) > budget
-    use_tiling = vae.use_tiling if vae.use_tiling is not None else tile_needed
-    slice_size = batch
-    if vae.use_slicing or cost(h, w, batch) > budget:
-        per_sample = cost(h, w) if not use_tiling else 0
-        slice_size = 1 if vae.use_slicing or not per_sample else max(1, budget // per_sample)
+    use_tiling = vae.use_tiling if vae.use_tiling is not None else cost(h, w) > budget
+    tile = _tile_size(vae, cost, budget, h, w, f if encode else 1) if use_tiling else 0
+    if use_tiling and tile >= h and tile >= w:
+        use_tiling = False
+    if vae.use_slicing or use_tiling:
+        slice_size = 1
+    else:
+        slice_size = max(1, min(batch, budget // max(cost(h, w), 1)))
 
     guarded = _Fp32Fallback(vae)
-    if use_tiling:
-        if vae.tile_latent_size:
-            tile = vae.tile_latent_size * (f if encode else 1)
-        else:
-            tile = _largest_tile(lambda s: cost(s, s), budget, max(h, w), align)
-            tile = max(tile, MIN_TILE_LATENT * (f if encode else 1))
-        overlap = tiling.overlap_for(tile, align)
-        if tile >= h and tile >= w:
-            use_tiling = False
-
     outputs = []
     for start in range(0, batch, slice_size):
         chunk = x[start : start + slice_size]
-        if use_tiling:
-
-            def run_tile(t, _network=network):
-                return guarded(_network, t)
-
-            outputs.append(tiling.tiled_apply(vae, run_tile, chunk, tile, overlap, scale, align, out_channels))
-        else:
+        if not use_tiling:
             outputs.append(guarded(network, chunk))
+        elif encode:
+            outputs.append(_encode_tiled(vae, chunk, tile, guarded))
+        else:
+            outputs.append(_decode_tiled(vae, chunk, tile, guarded))
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 

@@ -11,7 +11,7 @@ from codec.config import AutoencoderKLConfig
 # Live activations at the widest point of a level: the block input, the norm output, the conv output and the
 # residual sum. Measured peaks (scripts/calibrate_memory.py) sit below this bound.
 LIVE_TENSORS = 4
-CPU_BUDGET_CAP = 2 << 30
+CPU_BUDGET_CAP = 1 << 30
 
 
 def _level_peak(channels: tuple[int, ...], pixels_at_level: list[int], itemsize: int) -> int:
@@ -41,7 +41,7 @@ def decode_bytes(config: AutoencoderKLConfig, height: int, width: int, itemsize:
 def default_budget(device: torch.device) -> int:
     """Bytes an encode or decode may use for activations on `device` before it tiles.
 
-    On CUDA: half of the free memory. On CPU: a quarter of the available memory, at most 2 GiB, because
+    On CUDA: half of the free memory. On CPU: a quarter of the available memory, at most 1 GiB, because
     tiling costs little there and a smaller working set stays in cache. CODEC_MEMORY_BUDGET_MB overrides both.
     """
     override = os.environ.get("CODEC_MEMORY_BUDGET_MB")

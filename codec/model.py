@@ -72,13 +72,21 @@ class AutoencoderKL(nn.Module):
 
     def encode_moments(self, x: torch.Tensor) -> torch.Tensor:
         """Mean and log-variance stacked on channels, for an input whose sides are multiples of the factor."""
-        moments = self.encoder(x)
+        return self.encode_tail(self.encoder.forward_head(x))
+
+    def encode_tail(self, features: torch.Tensor) -> torch.Tensor:
+        """Latent-resolution features -> moments: the encoder's mid block and output, then quant_conv."""
+        moments = self.encoder.forward_tail(features)
         return self.quant_conv(moments) if self.quant_conv is not None else moments
 
     def decode_raw(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder.forward_tail(self.decode_head(z))
+
+    def decode_head(self, z: torch.Tensor) -> torch.Tensor:
+        """Latent -> latent-resolution features: post_quant_conv, then the decoder's input conv and mid block."""
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
-        return self.decoder(z)
+        return self.decoder.forward_head(z)
 
     # ---- diffusers-compatible API -------------------------------------------------------------
 

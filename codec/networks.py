@@ -46,9 +46,17 @@ class Encoder(_Checkpointable):
         self.conv_out = nn.Conv2d(channels[-1], 2 * config.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_tail(self.forward_head(x))
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolutional part, down to the latent resolution: local, so it can run tile by tile."""
         x = self.conv_in(x)
         for block in self.down_blocks:
             x = self._run(block, x)
+        return x
+
+    def forward_tail(self, x: torch.Tensor) -> torch.Tensor:
+        """The mid block (global attention) and output conv, at the latent resolution."""
         x = self._run(self.mid_block, x)
         return self.conv_out(self.conv_norm_out(x))
 
@@ -77,8 +85,14 @@ class Decoder(_Checkpointable):
         self.conv_out = nn.Conv2d(channels[-1], config.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.conv_in(z)
-        x = self._run(self.mid_block, x)
+        return self.forward_tail(self.forward_head(z))
+
+    def forward_head(self, z: torch.Tensor) -> torch.Tensor:
+        """Input conv and mid block (global attention) at the latent resolution."""
+        return self._run(self.mid_block, self.conv_in(z))
+
+    def forward_tail(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolutional upsampling part: local, so it can run tile by tile."""
         for block in self.up_blocks:
             x = self._run(block, x)
         return self.conv_out(self.conv_norm_out(x))

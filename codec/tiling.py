@@ -19,7 +19,7 @@ from torch import nn
 
 from codec.groupnorm import GroupNorm, group_moments
 
-Stats = dict[int, tuple[torch.Tensor, torch.Tensor]]
+Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]  # keyed by each norm's qualified name
 
 
 def tile_starts(length: int, tile: int, overlap: int, align: int = 1) -> list[int]:
@@ -50,13 +50,15 @@ def _ramp(length: int, fade_start: int, fade_end: int) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _norm_hooks(module: nn.Module, hook: Callable) -> Iterator[None]:
-    norms = [m for m in module.modules() if isinstance(m, GroupNorm)]
-    for norm in norms:
+    norms = [(name, m) for name, m in module.named_modules() if isinstance(m, GroupNorm)]
+    for name, norm in norms:
+        # A name, not id(norm): an fp32 copy of the model (the half-precision fallback) finds the same entries.
+        norm.stats_key = name
         norm.stats_hook = hook
     try:
         yield
     finally:
-        for norm in norms:
+        for _, norm in norms:
             norm.stats_hook = None
 
 
@@ -67,7 +69,7 @@ def record_norm_stats(module: nn.Module, run: Callable[[torch.Tensor], torch.Ten
     def hook(norm: GroupNorm, h: torch.Tensor) -> None:
         total, total_sq, count = group_moments(h, norm.num_groups)
         mean = total / count
-        stats[id(norm)] = (mean, (total_sq / count - mean.square()).clamp_min(0.0))
+        stats[norm.stats_key] = (mean, (total_sq / count - mean.square()).clamp_min(0.0))
         return None  # normalise with its own statistics, which are the ones recorded
 
     with _norm_hooks(module, hook):
@@ -80,7 +82,7 @@ def shared_norm_stats(module: nn.Module, stats: Stats) -> Iterator[None]:
     """Within the block, every GroupNorm of `module` normalises with `stats` instead of its input's own."""
 
     def hook(norm: GroupNorm, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return stats[id(norm)]
+        return stats[norm.stats_key]
 
     with _norm_hooks(module, hook):
         yield

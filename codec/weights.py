@@ -27,6 +27,12 @@ def _weight_names(variant: str | None) -> list[str]:
     return [f"{WEIGHTS_STEM}{infix}.safetensors", f"{WEIGHTS_STEM}{infix}.bin"]
 
 
+def _variant_index_name(name: str, variant: str | None) -> str:
+    """diffusers names a sharded variant's index `<stem>.safetensors.index.<variant>.json`."""
+    base = name.replace(f".{variant}", "") if variant else name
+    return f"{base}.index.{variant}.json" if variant else f"{base}.index.json"
+
+
 def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
@@ -54,15 +60,15 @@ def load_folder(cls, folder: Path, variant: str | None, torch_dtype: torch.dtype
         path = folder / name
         if path.is_file():
             return _finish(cls, config, read_tensors(path), str(path), torch_dtype)
-        index = folder / f"{name}.index.json"
-        if index.is_file():
-            return _finish(cls, config, _read_sharded(index), str(index), torch_dtype)
+        for index in (folder / f"{name}.index.json", folder / _variant_index_name(name, variant)):
+            if index.is_file():
+                return _finish(cls, config, _read_sharded(index), str(index), torch_dtype)
     raise CheckpointError(f"{folder}: no weights found; expected one of {', '.join(_weight_names(variant))}")
 
 
 def load_from_hub(cls, repo_id: str, subfolder: str | None, variant: str | None, torch_dtype: torch.dtype | None):
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
     def fetch(filename: str, folder: str | None) -> Path:
         return Path(hf_hub_download(repo_id, filename, subfolder=folder))
@@ -72,15 +78,14 @@ def load_from_hub(cls, repo_id: str, subfolder: str | None, variant: str | None,
     for folder in folders:
         try:
             config_path = fetch(CONFIG_NAME, folder)
+        # LocalEntryNotFoundError (offline, not cached) subclasses EntryNotFoundError: it must be caught first.
+        except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
+            raise _hub_unreachable(repo_id, error) from None
         except EntryNotFoundError as error:
             last_error = error
             continue
-        except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
-            raise CheckpointError(
-                f"{repo_id}: could not fetch it from the Hugging Face hub ({type(error).__name__}: {error}).\n"
-                "  It is not a local folder or file either. Offline, download it where there is a network "
-                f"(`hf download {repo_id}`), then pass the local folder or set HF_HUB_OFFLINE=1 to use the cache."
-            ) from None
+        except (HfHubHTTPError, OSError) as error:
+            raise _hub_unreachable(repo_id, error) from None
         config = AutoencoderKLConfig.from_json(config_path)
         for name in _weight_names(variant):
             try:
@@ -92,16 +97,24 @@ def load_from_hub(cls, repo_id: str, subfolder: str | None, variant: str | None,
     raise CheckpointError(f"{repo_id}: no config.json at the root or in vae/ ({last_error})")
 
 
+def _hub_unreachable(repo_id: str, error: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"{repo_id}: could not fetch it from the Hugging Face hub ({type(error).__name__}: {error}).\n"
+        "  It is not a local folder or file either. Offline, download it where there is a network "
+        f"(`hf download {repo_id}`), then pass the local folder, or set HF_HUB_OFFLINE=1 to use the cache."
+    )
+
+
 def load_pretrained(cls, path_or_hub_id, subfolder=None, variant=None, torch_dtype=None):
-    path = Path(path_or_hub_id)
+    name = str(path_or_hub_id)
+    path = Path(name)
     if subfolder:
         path = path / subfolder
     if path.is_dir():
         return load_folder(cls, path, variant, torch_dtype)
     if path.is_file():
         raise CheckpointError(f"{path}: is a file; use AutoencoderKL.from_single_file for single-file checkpoints")
-    name = str(path_or_hub_id)
-    if not HUB_ID.fullmatch(name):
+    if isinstance(path_or_hub_id, os.PathLike) or name.startswith((".", "/", "~")) or not HUB_ID.fullmatch(name):
         raise CheckpointError(f"{name}: no such folder, and not a hub id of the form owner/name")
     return load_from_hub(cls, name, subfolder, variant, torch_dtype)
 
@@ -129,12 +142,13 @@ def load_any(cls, spec: str | os.PathLike, torch_dtype: torch.dtype | None = Non
         if name not in PRESETS:
             raise CheckpointError(f"{text}: unknown preset; choose one of {', '.join(PRESETS)}")
         log.warning("%s: randomly initialised weights (seed 0), for testing only", text)
-        torch.manual_seed(0)
-        model = cls(preset(name)).eval()
+        with torch.random.fork_rng(devices=[]):  # seeded without disturbing the caller's random state
+            torch.manual_seed(0)
+            model = cls(preset(name)).eval()
         return model.to(torch_dtype) if torch_dtype is not None else model
     path = Path(text).expanduser()
     if path.is_file():
         if path.suffix not in SINGLE_FILE_SUFFIXES:
             raise CheckpointError(f"{path}: not a checkpoint; expected one of {', '.join(SINGLE_FILE_SUFFIXES)}")
         return cls.from_single_file(path, torch_dtype=torch_dtype)
-    return load_pretrained(cls, path, torch_dtype=torch_dtype)
+    return load_pretrained(cls, text, torch_dtype=torch_dtype)

@@ -1,0 +1,37 @@
+"""The `codec` command. Each subcommand lives in its own module with `add_parser` and `run`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from codec.checkpoint import CheckpointError
+from codec.config import ConfigError
+from codec.images import ImageError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from codec.cli import convert, encode, info, roundtrip
+
+    parser = argparse.ArgumentParser(prog="codec", description="Stable-Diffusion-style latent image codec.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (encode, roundtrip, convert, info):
+        module.add_parsers(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `codec ARGS`; returns the exit status (0 on success), so tests can call it directly."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except (CheckpointError, ConfigError, ImageError, FileNotFoundError, ValueError) as error:
+        # Errors a user can act on: print them plainly, without a traceback from deep inside torch.
+        print(f"codec {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""`codec encode IMAGES -o latents.safetensors` and `codec decode LATENTS -o DIR`.
+
+The latents file holds one tensor per image (`latent.0`, `latent.1`, ...), scaled as a diffusion model sees
+them, and in its metadata the scaling and shift used, each source's name and original size, and the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from codec.atomic import atomic_path
+from codec.cli.common import add_model_options, load_model
+from codec.images import image_to_tensor, tensor_to_pil
+
+
+def add_parsers(subparsers) -> None:
+    parser = subparsers.add_parser("encode", help="images -> scaled latents in one .safetensors file")
+    parser.add_argument("images", nargs="+", type=Path)
+    parser.add_argument("-o", "--output", type=Path, required=True, help="latents .safetensors file to write")
+    parser.add_argument("--sample", action="store_true", help="sample the posterior instead of taking its mean")
+    parser.add_argument("--seed", type=int, default=0, help="seed for --sample")
+    add_model_options(parser)
+    parser.set_defaults(run=run_encode)
+
+    parser = subparsers.add_parser("decode", help="a latents file from `codec encode` -> PNG images")
+    parser.add_argument("latents", type=Path)
+    parser.add_argument("-o", "--output", type=Path, required=True, help="folder for the PNGs")
+    add_model_options(parser)
+    parser.set_defaults(run=run_decode)
+
+
+@torch.no_grad()
+def run_encode(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_file
+
+    vae = load_model(args)
+    generator = torch.Generator().manual_seed(args.seed)
+    tensors, sources, sizes = {}, [], []
+    for index, path in enumerate(tqdm(args.images, desc="encode", unit="img", disable=len(args.images) < 2)):
+        x = image_to_tensor(path)
+        latents = vae.encode_latents(x, sample=args.sample, generator=generator)
+        tensors[f"latent.{index}"] = latents[0].float().cpu().contiguous()
+        sources.append(path.name)
+        sizes.append(list(x.shape[-2:]))
+    metadata = {
+        "format": "pt",
+        "scaling_factor": repr(vae.config.scaling_factor),
+        "shift_factor": repr(vae.config.shift_factor or 0.0),
+        "sources": json.dumps(sources),
+        "sizes": json.dumps(sizes),
+        "model": str(args.model),
+        "posterior": "sample" if args.sample else "mean",
+    }
+    with atomic_path(args.output) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    print(f"wrote {len(tensors)} latents to {args.output}")
+    return 0
+
+
+def read_latents_file(path: Path) -> tuple[list[torch.Tensor], dict]:
+    from safetensors import safe_open
+
+    from codec.checkpoint import read_tensors
+
+    tensors = read_tensors(path)
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata() or {}
+    try:
+        count = len(tensors)
+        latents = [tensors[f"latent.{i}"] for i in range(count)]
+        info = {
+            "scaling_factor": float(metadata["scaling_factor"]),
+            "shift_factor": float(metadata["shift_factor"]),
+            "sources": json.loads(metadata["sources"]),
+            "sizes": json.loads(metadata["sizes"]),
+        }
+    except (KeyError, ValueError) as error:
+        raise ValueError(f"{path}: not a latents file written by `codec encode` (missing {error})") from None
+    return latents, info
+
+
+@torch.no_grad()
+def run_decode(args: argparse.Namespace) -> int:
+    latents, info = read_latents_file(args.latents)
+    vae = load_model(args)
+    if (info["scaling_factor"], info["shift_factor"]) != (vae.config.scaling_factor, vae.config.shift_factor or 0.0):
+        print(
+            f"warning: {args.latents} was scaled with scaling {info['scaling_factor']} and shift "
+            f"{info['shift_factor']}, the model's config says {vae.config.scaling_factor} and "
+            f"{vae.config.shift_factor}; unscaling with the file's values"
+        )
+    args.output.mkdir(parents=True, exist_ok=True)
+    for latent, source, (height, width) in zip(latents, info["sources"], info["sizes"], strict=True):
+        z = latent[None].to(vae.device, vae.dtype) / info["scaling_factor"] + info["shift_factor"]
+        image = vae.decode(z).sample[..., :height, :width]
+        target = args.output / f"{Path(source).stem}.png"
+        with atomic_path(target) as tmp:
+            tensor_to_pil(image)[0].save(tmp, format="PNG")
+        print(f"wrote {target}")
+    return 0

@@ -1,0 +1,207 @@
+"""Single-file (LDM layout) checkpoints: ours <-> diffusers' from_single_file, inferred configs, prefixes of whole
+SD checkpoints, linear attention projections, .ckpt files, and config mismatches."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import codec
+from codec import CheckpointError
+
+ARCHITECTURE_FIELDS = (
+    "in_channels",
+    "out_channels",
+    "down_block_types",
+    "up_block_types",
+    "block_out_channels",
+    "layers_per_block",
+    "latent_channels",
+    "norm_num_groups",
+    "use_quant_conv",
+    "use_post_quant_conv",
+    "mid_block_add_attention",
+)
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    return torch.rand(1, 3, 32, 40, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+
+@pytest.fixture
+def single_file(ours, tmp_path):
+    path = tmp_path / "vae.safetensors"
+    ours.save_single_file(path)
+    return path
+
+
+def _assert_same_architecture(config: codec.AutoencoderKLConfig, expected: codec.AutoencoderKLConfig) -> None:
+    for field in ARCHITECTURE_FIELDS:
+        assert getattr(config, field) == getattr(expected, field), field
+
+
+def test_file_uses_ldm_keys(single_file, ours):
+    tensors = load_file(single_file)
+    assert len(tensors) == len(ours.state_dict())
+    assert "encoder.down.0.block.0.conv1.weight" in tensors
+    assert "decoder.up.3.block.0.conv1.weight" in tensors
+    assert "encoder.mid.attn_1.q.weight" in tensors
+    assert not any("down_blocks" in key or "mid_block" in key for key in tensors)
+    assert tensors["encoder.mid.attn_1.q.weight"].dim() == 4  # 1x1 convs, as LDM stores them
+    # LDM counts decoder levels from the lowest resolution: up.0 is the last block run, which has no upsampler.
+    assert torch.equal(
+        tensors["decoder.up.0.block.0.conv1.weight"], ours.state_dict()["decoder.up_blocks.3.resnets.0.conv1.weight"]
+    )
+    assert "decoder.up.0.upsample.conv.weight" not in tensors
+
+
+def test_loads_in_diffusers_from_single_file(
+    single_file, diffusers_folder, diffusers_vae, ours, x, assert_same_tensors
+):
+    import diffusers
+
+    theirs = diffusers.AutoencoderKL.from_single_file(str(single_file), config=str(diffusers_folder)).eval()
+    assert_same_tensors(theirs.state_dict(), ours.state_dict())
+    with torch.no_grad():
+        assert torch.equal(theirs(x).sample, diffusers_vae(x).sample)
+        torch.testing.assert_close(ours(x).sample, theirs(x).sample, atol=1e-4, rtol=0)
+
+
+def test_loads_in_ours_with_inferred_config(single_file, ours, tiny_config, x, assert_same_tensors):
+    loaded = codec.AutoencoderKL.from_single_file(single_file)
+    _assert_same_architecture(loaded.config, tiny_config)
+    assert loaded.config.norm_num_groups == 32
+    assert loaded.config.scaling_factor == 0.18215  # 4 latent channels with quant convs: the SD 1.x/2.x family
+    assert not loaded.training
+    assert_same_tensors(loaded.state_dict(), ours.state_dict())
+    with torch.no_grad():
+        assert torch.equal(loaded(x).sample, ours(x).sample)
+
+
+def test_explicit_config_is_used(single_file, ours, tiny_config, diffusers_folder, assert_same_tensors):
+    custom = dataclasses.replace(tiny_config, scaling_factor=0.5)
+    assert codec.AutoencoderKL.from_single_file(single_file, config=custom).config == custom
+    from_folder = codec.AutoencoderKL.from_single_file(single_file, config=diffusers_folder)
+    assert from_folder.config == tiny_config
+    assert_same_tensors(from_folder.state_dict(), ours.state_dict())
+    half = codec.AutoencoderKL.from_single_file(single_file, torch_dtype=torch.float16)
+    assert {p.dtype for p in half.parameters()} == {torch.float16}
+
+
+def test_whole_sd_checkpoint_with_first_stage_model_prefix(
+    single_file, ours, tiny_config, tmp_path, assert_same_tensors
+):
+    vae = load_file(single_file)
+    checkpoint = {f"first_stage_model.{key}": value for key, value in vae.items()}
+    checkpoint["model.diffusion_model.input_blocks.0.0.weight"] = torch.randn(8, 4, 3, 3)
+    checkpoint["model.diffusion_model.out.2.bias"] = torch.randn(4)
+    checkpoint["cond_stage_model.transformer.text_model.final_layer_norm.weight"] = torch.randn(16)
+    path = tmp_path / "sd-checkpoint.safetensors"
+    save_file(checkpoint, str(path))
+    loaded = codec.AutoencoderKL.from_single_file(path)
+    _assert_same_architecture(loaded.config, tiny_config)
+    assert_same_tensors(loaded.state_dict(), ours.state_dict())
+
+
+def test_vae_prefix(single_file, ours, tmp_path, assert_same_tensors):
+    path = tmp_path / "prefixed.safetensors"
+    save_file({f"vae.{key}": value for key, value in load_file(single_file).items()}, str(path))
+    assert_same_tensors(codec.AutoencoderKL.from_single_file(path).state_dict(), ours.state_dict())
+
+
+def test_diffusers_layout_single_file(ours, tmp_path, assert_same_tensors):
+    # Some tools save the diffusers state dict itself as one file, sometimes under a prefix.
+    path = tmp_path / "diffusers-layout.safetensors"
+    save_file({f"vae.{key}": value.contiguous() for key, value in ours.state_dict().items()}, str(path))
+    assert_same_tensors(codec.AutoencoderKL.from_single_file(path).state_dict(), ours.state_dict())
+
+
+def test_attention_projections_stored_as_linears(single_file, ours, tmp_path, assert_same_tensors):
+    tensors = load_file(single_file)
+    squeezed = 0
+    for key, value in list(tensors.items()):
+        if ".mid.attn_1." in key and key.endswith(("q.weight", "k.weight", "v.weight", "proj_out.weight")):
+            tensors[key] = value[:, :, 0, 0].contiguous()
+            squeezed += 1
+    assert squeezed == 8  # q, k, v, proj_out in the encoder and the decoder
+    path = tmp_path / "linear-attention.safetensors"
+    save_file(tensors, str(path))
+    assert_same_tensors(codec.AutoencoderKL.from_single_file(path).state_dict(), ours.state_dict())
+
+
+def test_ckpt_with_state_dict(single_file, ours, tmp_path, assert_same_tensors):
+    path = tmp_path / "vae.ckpt"
+    torch.save({"state_dict": load_file(single_file), "global_step": 840000, "epoch": 3}, path)
+    assert_same_tensors(codec.AutoencoderKL.from_single_file(path).state_dict(), ours.state_dict())
+
+    whole = tmp_path / "model.ckpt"
+    state = {f"first_stage_model.{key}": value for key, value in load_file(single_file).items()}
+    state["model.diffusion_model.time_embed.0.weight"] = torch.randn(8, 4)
+    torch.save({"state_dict": state}, whole)
+    assert_same_tensors(codec.AutoencoderKL.from_single_file(whole).state_dict(), ours.state_dict())
+
+
+def test_save_single_file_ckpt_round_trip(ours, tmp_path, assert_same_tensors):
+    path = tmp_path / "vae.ckpt"
+    ours.save_single_file(path)
+    data = torch.load(path, weights_only=True)
+    assert "encoder.down.0.block.0.conv1.weight" in data["state_dict"]
+    assert_same_tensors(codec.AutoencoderKL.from_single_file(path).state_dict(), ours.state_dict())
+    with pytest.raises(CheckpointError, match="unknown single-file format"):
+        ours.save_single_file(tmp_path / "vae.onnx")
+
+
+def test_wrong_config_lists_shape_mismatches(single_file):
+    with pytest.raises(CheckpointError) as info:
+        codec.AutoencoderKL.from_single_file(single_file, config="sdxl")
+    message = str(info.value)
+    assert str(single_file) in message
+    assert re.search(r"shape mismatches \(\d+\)", message)
+    assert "decoder.conv_in.weight (64, 4, 3, 3) vs model (512, 4, 3, 3)" in message
+    assert "missing keys" in message  # sdxl has two resnets per encoder block where tiny has one
+
+
+def test_file_without_vae_weights(tmp_path):
+    path = tmp_path / "unet-only.safetensors"
+    save_file({"model.diffusion_model.out.2.bias": torch.zeros(4)}, str(path))
+    with pytest.raises(CheckpointError) as info:
+        codec.AutoencoderKL.from_single_file(path)
+    assert str(path) in str(info.value) and "no VAE weights" in str(info.value)
+
+
+def test_truncated_single_file(single_file):
+    data = single_file.read_bytes()
+    single_file.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError) as info:
+        codec.AutoencoderKL.from_single_file(single_file)
+    assert str(single_file) in str(info.value)
+
+
+def test_sixteen_channels_without_quant_convs_round_trip(tiny_config, tmp_path, x, assert_same_tensors):
+    config = dataclasses.replace(
+        tiny_config,
+        latent_channels=16,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.1159,
+        scaling_factor=0.3611,
+    )
+    torch.manual_seed(0)
+    model = codec.AutoencoderKL(config).eval()
+    path = tmp_path / "flux-like.safetensors"
+    model.save_single_file(path)
+    assert not any("quant_conv" in key for key in load_file(path))
+    loaded = codec.AutoencoderKL.from_single_file(path)
+    assert loaded.config.latent_channels == 16
+    assert loaded.config.use_quant_conv is False and loaded.config.use_post_quant_conv is False
+    assert loaded.quant_conv is None and loaded.post_quant_conv is None
+    assert loaded.config.shift_factor == 0.1159  # 16 channels without quant convs: the FLUX family
+    _assert_same_architecture(loaded.config, config)
+    assert_same_tensors(loaded.state_dict(), model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(loaded(x).sample, model(x).sample)
