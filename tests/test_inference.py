@@ -1,0 +1,158 @@
+"""Padding, slicing, tiling and the half-precision fallback around the network."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import pytest
+import torch
+
+import codec
+from codec import inference, tiling
+from codec.metrics import psnr
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    to8 = lambda t: ((t.clamp(-1, 1) + 1) * 127.5).round()  # noqa: E731
+    return psnr(to8(a).permute(0, 2, 3, 1), to8(b).permute(0, 2, 3, 1)).min().item()
+
+
+@pytest.fixture()
+def vae(tiny_config) -> codec.AutoencoderKL:
+    torch.manual_seed(0)
+    return codec.AutoencoderKL(tiny_config).eval()
+
+
+@pytest.fixture()
+def vae_no_attention(tiny_config) -> codec.AutoencoderKL:
+    torch.manual_seed(0)
+    config = codec.AutoencoderKLConfig(**{**tiny_config.to_dict(), "mid_block_add_attention": False})
+    return codec.AutoencoderKL(config).eval()
+
+
+@pytest.mark.parametrize(
+    "length, max_tile, overlap, align",
+    [(100, 32, 8, 1), (96, 32, 8, 8), (33, 32, 4, 1), (200, 64, 16, 8), (128, 64, 8, 1), (1000, 96, 8, 8)],
+)
+def test_tiles_cover_the_axis_with_the_overlap_and_alignment(length, max_tile, overlap, align):
+    tile, starts = tiling.plan_axis(length, max_tile, overlap, align)
+    assert tile <= max_tile and tile % align == 0
+    assert starts[0] == 0 and starts[-1] + tile == length
+    assert all(s % align == 0 for s in starts)
+    assert all(b - a <= tile - overlap for a, b in itertools.pairwise(starts))
+    # the fewest tiles that can cover it at this size limit
+    assert len(starts) == max(1, -(-(length - overlap) // (max_tile - overlap)))
+
+
+def test_an_axis_that_fits_is_one_tile():
+    assert tiling.plan_axis(20, 32, 8) == (20, [0])
+    assert tiling.plan_axis(128, 64, 8) == (48, [0, 40, 80])
+
+
+def test_shared_stats_from_the_full_input_reproduce_the_untiled_output(vae_no_attention, monkeypatch):
+    """With exact statistics and an overlap wider than the receptive field, tiles must agree with untiled."""
+    z = torch.randn(1, 4, 40, 48)
+    with torch.no_grad():
+        reference = vae_no_attention.decode_raw(z)
+        monkeypatch.setattr(tiling, "downscale_to_fit", lambda x, max_side, align: x)
+        tiled = tiling.tiled_apply(vae_no_attention, vae_no_attention.decode_raw, z, 24, 16, 8, 1, 3)
+    assert tiled.shape == reference.shape
+    assert _psnr(tiled, reference) > 40
+
+
+def test_recorded_stats_applied_to_the_same_input_change_nothing(vae):
+    z = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        reference = vae.decode_raw(z)
+        stats = tiling.record_norm_stats(vae, vae.decode_raw, z)
+        with tiling.shared_norm_stats(vae, stats):
+            again = vae.decode_raw(z)
+    assert torch.allclose(again, reference, atol=1e-4)
+    assert all(norm.stats_hook is None for norm in vae.modules() if hasattr(norm, "stats_hook"))
+
+
+def test_small_memory_budget_tiles_encode_and_decode(vae, monkeypatch):
+    calls = []
+    real = tiling.tiled_apply
+    monkeypatch.setattr(tiling, "tiled_apply", lambda *a, **k: calls.append(a[2].shape) or real(*a, **k))
+    x = torch.rand(1, 3, 200, 168) * 2 - 1
+    with torch.no_grad():
+        untiled = vae.encode(x).latent_dist.mean
+        assert not calls
+        vae.memory_budget = 16 << 20  # far below what a 200x168 image needs at these widths
+        latent = vae.encode(x).latent_dist.mean
+        decoded = vae.decode(latent).sample
+    assert len(calls) == 2
+    assert latent.shape == untiled.shape == (1, 4, 25, 21)
+    assert decoded.shape == (1, 3, 200, 168)
+    assert torch.isfinite(decoded).all()
+
+
+def test_explicit_tiling_and_odd_sizes(vae):
+    x = torch.rand(1, 3, 150, 130) * 2 - 1
+    vae.enable_tiling(tile_latent_size=8)
+    with torch.no_grad():
+        out = vae(x).sample
+    assert out.shape == x.shape
+    assert torch.isfinite(out).all()
+
+
+def test_batch_is_sliced_to_fit_the_budget(vae, monkeypatch):
+    seen = []
+    real = codec.AutoencoderKL.decode_raw
+    monkeypatch.setattr(codec.AutoencoderKL, "decode_raw", lambda self, z: seen.append(z.shape[0]) or real(self, z))
+    z = torch.randn(5, 4, 8, 8)
+    with torch.no_grad():
+        whole = vae.decode(z).sample
+        assert seen == [5]
+        seen.clear()
+        vae.memory_budget = codec.memory.decode_bytes(vae.config, 8, 8, 4, batch=2)
+        sliced = vae.decode(z).sample
+    assert seen == [2, 2, 1]
+    assert torch.allclose(whole, sliced, atol=1e-5)
+
+
+def test_training_passes_through_untouched(vae):
+    """With gradients on, no tiling or slicing: the step must optimise exactly the network."""
+    vae.memory_budget = 1 << 10
+    vae.enable_tiling(8)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    out = vae(x).sample
+    out.mean().backward()
+    assert vae.encoder.conv_in.weight.grad is not None
+
+
+def test_half_precision_overflow_is_recomputed_in_fp32(vae, caplog):
+    z = torch.randn(1, 4, 4, 4)
+    with torch.no_grad():
+        vae.decoder.conv_in.weight.mul_(1e5)  # activations beyond fp16's range (65504), finite in fp32
+        reference = vae.decode(z).sample
+        half = vae.half()
+        with torch.no_grad():
+            raw = half.decode_raw(z.half())
+        assert not torch.isfinite(raw).all(), "the test needs an input that overflows in fp16"
+        with caplog.at_level(logging.WARNING):
+            out = half.decode(z).sample
+    assert out.dtype == torch.float16
+    assert torch.isfinite(out).all()
+    assert (out.float() - reference).abs().max() < 1e-2
+    assert "recomputing in float32" in caplog.text
+
+
+def test_bad_inputs_name_the_problem(vae):
+    with pytest.raises(ValueError, match=r"shape \(batch, 3, height, width\)"):
+        vae.encode(torch.rand(3, 32, 32))
+    with pytest.raises(ValueError, match="decode input"):
+        vae.decode(torch.rand(1, 3, 4, 4))
+    with pytest.raises(TypeError):
+        vae.encode([[1.0]])
+
+
+def test_pad_to_multiple_reflects_and_keeps_the_image():
+    x = torch.arange(2 * 3 * 5 * 7, dtype=torch.float32).reshape(2, 3, 5, 7)
+    padded = inference.pad_to_multiple(x, 8)
+    assert padded.shape == (2, 3, 8, 8)
+    assert torch.equal(padded[..., :5, :7], x)
+    tiny = torch.rand(1, 3, 2, 2)
+    assert inference.pad_to_multiple(tiny, 8).shape == (1, 3, 8, 8)  # too small to reflect: replicated
