@@ -78,7 +78,7 @@ MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
 
 def ms_ssim(reference, reconstruction, data_range: float = 255.0) -> torch.Tensor:
-    """Per-image multi-scale SSIM over five scales (Wang et al. 2003), needing at least 161 pixels a side."""
+    """Per-image multi-scale SSIM over five scales (Wang et al. 2003), needing at least 176 pixels a side."""
     a, b = _as_float_nchw(reference), _as_float_nchw(reconstruction)
     smallest = 11 * 2 ** (len(MS_SSIM_WEIGHTS) - 1)  # the 11-pixel window must fit at the coarsest scale
     if min(a.shape[-2:]) < smallest:

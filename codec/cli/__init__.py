@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args) or 0
-    except (CheckpointError, ConfigError, ImageError, FileNotFoundError, ValueError) as error:
+    except (CheckpointError, ConfigError, ImageError, OSError, ValueError) as error:
         # Errors a user can act on: print them plainly, without a traceback from deep inside torch.
         print(f"codec {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -1,0 +1,175 @@
+"""codec.metrics against scikit-image and torchmetrics, and codec.visual's pictures."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from codec.metrics import ms_ssim, psnr, psnr_db, ssim
+from codec.visual import LABEL_HEIGHT, error_heatmap, grid, side_by_side
+
+KODAK = Path("/work/shared/data/kodak/kodim23.png")
+NOISE_LEVELS = (1.0, 4.0, 12.0, 40.0, 100.0)
+
+
+@pytest.fixture(scope="module")
+def photo() -> np.ndarray:
+    """A 200x240 crop of a real photo (or, without the Kodak set, a synthetic gradient with noise)."""
+    if KODAK.is_file():
+        with Image.open(KODAK) as image:
+            return np.asarray(image.convert("RGB"))[100:300, 200:440].copy()
+    y, x = np.mgrid[0:200, 0:240]
+    base = np.stack([x / 240 * 255, y / 200 * 255, (x + y) / 440 * 255], axis=2)
+    noise = np.random.default_rng(7).normal(0, 20, base.shape)
+    return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+def _noisy(image: np.ndarray, sigma: float, seed: int) -> np.ndarray:
+    noise = np.random.default_rng(seed).normal(0.0, sigma, image.shape)
+    return np.clip(np.rint(image.astype(np.float64) + noise), 0, 255).astype(np.uint8)
+
+
+def _skimage_ssim(a: np.ndarray, b: np.ndarray) -> float:
+    from skimage.metrics import structural_similarity
+
+    return structural_similarity(
+        a,
+        b,
+        channel_axis=2,
+        gaussian_weights=True,
+        sigma=1.5,
+        use_sample_covariance=False,
+        data_range=255,
+    )
+
+
+def test_photo_shape(photo):
+    assert photo.shape == (200, 240, 3) and photo.dtype == np.uint8
+    assert photo.std() > 10  # real content, not a flat image
+
+
+@pytest.mark.parametrize("sigma", NOISE_LEVELS)
+def test_psnr_and_ssim_match_skimage(photo, sigma):
+    from skimage.metrics import peak_signal_noise_ratio
+
+    noisy = _noisy(photo, sigma, seed=int(sigma * 10))
+    expected_psnr = peak_signal_noise_ratio(photo, noisy, data_range=255)
+    ours_psnr = psnr(photo, noisy)
+    assert ours_psnr.shape == (1,)
+    assert abs(ours_psnr.item() - expected_psnr) < 1e-6
+    expected_ssim = _skimage_ssim(photo, noisy)
+    ours_ssim = ssim(photo, noisy)
+    assert ours_ssim.shape == (1,)
+    assert abs(ours_ssim.item() - expected_ssim) < 1e-5, (ours_ssim.item(), expected_ssim)
+    assert 0 < ours_ssim.item() < 1
+
+
+def test_metrics_fall_with_noise(photo):
+    noisy = [_noisy(photo, sigma, seed=1) for sigma in NOISE_LEVELS]
+    psnrs = [psnr(photo, n).item() for n in noisy]
+    ssims = [ssim(photo, n).item() for n in noisy]
+    assert psnrs == sorted(psnrs, reverse=True)
+    assert ssims == sorted(ssims, reverse=True)
+
+
+def test_batch_gives_per_image_values(photo):
+    from skimage.metrics import peak_signal_noise_ratio
+
+    references = np.stack([photo, photo[::-1].copy(), photo[:, ::-1].copy()])
+    noisy = np.stack([_noisy(r, s, seed=i) for i, (r, s) in enumerate(zip(references, (3.0, 15.0, 50.0), strict=True))])
+    batch_psnr, batch_ssim = psnr(references, noisy), ssim(references, noisy)
+    assert batch_psnr.shape == (3,) and batch_ssim.shape == (3,)
+    for i in range(3):
+        assert abs(batch_psnr[i].item() - peak_signal_noise_ratio(references[i], noisy[i], data_range=255)) < 1e-6
+        assert abs(batch_ssim[i].item() - _skimage_ssim(references[i], noisy[i])) < 1e-5
+    assert len(set(batch_psnr.tolist())) == 3
+    # Torch tensors, channels-first float in [0, 255], give the same numbers as uint8 arrays.
+    as_nchw = torch.from_numpy(references).permute(0, 3, 1, 2).float()
+    noisy_nchw = torch.from_numpy(noisy).permute(0, 3, 1, 2).float()
+    torch.testing.assert_close(psnr(as_nchw, noisy_nchw), batch_psnr, rtol=0, atol=1e-9)
+    torch.testing.assert_close(ssim(as_nchw, noisy_nchw), batch_ssim, rtol=0, atol=1e-6)
+
+
+def test_identical_images(photo):
+    assert psnr(photo, photo).item() == math.inf
+    assert ssim(photo, photo).item() == pytest.approx(1.0, abs=1e-9)
+    assert ms_ssim(photo, photo).item() == pytest.approx(1.0, abs=1e-9)
+    assert psnr_db(0.0) == math.inf
+    assert psnr_db(255.0**2) == pytest.approx(0.0)
+    assert psnr_db(1.0) == pytest.approx(20 * math.log10(255))
+
+
+def test_ssim_rejects_tiny_images():
+    with pytest.raises(ValueError):
+        ssim(np.zeros((10, 20, 3), np.uint8), np.zeros((10, 20, 3), np.uint8))
+
+
+@pytest.mark.parametrize("sigma", (4.0, 25.0, 80.0))
+def test_ms_ssim_matches_torchmetrics(photo, sigma):
+    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
+
+    pair = np.stack([photo, photo[::-1].copy()])
+    noisy = np.stack([_noisy(p, sigma, seed=i) for i, p in enumerate(pair)])
+    ours = ms_ssim(pair, noisy)
+    assert ours.shape == (2,)
+    expected = multiscale_structural_similarity_index_measure(
+        torch.from_numpy(noisy).permute(0, 3, 1, 2).float(),
+        torch.from_numpy(pair).permute(0, 3, 1, 2).float(),
+        data_range=255.0,
+        reduction="none",
+    )
+    torch.testing.assert_close(ours, expected.double(), rtol=0, atol=1e-3)
+    assert 0 < ours.min().item() < 1
+
+
+def test_ms_ssim_size_limit(photo):
+    crop = photo[:176, :176]
+    assert ms_ssim(crop, _noisy(crop, 10.0, seed=0)).shape == (1,)
+    for small in (photo[:175, :200], photo[:200, :175], photo[:100, :100]):
+        with pytest.raises(ValueError, match="176"):
+            ms_ssim(small, small)
+
+
+# ---- codec.visual -----------------------------------------------------------------------------------------
+
+
+def test_error_heatmap_zero_error_is_black(photo):
+    heat = error_heatmap(photo, photo)
+    assert heat.mode == "RGB" and heat.size == (240, 200)
+    assert np.asarray(heat).max() == 0
+
+
+def test_error_heatmap_large_error_is_bright(photo):
+    inverted = 255 - photo
+    wrong = photo.copy()
+    wrong[:100] = inverted[:100]  # top half badly wrong, bottom half exact
+    heat = np.asarray(error_heatmap(photo, wrong)).astype(int)
+    assert heat.shape == (200, 240, 3)
+    assert heat[100:].max() == 0
+    error = np.abs(photo.astype(int) - wrong.astype(int)).mean(axis=2)
+    saturated = error[:100] >= 32  # full scale: 32 levels of error give white
+    assert saturated.mean() > 0.5
+    assert np.all(heat[:100][saturated] == 255)
+    # Brightness grows with the error: a small uniform error is dim red, a larger one brighter.
+    dim = np.asarray(error_heatmap(photo, np.clip(photo.astype(int) + 4, 0, 255).astype(np.uint8)))
+    mid = np.asarray(error_heatmap(photo, np.clip(photo.astype(int) + 16, 0, 255).astype(np.uint8)))
+    assert 0 < dim[150:].mean() < mid[150:].mean() < 255
+
+
+def test_side_by_side_size():
+    images = [Image.new("RGB", (30, 20), "red"), Image.new("RGB", (50, 40), "blue"), Image.new("RGB", (10, 10))]
+    canvas = side_by_side(images, ["a", "b", "c"], gap=4)
+    assert canvas.size == (30 + 50 + 10 + 2 * 4, 40 + LABEL_HEIGHT)
+    pixels = np.asarray(canvas)
+    assert pixels[LABEL_HEIGHT + 5, 5].tolist() == [255, 0, 0]
+    assert pixels[LABEL_HEIGHT + 5, 34 + 5].tolist() == [0, 0, 255]
+    assert pixels[LABEL_HEIGHT + 30, 5].tolist() == [255, 255, 255]  # below the shorter image: background
+    with pytest.raises(ValueError):
+        side_by_side(images, ["a", "b"])
+    rows = grid([images, images], ["a", "b", "c"])
+    assert rows.size == (canvas.width, 2 * canvas.height)
