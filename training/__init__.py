@@ -1,0 +1,1 @@
+"""Trainer for the codec's AutoencoderKL: `accelerate launch -m training --config FILE [section.key=value ...]`."""
