@@ -205,6 +205,7 @@ class RunConfig(_Section):
     log_with: str | None = "tensorboard"  # an accelerate tracker name; None = no tracker
     resume: bool | str = False  # True = latest checkpoint in output_dir; a string = that checkpoint
     export: bool = True  # write the final (EMA if any) model as a diffusers folder at the end
+    record_data_order: bool = False  # write each step's image indices per process (data_order.rank<N>.txt)
 
     def validate(self) -> None:
         counts = ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every", "checkpoints_to_keep")

@@ -1,0 +1,146 @@
+"""The trainer end to end on the tiny config: resume exactness, decoder-only, export, multi-process equality."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import codec
+from training.config import load_config
+
+REPO = Path(__file__).resolve().parents[2]
+FAST = ["data.resolution=32", "run.batch_size=2", "run.validate_every=100", "loss.lpips_weight=0.0"]
+
+
+def _reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def run_training(out: Path, *overrides: str, lpips_pretrained: bool = False) -> Path:
+    from training.train import train
+
+    _reset_accelerate()
+    config = load_config("tiny", [*FAST, f"run.output_dir={out}", *overrides])
+    try:
+        return train(config, lpips_pretrained=lpips_pretrained)
+    finally:
+        _reset_accelerate()
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "final" / "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(monkeypatch):
+    monkeypatch.chdir(REPO)  # tiny.yaml names its data relative to the repository root
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_stopped_and_resumed_run_ends_with_the_same_weights(tmp_path):
+    straight = run_training(tmp_path / "straight", "run.max_steps=4", "run.checkpoint_every=2")
+    # First half stops at step 2, mid-epoch (3 batches of 2 per epoch), then a second process resumes.
+    run_training(tmp_path / "resumed", "run.max_steps=2", "run.checkpoint_every=2", "run.export=false")
+    assert not (tmp_path / "resumed" / "final").exists()
+    run_training(tmp_path / "resumed", "run.max_steps=4", "run.checkpoint_every=2", "run.resume=true")
+    a, b = final_weights(straight), final_weights(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    initial = codec.AutoencoderKL(codec.preset("tiny")).state_dict()
+    assert any(not torch.equal(a[k], initial[k]) for k in a), "training changed nothing"
+
+
+def test_decoder_only_leaves_the_encoder_bit_identical(tmp_path):
+    torch.manual_seed(3)
+    start = codec.AutoencoderKL(codec.preset("tiny"))
+    start.save_pretrained(tmp_path / "init")
+    out = run_training(
+        tmp_path / "run",
+        "model.preset=null",
+        f"model.init={tmp_path / 'init'}",
+        "model.decoder_only=true",
+        "run.max_steps=2",
+        "run.checkpoint_every=2",
+        "loss.lpips_weight=0.1",
+    )
+    trained = final_weights(out)
+    before = start.state_dict()
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(torch.equal(trained[k], before[k]) for k in frozen)
+    assert any(not torch.equal(trained[k], before[k]) for k in before if k.startswith("decoder."))
+
+
+def test_export_loads_in_diffusers_with_the_same_outputs(tmp_path):
+    from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+
+    out = run_training(tmp_path / "run", "run.max_steps=1", "run.checkpoint_every=1", "optimizer.ema_decay=0.9")
+    ours = codec.AutoencoderKL.from_pretrained(out / "final")
+    theirs = DiffusersAutoencoderKL.from_pretrained(out / "final").eval()
+    single = codec.AutoencoderKL.from_single_file(out / "final" / "vae.safetensors", config=out / "final")
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        expected = ours(x).sample
+        assert torch.allclose(theirs(x).sample, expected, atol=1e-5)
+        assert torch.allclose(single(x).sample, expected, atol=1e-6)
+    assert (out / "config.yaml").is_file() and list((out / "samples").glob("*.png"))
+
+
+def _launch(args: list[str], processes: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    accelerate = Path(sys.executable).with_name("accelerate")
+    command = [str(accelerate), "launch", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command += ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
+    return subprocess.run(
+        [*command, "-m", "training", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def _order(path: Path) -> dict[int, list[int]]:
+    steps = {}
+    for line in path.read_text().splitlines():
+        step, *indices = map(int, line.split())
+        steps[step] = indices
+    return steps
+
+
+def test_two_processes_split_the_data_and_match_one_process(tmp_path):
+    common = ["--config", "tiny", *FAST, "run.max_steps=3", "run.checkpoint_every=3", "run.record_data_order=true"]
+    two = _launch([*common, "run.batch_size=1", f"run.output_dir={tmp_path / 'two'}"], processes=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = _launch([*common, "run.batch_size=2", f"run.output_dir={tmp_path / 'one'}"], processes=1)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    rank0, rank1 = _order(tmp_path / "two" / "data_order.rank0.txt"), _order(tmp_path / "two" / "data_order.rank1.txt")
+    single = _order(tmp_path / "one" / "data_order.rank0.txt")
+    for step in single:
+        assert not set(rank0[step]) & set(rank1[step]), f"step {step}: both ranks read the same image"
+        assert sorted(rank0[step] + rank1[step]) == sorted(single[step])
+
+    a, b = final_weights(tmp_path / "two"), final_weights(tmp_path / "one")
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
+
+
+def test_a_launch_that_forms_no_group_is_refused(monkeypatch):
+    from accelerate.utils import DistributedType
+
+    from codec import distributed
+
+    class Lonely:  # what Accelerator() gives each process of a CPU launch made without cpu=True
+        distributed_type = DistributedType.NO
+        num_processes = 1
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr("accelerate.Accelerator", lambda **kwargs: Lonely())
+    with pytest.raises(distributed.DistributedSetupError, match="launched with 2 processes"):
+        distributed.make_accelerator()

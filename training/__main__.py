@@ -1,0 +1,33 @@
+"""`python -m training --config FILE [section.key=value ...]`, or under `accelerate launch -m training ...`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from training.config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="training", description="Train or fine-tune an AutoencoderKL.")
+    parser.add_argument("--config", required=True, help="YAML file, or a shipped name: tiny, train-kl-f8, ...")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. run.max_steps=100 loss.kl_weight=0")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint (run.resume=true)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file is noise
+    overrides = list(args.overrides) + (["run.resume=true"] if args.resume else [])
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as error:
+        print(f"training: error: {error}", file=sys.stderr)
+        return 2
+    from training.train import train
+
+    print(f"training: output in {train(config)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

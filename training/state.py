@@ -1,0 +1,92 @@
+"""What a run keeps besides the weights: the EMA of the weights, the loop position, and checkpoint folders."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters, in fp32, for validation and export.
+
+    Only parameters that train are averaged; frozen ones (the encoder in decoder-only mode) are copied as they
+    are when the average is applied. Registered with `accelerator.register_for_checkpointing`, so it is saved
+    and restored with the rest of the state.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for name, param in model.named_parameters():
+            if name in self.shadow:
+                self.shadow[name].lerp_(param.detach().float(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        for name, param in model.named_parameters():
+            if name in self.shadow:
+                param.copy_(self.shadow[name].to(param.dtype))
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay = state["decay"]
+        self.shadow = {name: tensor.float() for name, tensor in state["shadow"].items()}
+
+
+class LoopState:
+    """Where the loop is: optimizer steps done, epoch, batches consumed in that epoch, images skipped."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.epoch = 0
+        self.batches_in_epoch = 0
+        self.skipped_images = 0
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, int(value))
+
+
+def checkpoint_dir(output_dir: Path, step: int) -> Path:
+    return output_dir / "checkpoints" / f"step-{step:07d}"
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first; a folder still being written has another name until it is renamed."""
+    folder = output_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_dir()]
+    return [path for _, path in sorted(found)]
+
+
+def resolve_resume(resume: bool | str, output_dir: Path) -> Path | None:
+    """The checkpoint to resume from: the latest in output_dir for `True`, a given folder for a string."""
+    if resume is False:
+        return None
+    if resume is True:
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1] if checkpoints else None
+    path = Path(resume)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such checkpoint folder to resume from")
+    return path
+
+
+def prune_checkpoints(output_dir: Path, keep: int) -> None:
+    for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)

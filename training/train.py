@@ -1,0 +1,330 @@
+"""The training loop: one `prepare()`, every forward through the prepared model, Accelerate for the rest.
+
+Read top to bottom: set-up (model, losses, data, optimizers), resume, the loop (generator step, then
+discriminator step), and the end (export). Multi-process runs form a real process group or refuse to start
+(codec.distributed), so `accelerate launch --multi_gpu --num_processes N -m training ...` works on GPUs and,
+with gloo, on CPU-only machines.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from codec.distributed import make_accelerator, shutdown
+from codec.distributions import DiagonalGaussianDistribution
+from training.config import TrainConfig, save_config
+from training.data import ImageDataset, open_image_source, split_train_validation
+from training.discriminator import PatchGANDiscriminator, discriminator_step_loss, generator_step_loss
+from training.losses import KLLoss, LPIPSLoss, PixelLoss
+from training.model import TrainingAutoencoder, build_autoencoder
+from training.state import EMA, LoopState, checkpoint_dir, prune_checkpoints, resolve_resume
+from training.validation import save_grid, validate
+
+log = logging.getLogger("training")
+
+
+class IndexedImages(Dataset):
+    """An ImageDataset whose items carry their index, so each image's posterior noise depends on it alone."""
+
+    def __init__(self, images: ImageDataset) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, position: int):
+        return position, self.images[position]
+
+
+def collate_indexed(batch):
+    good = [(index, pixels) for index, pixels in batch if pixels is not None]
+    return {
+        "indices": torch.tensor([index for index, _ in good], dtype=torch.int64),
+        "pixels": torch.stack([pixels for _, pixels in good]) if good else None,
+        "skipped": len(batch) - len(good),
+    }
+
+
+def posterior_noise(indices: torch.Tensor, shape: tuple[int, ...], seed: int, step: int) -> torch.Tensor:
+    """Standard-normal noise per image from (seed, step, image index): the same draw on any number of processes."""
+    draws = []
+    for index in indices.tolist():
+        generator = torch.Generator().manual_seed((seed * 1_000_003 + step * 65_537 + index) % (2**63))
+        draws.append(torch.randn(shape, generator=generator))
+    return torch.stack(draws)
+
+
+def lr_lambda(config: TrainConfig):
+    warmup, total, schedule = config.optimizer.warmup_steps, config.run.max_steps, config.optimizer.schedule
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if schedule == "linear":
+            return 1.0 - progress
+        return 1.0
+
+    return factor
+
+
+def build_data(config: TrainConfig) -> tuple[ImageDataset, ImageDataset]:
+    data, seed = config.data, config.run.seed
+    source = open_image_source(data.train, split=data.split, image_column=data.image_column)
+    if data.validation:
+        val_source = open_image_source(data.validation, split=data.split, image_column=data.image_column)
+        train_indices, val_indices = None, list(range(min(len(val_source), data.validation_images)))
+    elif data.validation_fraction > 0:
+        val_source = source
+        train_indices, val_indices = split_train_validation(len(source), data.validation_fraction, seed)
+        val_indices = val_indices[: data.validation_images]
+    else:
+        # No held-out images: validate on center crops of the first training images and say so.
+        log.warning("no validation data configured: validating on training images (center crops)")
+        val_source, train_indices = source, None
+        val_indices = list(range(min(len(source), data.validation_images)))
+    train = ImageDataset(source, data.resolution, train=True, flip=data.random_flip, seed=seed, indices=train_indices)
+    val = ImageDataset(val_source, data.resolution, train=False, flip=False, seed=seed, indices=val_indices)
+    return train, val
+
+
+def train(config: TrainConfig, lpips_pretrained: bool = True) -> Path:
+    """Run (or resume) training as configured; returns the output folder. `lpips_pretrained=False`: tests only."""
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+
+    run = config.run
+    output_dir = Path(run.output_dir)
+    accelerator = make_accelerator(
+        gradient_accumulation_steps=run.gradient_accumulation_steps,
+        mixed_precision=run.mixed_precision,
+        log_with=run.log_with,
+        project_dir=str(output_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    try:
+        return _train(accelerator, config, output_dir, lpips_pretrained, set_seed)
+    finally:
+        shutdown(accelerator)
+
+
+def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained: bool, set_seed) -> Path:
+    run, opt_config, loss_config = config.run, config.optimizer, config.loss
+    set_seed(run.seed)  # the same initial weights on every process
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, output_dir / "config.yaml")
+
+    vae = build_autoencoder(config.model)
+    model = TrainingAutoencoder(vae)
+    resolution = config.data.resolution
+    pixel_loss = PixelLoss(loss_config.pixel, loss_config.pixel_weight)
+    lpips_loss = None
+    if loss_config.lpips_weight > 0:
+        lpips_loss = LPIPSLoss(loss_config.lpips_net, loss_config.lpips_weight, pretrained=lpips_pretrained)
+        lpips_loss = lpips_loss.to(accelerator.device)
+    # kl_weight is in LDM's convention, where the reconstruction loss is summed over the 3*R*R values of an
+    # image; ours are means over them, so the same balance needs the weight divided by that count.
+    kl_loss = KLLoss(loss_config.kl_weight / (3 * resolution * resolution))
+    use_disc = loss_config.disc_start is not None
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    lr, disc_lr = config.learning_rates(accelerator.num_processes)
+    optimizer = torch.optim.AdamW(trainable, lr=lr, betas=opt_config.betas, weight_decay=opt_config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    ema = EMA(model.vae, opt_config.ema_decay) if opt_config.ema_decay else None
+
+    train_images, val_images = build_data(config)
+    generator = torch.Generator().manual_seed(run.seed)
+    train_loader = DataLoader(
+        IndexedImages(train_images),
+        batch_size=run.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=config.data.num_workers,
+        collate_fn=collate_indexed,
+        generator=generator,
+    )
+    val_loader = DataLoader(val_images, batch_size=run.batch_size, collate_fn=_collate_val)
+
+    prepared = [model, optimizer, train_loader, val_loader, scheduler]
+    if use_disc:
+        discriminator = PatchGANDiscriminator(layers=loss_config.disc_layers)
+        if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
+            discriminator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
+        disc_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=disc_lr, betas=opt_config.betas)
+        prepared += [discriminator, disc_optimizer]
+    prepared = accelerator.prepare(*prepared)
+    model, optimizer, train_loader, val_loader, scheduler = prepared[:5]
+    discriminator, disc_optimizer = prepared[5:] if use_disc else (None, None)
+
+    state = LoopState()
+    accelerator.register_for_checkpointing(state)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    resume_from = resolve_resume(run.resume, output_dir)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        log.info("resumed from %s at step %d", resume_from, state.step)
+    if run.log_with:
+        accelerator.init_trackers("latent-codec", config={"resolution": resolution, "lr": lr, **_flat(config)})
+
+    unwrapped = accelerator.unwrap_model(model)
+    last_layer = unwrapped.vae.decoder.conv_out.weight
+    latent_shape = unwrapped.vae.config.latent_shape(resolution, resolution)
+    progress = _progress(accelerator, run.max_steps, state.step)
+    start = time.perf_counter()
+    while state.step < run.max_steps:
+        train_images.set_epoch(state.epoch)
+        train_loader.set_epoch(state.epoch)
+        batches = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
+        for batch in batches:
+            state.batches_in_epoch += 1
+            state.skipped_images += int(accelerator.reduce(torch.tensor(batch["skipped"], device=accelerator.device)))
+            pixels = batch["pixels"]
+            if pixels is None:
+                continue
+            if run.record_data_order:
+                with open(output_dir / f"data_order.rank{accelerator.process_index}.txt", "a") as handle:
+                    handle.write(f"{state.step} {' '.join(map(str, batch['indices'].tolist()))}\n")
+            noise = posterior_noise(batch["indices"], latent_shape, run.seed, state.step).to(pixels.device)
+            with accelerator.accumulate(model):
+                model.train()
+                reconstruction, moments = model(pixels, noise)
+                posterior = DiagonalGaussianDistribution(moments)
+                nll, logs = pixel_loss(reconstruction, pixels)
+                if lpips_loss is not None:
+                    perceptual, lpips_logs = lpips_loss(reconstruction, pixels)
+                    nll, logs = nll + perceptual, {**logs, **lpips_logs}
+                kl, kl_logs = kl_loss(posterior)
+                loss, logs = nll + kl, {**logs, **kl_logs}
+                if use_disc:
+                    adversarial, g_logs = generator_step_loss(
+                        accelerator.unwrap_model(discriminator),
+                        reconstruction,
+                        nll,
+                        last_layer,
+                        state.step,
+                        loss_config.disc_start,
+                        loss_config.disc_weight,
+                        loss_config.adaptive_disc_weight,
+                    )
+                    loss, logs = loss + adversarial, {**logs, **g_logs}
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and opt_config.max_grad_norm:
+                    accelerator.clip_grad_norm_(trainable, opt_config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if use_disc:
+                with accelerator.accumulate(discriminator):
+                    d_loss, d_logs = discriminator_step_loss(
+                        discriminator, pixels, reconstruction, state.step, loss_config.disc_start
+                    )
+                    if d_loss.requires_grad:
+                        accelerator.backward(d_loss)
+                        disc_optimizer.step()
+                        disc_optimizer.zero_grad(set_to_none=True)
+                    logs = {**logs, **d_logs}
+            if not accelerator.sync_gradients:
+                continue
+            state.step += 1
+            if ema is not None:
+                ema.update(unwrapped.vae)
+            _after_step(accelerator, config, state, logs, loss, progress, start)
+            if state.step % run.validate_every == 0 or state.step == run.max_steps:
+                _validate(
+                    accelerator, unwrapped.vae, ema, val_loader, pixel_loss, lpips_loss, kl_loss, state, output_dir
+                )
+            if state.step % run.checkpoint_every == 0 or state.step == run.max_steps:
+                _checkpoint(accelerator, output_dir, state, run.checkpoints_to_keep)
+            if state.step >= run.max_steps:
+                break
+        else:
+            state.epoch += 1
+            state.batches_in_epoch = 0
+    progress.close()
+    if run.export and accelerator.is_main_process:
+        _export(unwrapped.vae, ema, output_dir / "final")
+    return output_dir
+
+
+def _collate_val(batch):
+    good = [pixels for pixels in batch if pixels is not None]
+    return {"pixels": torch.stack(good) if good else None}
+
+
+def _flat(config: TrainConfig) -> dict:
+    from dataclasses import asdict
+
+    flat = {}
+    for section, values in asdict(config).items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+def _progress(accelerator, total: int, initial: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not accelerator.is_main_process, desc="train", unit="step")
+
+
+def _after_step(accelerator, config: TrainConfig, state: LoopState, logs: dict, loss, progress, start) -> None:
+    progress.update(1)
+    progress.set_postfix(loss=f"{loss.item():.4f}", skipped=state.skipped_images)
+    if state.step % config.run.log_every == 0 or state.step == config.run.max_steps:
+        logs = {f"train/{key}": value for key, value in logs.items()}
+        logs["train/loss"] = loss.item()
+        logs["train/skipped_images"] = state.skipped_images
+        logs["train/steps_per_second"] = progress.n / max(time.perf_counter() - start, 1e-9)
+        accelerator.log(logs, step=state.step)
+
+
+def _validate(accelerator, vae, ema, loader, pixel_loss, lpips_loss, kl_loss, state, output_dir) -> None:
+    if ema is not None:
+        vae = copy.deepcopy(vae)
+        ema.copy_to(vae)
+    metrics, samples = validate(accelerator, vae, loader, pixel_loss, lpips_loss, kl_loss)
+    vae.train()
+    accelerator.log({f"val/{key}": value for key, value in metrics.items()}, step=state.step)
+    if accelerator.is_main_process:
+        text = ", ".join(f"{key} {value:.4f}" for key, value in metrics.items())
+        log.info("step %d validation: %s", state.step, text)
+        with open(output_dir / "validation.log", "a") as handle:
+            handle.write(f"step {state.step}: {text}\n")
+        save_grid(samples, output_dir / "samples" / f"step-{state.step:07d}.png", f"step {state.step}")
+
+
+def _checkpoint(accelerator, output_dir: Path, state: LoopState, keep: int) -> None:
+    """save_state into a temporary folder renamed when complete, so a crash never leaves half a checkpoint."""
+    final = checkpoint_dir(output_dir, state.step)
+    partial = final.with_name(final.name + ".partial")
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            import shutil
+
+            shutil.rmtree(final)
+        partial.rename(final)
+        prune_checkpoints(output_dir, keep)
+    accelerator.wait_for_everyone()
+
+
+def _export(vae, ema, folder: Path) -> None:
+    """The final weights (the EMA when there is one) as a diffusers folder and an LDM single file."""
+    if ema is not None:
+        vae = copy.deepcopy(vae)
+        ema.copy_to(vae)
+    vae.save_pretrained(folder)
+    vae.save_single_file(folder / "vae.safetensors")
+    log.info("exported %s and %s", folder, folder / "vae.safetensors")
