@@ -144,3 +144,12 @@ def test_a_launch_that_forms_no_group_is_refused(monkeypatch):
     monkeypatch.setattr("accelerate.Accelerator", lambda **kwargs: Lonely())
     with pytest.raises(distributed.DistributedSetupError, match="launched with 2 processes"):
         distributed.make_accelerator()
+
+
+def test_adversarial_training_runs_and_checkpoints_the_discriminator(tmp_path):
+    out = run_training(
+        tmp_path / "gan", "run.max_steps=2", "run.checkpoint_every=2", "loss.disc_start=1", "run.mixed_precision=bf16"
+    )
+    checkpoint = out / "checkpoints" / "step-0000002"
+    assert (checkpoint / "model_1.safetensors").is_file()  # the discriminator, saved with the autoencoder
+    assert all(torch.isfinite(t).all() for t in final_weights(out).values())
