@@ -1,0 +1,108 @@
+"""Image -> the pixels that get encoded: a center crop to R x R, or the aspect-ratio bucket closest to the image.
+
+Buckets have an area of about R * R and sides that are multiples of `step` (itself a multiple of the codec's
+downsampling factor, so no latent is padded). Each image is scaled to cover its bucket, then center-cropped.
+What was done is returned with the pixels: the bucket, the original size (after EXIF orientation) and the crop,
+both as a box in the original image and as SDXL's `crops_coords_top_left` in the resized image.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+RESAMPLE = Image.Resampling.BICUBIC
+
+
+@dataclass(frozen=True)
+class Prepared:
+    pixels: torch.Tensor  # (3, H, W) uint8: 4x smaller than floats to pass from DataLoader workers
+    bucket: tuple[int, int]  # (H, W) of the pixels
+    original_size: tuple[int, int]  # (H, W) of the image after EXIF orientation
+    crop_box: tuple[float, float, float, float]  # (left, top, right, bottom) in the original image
+    crop_top_left: tuple[int, int]  # (top, left) in the image resized to cover the bucket (SDXL conditioning)
+
+
+def make_buckets(resolution: int, step: int, max_aspect: float) -> list[tuple[int, int]]:
+    """(H, W) pairs with sides multiples of `step`, H * W <= resolution ** 2, aspect at most `max_aspect`.
+
+    For each width the tallest height that fits the area is taken, so every bucket is about R * R pixels.
+    """
+    if resolution < step:
+        raise ValueError(f"resolution {resolution} is smaller than the bucket step {step}")
+    area = resolution * resolution
+    buckets: set[tuple[int, int]] = set()
+    for width in range(step, area // step + 1, step):
+        height = area // width // step * step
+        if height >= step and max(width / height, height / width) <= max_aspect:
+            buckets.update({(height, width), (width, height)})
+    return sorted(buckets)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images become pixels; recorded in the manifest, and a cache refuses to mix two of them."""
+
+    resolution: int
+    buckets: bool = False
+    bucket_step: int = 64
+    max_aspect: float = 4.0
+    flip: bool = False  # also encode the mirrored image (stored beside the original, for flip augmentation)
+    max_pixels: int = Image.MAX_IMAGE_PIXELS or 89_478_485  # larger images are skipped before decoding
+    resample: str = "bicubic"
+    bucket_list: tuple[tuple[int, int], ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        if self.resolution < 1:
+            raise ValueError(f"--resolution must be positive, got {self.resolution}")
+        if self.max_pixels < 1:
+            raise ValueError(f"--max-pixels must be positive, got {self.max_pixels}")
+        if self.buckets:
+            if self.max_aspect < 1:
+                raise ValueError(f"--max-aspect must be at least 1, got {self.max_aspect}")
+            object.__setattr__(
+                self, "bucket_list", tuple(make_buckets(self.resolution, self.bucket_step, self.max_aspect))
+            )
+        else:
+            object.__setattr__(self, "bucket_list", ((self.resolution, self.resolution),))
+
+    def check_factor(self, factor: int) -> None:
+        """Sides must be multiples of the codec's factor: a padded latent would encode pixels that are not there."""
+        unit, name = (self.bucket_step, "--bucket-step") if self.buckets else (self.resolution, "--resolution")
+        if unit % factor:
+            raise ValueError(f"{name} {unit} is not a multiple of the codec's downsampling factor {factor}")
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["bucket_list"] = [list(b) for b in self.bucket_list]
+        return data
+
+    def bucket_for(self, width: int, height: int) -> tuple[int, int]:
+        """The bucket whose aspect ratio is closest (in log scale) to the image's; ties go to the larger area."""
+        if len(self.bucket_list) == 1:
+            return self.bucket_list[0]
+        aspect = math.log(width / height)
+        return min(self.bucket_list, key=lambda b: (abs(math.log(b[1] / b[0]) - aspect), -b[0] * b[1]))
+
+    def __call__(self, image: Image.Image) -> Prepared:
+        """An RGB image -> its bucket's pixels: scaled to cover the bucket, then center-cropped."""
+        width, height = image.size
+        bucket_h, bucket_w = self.bucket_for(width, height)
+        scale = max(bucket_w / width, bucket_h / height)
+        scaled_w, scaled_h = max(bucket_w, round(width * scale)), max(bucket_h, round(height * scale))
+        left, top = (scaled_w - bucket_w) // 2, (scaled_h - bucket_h) // 2
+        box = (left / scale, top / scale, min(width, (left + bucket_w) / scale), min(height, (top + bucket_h) / scale))
+        # Only the crop is resampled (PIL filters over the box's whole footprint): a 6000x4000 photo costs an
+        # R x R resize, not a full-size one.
+        crop = image.resize((bucket_w, bucket_h), RESAMPLE, box=box)
+        pixels = torch.from_numpy(np.array(crop, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        return Prepared(pixels, (bucket_h, bucket_w), (height, width), box, (top, left))
+
+
+def to_model_input(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float32 in [-1, 1], as codec.images.image_to_tensor makes them."""
+    return pixels.float().div_(127.5).sub_(1.0)

@@ -1,0 +1,115 @@
+"""Latent statistics: per-channel mean and std of z over a cache, and the scaling factor 1 / std.
+
+This is how SD's 0.18215 was chosen: the std of the encoder's latents over training images, so that the scaled
+latents a diffusion model sees have unit variance. With `posterior="sample"` (the default) the statistics are
+those of z ~ N(mean, std), computed exactly rather than by drawing: E[z] = E[mean], E[z^2] = E[mean^2] + E[var].
+Sums are float64, taken around the first values seen, so a large mean does not cancel the variance away.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from codec.atomic import atomic_path
+from codec.cache import shards
+from codec.config import CONFIG_NAME, AutoencoderKLConfig
+
+
+class LatentStats:
+    """Running per-channel sums over latents of shape (C, h, w)."""
+
+    def __init__(self, channels: int) -> None:
+        self.channels = channels
+        self.count = 0  # values per channel
+        self.images = 0
+        self.reference: np.ndarray | None = None
+        self.sum = np.zeros(channels)
+        self.sum_squares = np.zeros(channels)
+
+    def add(self, mean: np.ndarray, logvar: np.ndarray | None = None) -> None:
+        """One latent's posterior mean (C, h, w), and its logvar to count the sampling noise."""
+        values = np.asarray(mean, dtype=np.float64).reshape(self.channels, -1)
+        if self.reference is None:
+            self.reference = values.mean(axis=1)
+        centred = values - self.reference[:, None]
+        self.sum += centred.sum(axis=1)
+        self.sum_squares += np.square(centred).sum(axis=1)
+        if logvar is not None:
+            self.sum_squares += np.exp(np.asarray(logvar, dtype=np.float64).reshape(self.channels, -1)).sum(axis=1)
+        self.count += values.shape[1]
+        self.images += 1
+
+    def result(self) -> dict:
+        if not self.count:
+            raise ValueError("no latents to compute statistics over")
+        offset = self.sum / self.count
+        channel_mean = self.reference + offset
+        channel_var = np.maximum(self.sum_squares / self.count - offset**2, 0.0)
+        mean = float(channel_mean.mean())  # every channel has the same count
+        std = math.sqrt(float((channel_var + (channel_mean - mean) ** 2).mean()))
+        return {
+            "images": self.images,
+            "values_per_channel": self.count,
+            "latents_mean": channel_mean.tolist(),
+            "latents_std": np.sqrt(channel_var).tolist(),
+            "mean": mean,
+            "std": std,
+            "scaling_factor": 1.0 / std,  # as SD: scaled latents z * scaling_factor have unit std
+            "shift_factor": mean,  # as SD3/FLUX, for (z - shift_factor) * scaling_factor
+        }
+
+
+def cache_stats(root: str | Path, posterior: str = "sample") -> dict:
+    """Statistics over every row of a finished cache (mirrored copies left out: they would count images twice)."""
+    import pyarrow.parquet as pq
+
+    root = Path(root)
+    manifest = shards.read_manifest(root)
+    if manifest is None or not manifest.get("complete"):
+        raise shards.CacheError(f"{root}: not a finished cache (no complete manifest.json)")
+    stats = LatentStats(manifest["codec"]["latent_channels"])
+    bf16 = manifest["storage"]["latent_dtype"] == "bf16"
+    for entry in manifest["shards"]:
+        table = pq.read_table(root / entry["file"], columns=["shape", "mean", "logvar"])
+        shapes = shards.int_rows(table.column("shape"), 3, np.int64)
+        columns = [shards.latent_arrays(table.column(name)) for name in ("mean", "logvar")]
+        if bf16:
+            columns = [(offsets, shards.bf16_to_float32(values)) for offsets, values in columns]
+        (offsets, means), (_, logvars) = columns
+        for row, shape in enumerate(shapes):
+            span = slice(offsets[row], offsets[row + 1])
+            stats.add(means[span].reshape(shape), logvars[span].reshape(shape) if posterior == "sample" else None)
+    result = stats.result()
+    result.update(posterior=posterior, cache=str(root), identity=manifest["codec"]["identity"])
+    return result
+
+
+def write_config(model_dir: str | Path, result: dict) -> Path:
+    """Put latents_mean, latents_std and scaling_factor into a diffusers folder's config.json, atomically.
+
+    The other keys (diffusers' own included) are kept as they were. The codec's identity leaves these fields
+    out, so caches made with this model stay valid.
+    """
+    folder = Path(model_dir)
+    if not (folder / CONFIG_NAME).is_file() and (folder / "vae" / CONFIG_NAME).is_file():
+        folder = folder / "vae"  # a pipeline: its VAE lives in vae/
+    path = folder / CONFIG_NAME
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: cannot read the config ({error})") from None
+    data.update(
+        latents_mean=[round(v, 6) for v in result["latents_mean"]],
+        latents_std=[round(v, 6) for v in result["latents_std"]],
+        scaling_factor=round(result["scaling_factor"], 6),
+    )
+    AutoencoderKLConfig.from_dict(data, source=str(path))  # refuse to write a config that would not load
+    mode = path.stat().st_mode & 0o777
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.chmod(mode)  # as it was: the temporary file would otherwise leave it 0600
+    return path

@@ -1,0 +1,332 @@
+"""Encode a source into a latent cache: deterministic shards, resumable, one process or many.
+
+The plan is fixed by the sorted keys and the shard size: shard i holds keys [i * S, (i + 1) * S) and belongs to
+rank i % world. A shard is done when its file exists with this run's settings and its keys' fingerprint in the
+footer, so a second run (or a run with another number of processes) skips it; a shard whose files changed is
+re-encoded. DataLoader workers decode and crop images while this process encodes; a shard's images are batched
+by bucket and flushed at the shard's end, so a resumed shard is encoded in exactly the same batches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import codec
+from codec.cache import shards
+from codec.cache.identity import DTYPE_NAMES
+from codec.cache.preprocess import Prepared, Preprocessing, to_model_input
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Settings:
+    preprocessing: Preprocessing
+    latent_dtype: str = "fp16"
+    batch_size: int = 16
+    num_workers: int = 0
+    shard_size: int = 1000
+
+
+@dataclass
+class Summary:
+    images: int = 0
+    rows: int = 0
+    skipped: int = 0
+    shards: int = 0
+    reused: int = 0  # shards found done, on this process
+    written: int = 0  # shards encoded, by this process
+    seconds: float = 0.0
+
+
+@dataclass
+class _Loaded:
+    index: int  # into source.keys
+    prepared: Prepared | None
+    carried: dict
+    reason: str = ""
+
+
+class _Items(torch.utils.data.Dataset):
+    """Positions of a source -> decoded, cropped images (or the reason they could not be), in DataLoader workers."""
+
+    def __init__(self, source, positions: list[int], preprocessing: Preprocessing) -> None:
+        self.source, self.positions, self.preprocessing = source, positions, preprocessing
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, position: int) -> _Loaded:
+        index = self.positions[position]
+        try:
+            image, carried = self.source.load(index, self.preprocessing.max_pixels)
+            return _Loaded(index, self.preprocessing(image), carried)
+        except Exception as error:  # one bad image must not end a run over millions: report it, go on
+            return _Loaded(index, None, {}, str(error) or type(error).__name__)
+
+
+def _as_list(batch: list) -> list:
+    return batch
+
+
+class Group:
+    """The processes of this run: an `accelerate.Accelerator` (see codec.distributed), or this process alone."""
+
+    def __init__(self, accelerator=None) -> None:
+        self.accelerator = accelerator
+        self.rank = accelerator.process_index if accelerator is not None else 0
+        self.world = accelerator.num_processes if accelerator is not None else 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+
+
+@torch.no_grad()
+def _encode(vae, items: list[_Loaded], flip: bool) -> list[tuple[torch.Tensor, ...]]:
+    x = to_model_input(torch.stack([item.prepared.pixels for item in items]))
+    if flip:
+        x = torch.cat([x, x.flip(-1)])
+    posterior = vae.encode(x.to(vae.device)).latent_dist
+    mean, logvar = posterior.mean.float().cpu(), posterior.logvar.float().cpu()
+    n = len(items)
+    if flip:
+        return list(zip(mean[:n], logvar[:n], mean[n:], logvar[n:], strict=True))
+    return list(zip(mean, logvar, strict=True))
+
+
+class _ShardBuilder:
+    """One shard's images as they arrive: batched per bucket, encoded, collected as rows in key order."""
+
+    def __init__(self, index: int, keys: range, fingerprint: str) -> None:
+        self.index, self.keys, self.fingerprint = index, keys, fingerprint
+        self.pending: dict[tuple[int, int], list[_Loaded]] = {}
+        self.rows: list[shards.Row] = []
+        self.skipped: list[dict] = []
+        self.seen = 0
+
+    def add(self, item: _Loaded, source, vae, settings: Settings) -> None:
+        self.seen += 1
+        if item.prepared is None:
+            self.skip(item, source)
+            return
+        batch = self.pending.setdefault(item.prepared.bucket, [])
+        batch.append(item)
+        if len(batch) == settings.batch_size:
+            self.flush(item.prepared.bucket, source, vae, settings)
+
+    def skip(self, item: _Loaded, source) -> None:
+        key = source.keys[item.index]
+        log.warning("skipping %s: %s", source.describe(item.index), item.reason)
+        self.skipped.append({"key": key, "source": source.describe(item.index), "reason": item.reason})
+
+    def flush(self, bucket, source, vae, settings: Settings) -> None:
+        items = self.pending.pop(bucket)
+        flip = settings.preprocessing.flip
+        for item, latents in zip(items, _encode(vae, items, flip), strict=True):
+            if not all(torch.isfinite(t).all() for t in latents):
+                item.reason = "the codec's output is not finite for this image"
+                self.skip(item, source)
+                continue
+            p = item.prepared
+            row = shards.Row(
+                source.keys[item.index], latents[0], latents[1], p.bucket, p.original_size, p.crop_top_left, p.crop_box
+            )
+            row.carried = item.carried
+            if flip:
+                row.flip_mean, row.flip_logvar = latents[2:]
+            self.rows.append(row)
+
+    @property
+    def complete(self) -> bool:
+        return self.seen == len(self.keys)
+
+    def finish(self, out: Path, source, vae, settings: Settings, compat: dict, compat_hash: str, rank: int) -> None:
+        for bucket in list(self.pending):
+            self.flush(bucket, source, vae, settings)
+        self.rows.sort(key=lambda row: row.key)
+        table = shards.rows_to_table(
+            self.rows, settings.latent_dtype, settings.preprocessing.flip, source.carried_schema()
+        )
+        meta = {
+            "shard": self.index,
+            "compat": compat_hash,
+            "record": compat,
+            "fingerprint": self.fingerprint,
+            "count": len(self.keys),
+            "rows": len(self.rows),
+            "skipped": sorted(self.skipped, key=lambda s: s["key"]),
+            "written_by": rank,
+        }
+        shards.write_shard(out, self.index, table, meta)
+
+
+def _manifest(vae, identities, model_name, source, settings, compat, compat_hash, n_shards, metas=None) -> dict:
+    config = vae.config
+    manifest = {
+        "format": shards.FORMAT,
+        "format_version": shards.FORMAT_VERSION,
+        "tool": {"name": "latent-codec", "version": codec.__version__},
+        "complete": metas is not None,
+        "compat": compat_hash,
+        "codec": {
+            "identity": compat["identity"],
+            "identities": identities,
+            "model": model_name,
+            "encode_dtype": compat["encode_dtype"],
+            "scaling_factor": config.scaling_factor,
+            "shift_factor": config.shift_factor,
+            "latents_mean": list(config.latents_mean) if config.latents_mean else None,
+            "latents_std": list(config.latents_std) if config.latents_std else None,
+            "latent_channels": config.latent_channels,
+            "downsample_factor": config.downsample_factor,
+            "config": config.to_dict(),
+        },
+        "preprocessing": compat["preprocessing"],
+        "source": {**source.descriptor(), "images": len(source.keys), "keys_sha256": shards.keys_digest(source.keys)},
+        "storage": {
+            "latent_dtype": settings.latent_dtype,
+            "posterior": "mean and logvar, raw (unscaled); scale with (z - shift_factor) * scaling_factor",
+            "shard_size": settings.shard_size,
+            "data_files": f"{shards.DATA_DIR}/*.parquet",
+        },
+        "compat_record": compat,
+    }
+    if metas is not None:
+        rows, skipped = sum(m["rows"] for m in metas), sum(len(m["skipped"]) for m in metas)
+        manifest["counts"] = {"images": len(source.keys), "rows": rows, "skipped": skipped, "shards": n_shards}
+        manifest["shards"] = [
+            {
+                "file": f"{shards.DATA_DIR}/{shards.shard_path(Path(), i).name}",
+                "rows": m["rows"],
+                "skipped": len(m["skipped"]),
+            }
+            for i, m in enumerate(metas)
+        ]
+    return manifest
+
+
+def _clean(out: Path, n_shards: int) -> None:
+    """Before any rank writes: drop temporary files of killed runs and shards past the end of a shrunk source."""
+    data = out / shards.DATA_DIR
+    if not data.is_dir():
+        return
+    for tmp in data.glob(".shard-*.tmp"):
+        tmp.unlink(missing_ok=True)
+    for path in data.glob("shard-*.parquet"):
+        number = path.stem.removeprefix("shard-")
+        if not number.isdigit() or int(number) >= n_shards:
+            log.info("removing %s: not a shard of this plan", path)
+            path.unlink()
+
+
+def build_cache(
+    source,
+    out: str | Path,
+    vae,
+    identities: dict[str, str],
+    settings: Settings,
+    *,
+    model_name: str,
+    group: Group | None = None,
+    on_shard_written: Callable[[int], None] | None = None,
+    progress: bool = True,
+) -> Summary:
+    """Encode every key of `source` not already cached in `out`; returns what this process did."""
+    started = time.perf_counter()
+    out, group = Path(out), group or Group()
+    prep = settings.preprocessing
+    prep.check_factor(vae.config.downsample_factor)
+    if settings.latent_dtype not in shards.LATENT_DTYPES:
+        raise ValueError(f"latent dtype {settings.latent_dtype!r}: choose one of {', '.join(shards.LATENT_DTYPES)}")
+    if settings.shard_size < 1 or settings.batch_size < 1:
+        raise ValueError(
+            f"shard size and batch size must be positive, got {settings.shard_size}, {settings.batch_size}"
+        )
+    clashes = [name for name in source.carried_schema().names if name in shards.RESERVED_COLUMNS]
+    if clashes:
+        raise ValueError(
+            f"{source.name}: column(s) {clashes} would clash with the cache's own; pick others with --columns"
+        )
+    # The cache is named by the weights' float32 identity; the precision they ran at is recorded beside it.
+    compat = shards.compat_record(
+        identities["float32"], prep.to_dict(), settings.latent_dtype, DTYPE_NAMES.get(vae.dtype, str(vae.dtype)),
+        settings.shard_size, source.descriptor(),
+    )  # fmt: skip
+    chash = shards.compat_hash(compat)
+    existing = shards.read_manifest(out)
+    if existing is not None:
+        shards.check_compatible(existing.get("compat_record", {}), compat, out)  # every rank refuses alike
+
+    n = len(source.keys)
+    n_shards = math.ceil(n / settings.shard_size)
+    args = (vae, identities, model_name, source, settings, compat, chash, n_shards)
+    if group.is_main:
+        _clean(out, n_shards)
+        shards.write_manifest(out, _manifest(*args))  # incomplete until the end, but names the codec already
+    group.barrier()
+
+    summary = Summary(images=n, shards=n_shards)
+    todo = []
+    for index in range(group.rank, n_shards, group.world):
+        keys = range(index * settings.shard_size, min(n, (index + 1) * settings.shard_size))
+        fingerprint = source.fingerprint(keys)
+        meta = shards.read_shard_meta(shards.shard_path(out, index))
+        if meta is not None and meta.get("compat") != chash:
+            shards.check_compatible(meta.get("record", {}), compat, shards.shard_path(out, index))
+        if meta is not None and meta.get("fingerprint") == fingerprint and meta.get("count") == len(keys):
+            summary.reused += 1
+            continue
+        if meta is not None:
+            log.info("%s is stale (its source files changed); encoding it again", shards.shard_path(out, index))
+        todo.append(_ShardBuilder(index, keys, fingerprint))
+
+    positions = [i for builder in todo for i in builder.keys]
+    loader = torch.utils.data.DataLoader(
+        _Items(source, positions, prep),
+        batch_size=settings.batch_size,
+        num_workers=settings.num_workers,
+        collate_fn=_as_list,
+    )
+    where = f" (rank {group.rank} of {group.world})" if group.world > 1 else ""
+    bar = tqdm(total=len(positions), desc=f"cache{where}", unit="img", disable=not (progress and group.is_main))
+    pending = iter(todo)
+    builder = next(pending, None)
+    for batch in loader:
+        for item in batch:
+            builder.add(item, source, vae, settings)
+            if builder.complete:
+                builder.finish(out, source, vae, settings, compat, chash, group.rank)
+                summary.written += 1
+                if on_shard_written is not None:
+                    on_shard_written(builder.index)
+                builder = next(pending, None)
+        bar.update(len(batch))
+    bar.close()
+    group.barrier()
+
+    if group.is_main:
+        metas = [shards.read_shard_meta(shards.shard_path(out, i)) for i in range(n_shards)]
+        missing = [i for i, m in enumerate(metas) if m is None or m.get("compat") != chash]
+        if missing:
+            raise shards.CacheError(f"{out}: shard(s) {missing} missing after every process finished")
+        skipped = [entry for m in metas for entry in m["skipped"]]
+        report = "".join(json.dumps(entry) + "\n" for entry in skipped)
+        shards.atomic_write(out / shards.SKIPPED, lambda tmp: tmp.write_text(report))
+        summary.rows, summary.skipped = sum(m["rows"] for m in metas), len(skipped)
+        shards.write_manifest(out, _manifest(*args, metas=metas))
+    summary.seconds = time.perf_counter() - started
+    return summary

@@ -1,0 +1,203 @@
+"""`codec cache SRC -o OUT`, `codec cache verify OUT` and `codec stats SRC`: latent caches for diffusion training.
+
+`verify` is read as a word only in the first position with one more argument after it and no -o; a source
+folder that happens to be called "verify" is `codec cache ./verify -o OUT`. Under `accelerate launch` (or
+torchrun) the processes split the shards; see codec.cache.writer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from codec.cli.common import DTYPES, add_model_options, resolve_device
+
+CACHE_USAGE = "codec cache SRC -o OUT [options]\n       codec cache verify OUT [--model M]"
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _add_encoding_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("source")
+    group.add_argument("--split", default="train", help="dataset split (default train)")
+    group.add_argument("--image-column", default="image", help="dataset column holding the images (default image)")
+    group = parser.add_argument_group("preprocessing")
+    group.add_argument("--resolution", type=int, default=512, help="square side, or bucket area side (default 512)")
+    group.add_argument(
+        "--buckets", action="store_true", help="aspect-ratio buckets of about R*R pixels instead of R x R crops"
+    )
+    group.add_argument("--bucket-step", type=int, default=64, help="bucket sides are multiples of this (default 64)")
+    group.add_argument("--max-aspect", type=float, default=4.0, help="most elongated bucket allowed (default 4)")
+    group.add_argument(
+        "--max-pixels", type=int, default=None, help="skip larger images undecoded (default PIL's bomb limit)"
+    )
+    group = parser.add_argument_group("run")
+    group.add_argument("--batch-size", type=int, default=16, help="images per encode (default 16)")
+    group.add_argument(
+        "--num-workers", type=int, default=min(4, _cpus()), help="image decoding processes (default min(4, CPUs))"
+    )
+    add_model_options(parser)
+    parser.set_defaults(model=None)  # None: 'builtin' to encode; for verify, no model check
+
+
+def add_parsers(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "cache",
+        help="encode an image dataset to latents (Parquet shards) for diffusion training; `cache verify OUT` checks one",
+        usage=CACHE_USAGE,
+        description="Encode images to latents, resumably: run the same command again to finish an interrupted run. "
+        "SRC: an image folder (recursive), a .txt list of images, a .parquet file or folder, a save_to_disk "
+        "folder, or a hub dataset name. `codec cache verify OUT` checks a cache (with --model, also its codec).",
+    )
+    parser.add_argument("source", metavar="SRC", help="what to encode (or the word verify)")
+    parser.add_argument("target", nargs="?", metavar="OUT", help=argparse.SUPPRESS)
+    parser.add_argument("-o", "--output", type=Path, help="cache folder to write (or resume)")
+    parser.add_argument("--columns", help="comma-separated dataset columns to carry (default: all but the image)")
+    parser.add_argument("--flip", action="store_true", help="also encode each image mirrored (for flip augmentation)")
+    parser.add_argument(
+        "--latent-dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="storage (default fp16)"
+    )
+    parser.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
+    _add_encoding_options(parser)
+    parser.set_defaults(run=run_cache)
+
+    parser = subparsers.add_parser(
+        "stats",
+        help="per-channel latent mean/std and scaling factor of a cache or dataset; --write-config into a model",
+        description="Latent statistics over a cache (OUT of `codec cache`) or a dataset (encoded at --resolution). "
+        "--write-config DIR puts latents_mean, latents_std and scaling_factor into DIR/config.json.",
+    )
+    parser.add_argument("source", metavar="SRC", help="a cache folder, or images/dataset as for `codec cache`")
+    parser.add_argument("--limit", type=int, default=None, help="for a dataset: this many evenly spaced images")
+    parser.add_argument(
+        "--posterior", choices=("sample", "mean"), default="sample", help="statistics of z sampled or the mean"
+    )
+    parser.add_argument("--write-config", type=Path, metavar="MODEL_DIR", help="diffusers folder of the same codec")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_encoding_options(parser)
+    parser.set_defaults(run=run_stats)
+
+
+def _settings(args: argparse.Namespace, flip: bool = False, latent_dtype: str = "fp16", shard_size: int = 1000):
+    from codec.cache.preprocess import Preprocessing
+    from codec.cache.writer import Settings
+
+    extra = {"max_pixels": args.max_pixels} if args.max_pixels is not None else {}
+    preprocessing = Preprocessing(
+        args.resolution,
+        buckets=args.buckets,
+        bucket_step=args.bucket_step,
+        max_aspect=args.max_aspect,
+        flip=flip,
+        **extra,
+    )
+    return Settings(preprocessing, latent_dtype, args.batch_size, args.num_workers, shard_size)
+
+
+def _load(args: argparse.Namespace, device=None):
+    """The model as stored (float32) for its identity, then moved and cast for encoding."""
+    from codec.cache.identity import model_identities
+    from codec.model import AutoencoderKL
+
+    vae = AutoencoderKL.load(args.model or "builtin")
+    identities = model_identities(vae)
+    return vae.to(device=device or resolve_device(args.device), dtype=DTYPES[args.dtype]).eval(), identities
+
+
+def run_cache(args: argparse.Namespace) -> int:
+    if args.source == "verify" and args.target is not None and args.output is None:
+        return run_verify(args)
+    if args.target is not None:
+        raise ValueError(f"unexpected argument {args.target!r}; usage: {CACHE_USAGE}")
+    if args.output is None:
+        raise ValueError(f"-o OUT is required; usage: {CACHE_USAGE}")
+    from codec.cache.sources import open_source
+    from codec.cache.writer import Group, build_cache
+    from codec.distributed import launched_world_size, make_accelerator, shutdown
+
+    accelerator = make_accelerator() if launched_world_size() > 1 else None
+    device = accelerator.device if accelerator is not None and args.device == "auto" else None
+    vae, identities = _load(args, device)
+    columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
+    source = open_source(args.source, split=args.split, image_column=args.image_column, columns=columns)
+    settings = _settings(args, args.flip, args.latent_dtype, args.shard_size)
+    group = Group(accelerator)
+    summary = build_cache(
+        source, args.output, vae, identities, settings, model_name=str(args.model or "builtin"), group=group
+    )
+    if accelerator is not None:
+        shutdown(accelerator)  # only on success: a failed rank exits and the launcher ends the others
+    if group.is_main:
+        print(
+            f"{args.output}: {summary.rows} of {summary.images} images cached in {summary.shards} shards "
+            f"({summary.reused} already done, {summary.written} written here) in {summary.seconds:.1f} s"
+        )
+        if summary.skipped:
+            print(f"skipped {summary.skipped} unreadable images; reasons in {args.output / 'skipped.jsonl'}")
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from codec.cache.identity import model_identity
+    from codec.cache.verify import verify_cache
+    from codec.model import AutoencoderKL
+
+    codec = model_identity(AutoencoderKL.load(args.model)) if args.model else None
+    report = verify_cache(args.target, codec)
+    for problem in report.problems:
+        print(f"problem: {problem}")
+    if not report.ok:
+        print(f"{args.target}: {len(report.problems)} problem(s)")
+        return 1
+    checked = " and codec" if codec else ""
+    print(
+        f"{args.target}: OK, {report.rows} rows and {report.skipped} skipped in {report.shards} shards (counts, keys, shapes{checked} checked)"
+    )
+    return 0
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    from codec.cache.stats import cache_stats, write_config
+
+    root = Path(args.source)
+    if (root / "manifest.json").is_file():
+        result = cache_stats(root, args.posterior)
+    else:
+        from codec.cache.sources import SampleSource, open_source
+        from codec.cache.writer import build_cache
+
+        vae, identities = _load(args)
+        source = open_source(args.source, split=args.split, image_column=args.image_column, columns=[])
+        if args.limit:
+            source = SampleSource(source, args.limit)
+        with tempfile.TemporaryDirectory(prefix="codec-stats-") as tmp:
+            summary = build_cache(
+                source, tmp, vae, identities, _settings(args), model_name=str(args.model or "builtin")
+            )
+            result = cache_stats(tmp, args.posterior)
+        result.update(cache=None, source=str(args.source), skipped=summary.skipped)
+    if args.write_config:
+        from codec.cache.identity import model_identities
+        from codec.model import AutoencoderKL
+
+        if result["identity"] not in model_identities(AutoencoderKL.load(args.write_config)).values():
+            raise ValueError(f"{args.write_config}: not the codec these latents were made with ({result['identity']})")
+        result["wrote"] = str(write_config(args.write_config, result))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{result['images']} images, {result['values_per_channel']} values per channel ({args.posterior} posterior)")
+    for channel, (mean, std) in enumerate(zip(result["latents_mean"], result["latents_std"], strict=True)):
+        print(f"  channel {channel}: mean {mean:+.5f}  std {std:.5f}")
+    print(f"all channels: mean {result['mean']:+.5f}  std {result['std']:.5f}")
+    print(
+        f"scaling_factor = 1 / std = {result['scaling_factor']:.5f}   (shift_factor, if used: {result['shift_factor']:.5f})"
+    )
+    if "wrote" in result:
+        print(f"wrote latents_mean, latents_std and scaling_factor to {result['wrote']}")
+    return 0

@@ -1,0 +1,80 @@
+"""Helpers for the tests/test_cache_*.py modules: small generated images, a tiny model folder, a quick build."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import codec
+from codec.cache.identity import model_identities
+from codec.cache.preprocess import Preprocessing
+from codec.cache.sources import open_source
+from codec.cache.writer import Settings, build_cache
+from codec.cli import main
+
+
+def smooth_image(seed: int, height: int, width: int) -> np.ndarray:
+    """A gradient plus noise: enough structure that crops and flips show, cheap to make."""
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 / width, y * 255 / height, np.full_like(x, (40 * seed) % 256)], axis=2)
+    noise = np.random.default_rng(seed).normal(0, 10, base.shape)
+    return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+def image_folder(folder: Path, sizes: list[tuple[int, int]]) -> Path:
+    """Images img000.png, img001.png, ... of the given (height, width) sizes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, (height, width) in enumerate(sizes):
+        Image.fromarray(smooth_image(index, height, width)).save(folder / f"img{index:03d}.png")
+    return folder
+
+
+def tiny_model_dir(folder: Path) -> Path:
+    """The tiny preset with seed-0 random weights, saved as a diffusers folder."""
+    codec.AutoencoderKL.load("preset:tiny").save_pretrained(folder)
+    return folder
+
+
+def build(source, out: Path, model_dir: Path, **options):
+    """build_cache with a freshly loaded model; options go to Preprocessing or Settings."""
+    prep_fields = {"resolution", "buckets", "bucket_step", "max_aspect", "flip", "max_pixels"}
+    prep = Preprocessing(**{"resolution": 32, **{k: v for k, v in options.items() if k in prep_fields}})
+    run = {k: v for k, v in options.items() if k in ("on_shard_written", "group")}
+    rest = {k: v for k, v in options.items() if k not in prep_fields and k not in run}
+    settings = Settings(prep, **{"batch_size": 2, "shard_size": 3, **rest})
+    vae = codec.AutoencoderKL.load(model_dir)
+    source = open_source(source) if isinstance(source, (str, Path)) else source
+    return build_cache(
+        source, out, vae, model_identities(vae), settings, model_name=str(model_dir), progress=False, **run
+    )
+
+
+def read_rows(out: Path) -> list[dict]:
+    """Every row of a cache (all shards, in file order) as Python values."""
+    import pyarrow.parquet as pq
+
+    rows = []
+    for path in sorted((out / "data").glob("*.parquet")):
+        rows += pq.read_table(path).to_pylist()
+    return rows
+
+
+def cli(argv: list) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def perturbed_copy(model_dir: Path, folder: Path) -> Path:
+    """The same model with one weight nudged: another codec, as far as a cache is concerned."""
+    vae = codec.AutoencoderKL.load(model_dir)
+    with torch.no_grad():
+        vae.encoder.conv_in.weight[0, 0, 0, 0] += 1e-3
+    vae.save_pretrained(folder)
+    return folder

@@ -1,0 +1,199 @@
+"""`codec cache`: resume after interruption, refusing to mix, staleness, bad files, datasets, verify."""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cache_testing import build, cli, image_folder, perturbed_copy, read_rows, smooth_image, tiny_model_dir
+from PIL import Image
+
+from codec.cache.verify import verify_cache
+
+SIZES = [(32, 32), (40, 32), (32, 48), (64, 40), (36, 36), (48, 32), (32, 32), (56, 64), (32, 40), (44, 44)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return tiny_model_dir(tmp_path_factory.mktemp("cache_model"))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return image_folder(tmp_path_factory.mktemp("cache_images") / "images", SIZES)
+
+
+def test_interrupted_run_resumes_to_exactly_the_rows_of_an_uninterrupted_run(tmp_path, model_dir, folder):
+    whole = build(folder, tmp_path / "whole", model_dir, buckets=True, bucket_step=16, flip=True)
+    assert (whole.written, whole.rows, whole.skipped, whole.shards) == (4, 10, 0, 4)
+
+    class Killed(Exception):
+        pass
+
+    def die_after_two(index: int) -> None:
+        if index == 1:
+            raise Killed
+
+    out = tmp_path / "resumed"
+    with pytest.raises(Killed):
+        build(folder, out, model_dir, buckets=True, bucket_step=16, flip=True, on_shard_written=die_after_two)
+    assert json.loads((out / "manifest.json").read_text())["complete"] is False
+    assert not verify_cache(out).ok
+    # What a process killed mid-write leaves: a temporary file, which the next run removes.
+    (out / "data" / ".shard-00002.parquet.x1y2.tmp").write_bytes(b"half a shard")
+
+    resumed = build(folder, out, model_dir, buckets=True, bucket_step=16, flip=True)
+    assert (resumed.reused, resumed.written, resumed.rows) == (2, 2, 10)
+    assert read_rows(out) == read_rows(tmp_path / "whole")
+    assert sorted(p.name for p in (out / "data").iterdir()) == [f"shard-0000{i}.parquet" for i in range(4)]
+    keys = [row["key"] for row in read_rows(out)]
+    assert keys == sorted(p.name for p in folder.iterdir())  # no duplicate, no missing key
+    assert verify_cache(out).ok
+    again = build(folder, out, model_dir, buckets=True, bucket_step=16, flip=True)
+    assert (again.reused, again.written) == (4, 0)
+
+
+def test_cli_refuses_another_model_or_preprocessing_in_the_same_output(tmp_path, model_dir, folder):
+    out = tmp_path / "out"
+    base = ["cache", folder, "-o", out, "--resolution", 32, "--shard-size", 4, "--num-workers", 0, "--device", "cpu"]
+    code, stdout, stderr = cli([*base, "--model", model_dir])
+    assert code == 0, stderr
+    assert "10 of 10 images cached in 3 shards" in stdout
+    before = read_rows(out)
+    other = perturbed_copy(model_dir, tmp_path / "other")
+    code, _, stderr = cli([*base, "--model", other])
+    assert code == 2 and "refusing to mix" in stderr and "codec identity" in stderr
+    code, _, stderr = cli([*base, "--model", model_dir, "--resolution", 64])
+    assert code == 2 and "preprocessing resolution: cache has 32, this run has 64" in stderr
+    code, _, stderr = cli([*base, "--model", model_dir, "--latent-dtype", "bf16"])
+    assert code == 2 and "latent_dtype" in stderr
+    assert read_rows(out) == before  # refused before touching anything
+    code, stdout, _ = cli(["cache", "verify", out, "--model", model_dir])
+    assert code == 0 and "OK, 10 rows" in stdout
+    code, stdout, _ = cli(["cache", "verify", out, "--model", other])
+    assert code == 1 and "made with codec" in stdout
+
+
+def test_changed_files_make_only_their_shard_stale_and_a_shrunk_source_drops_shards(tmp_path, model_dir):
+    folder = image_folder(tmp_path / "images", SIZES[:7])
+    out = tmp_path / "out"
+    build(folder, out, model_dir)
+    first = {row["key"]: row for row in read_rows(out)}
+    Image.fromarray(smooth_image(99, 32, 32)).save(folder / "img004.png")  # shard 1 of [0-2], [3-5], [6]
+    os.utime(folder / "img004.png", ns=(1, 1))  # a new mtime even on a coarse clock
+    summary = build(folder, out, model_dir)
+    assert (summary.reused, summary.written) == (2, 1)
+    second = {row["key"]: row for row in read_rows(out)}
+    assert second["img004.png"]["mean"] != first["img004.png"]["mean"]
+    assert all(second[key] == first[key] for key in first if key != "img004.png")
+    for name in ("img006.png", "img005.png"):
+        (folder / name).unlink()
+    summary = build(folder, out, model_dir)
+    assert summary.shards == 2 and not (out / "data" / "shard-00002.parquet").exists()
+    assert [row["key"] for row in read_rows(out)] == [f"img00{i}.png" for i in range(5)]
+    assert verify_cache(out).ok
+
+
+def _png_bomb(path: Path) -> None:
+    """A tiny PNG whose header claims 30000 x 30000 pixels: opening it must refuse, not allocate 2.7 GB."""
+    Image.new("RGB", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    data[16:24] = (30000).to_bytes(4, "big") * 2  # IHDR width, height
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+    path.write_bytes(bytes(data))
+
+
+def test_bad_files_are_skipped_and_reported_and_awkward_modes_are_cached(tmp_path, model_dir):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    good = smooth_image(1, 40, 32)
+    Image.fromarray(good).save(folder / "good.jpg")
+    rgba = np.dstack([good, np.full(good.shape[:2], 128, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(folder / "rgba.png")
+    Image.fromarray(good).convert("P").save(folder / "palette.png")
+    Image.fromarray(good).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(good[:, :, 0].astype(np.uint16) * 257).save(folder / "sixteen.png")
+    Image.fromarray(good[:, :, 0]).save(folder / "grey.png")
+    rotated = Image.fromarray(smooth_image(2, 32, 64))  # stored 64 wide; EXIF says rotate: shown 32 wide, 64 tall
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated.save(folder / "exif.jpg", exif=exif)
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "truncated.jpg").write_bytes((folder / "good.jpg").read_bytes()[:300])
+    (folder / "noise.png").write_bytes(np.random.default_rng(0).bytes(500))
+    (folder / "notes.jpg").write_text("this is text, not a picture")
+    _png_bomb(folder / "bomb.png")
+
+    out = tmp_path / "out"
+    args = ["cache", folder, "-o", out, "--model", model_dir, "--resolution", 32, "--num-workers", 0, "--device", "cpu"]
+    code, stdout, stderr = cli(args)
+    assert code == 0, stderr
+    assert "7 of 12 images cached" in stdout and "skipped 5 unreadable images" in stdout
+    reasons = {e["key"]: e["reason"] for e in map(json.loads, (out / "skipped.jsonl").read_text().splitlines())}
+    assert sorted(reasons) == ["bomb.png", "empty.png", "noise.png", "notes.jpg", "truncated.jpg"]
+    assert "empty" in reasons["empty.png"]
+    assert "decompression bomb" in reasons["bomb.png"]
+    assert "truncated or corrupt" in reasons["truncated.jpg"]
+    assert "not an image" in reasons["notes.jpg"] and "not an image" in reasons["noise.png"]
+    rows = {row["key"]: row for row in read_rows(out)}
+    assert rows["exif.jpg"]["original_size"] == [64, 32]
+    assert all(np.isfinite(np.asarray(row["mean"], dtype=np.float32)).all() for row in rows.values())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"] == {"images": 12, "rows": 7, "skipped": 5, "shards": 1}
+    code, stdout, _ = cli(["cache", "verify", out])
+    assert code == 0 and "7 rows and 5 skipped" in stdout
+
+    code, stdout, _ = cli([*args[:3], tmp_path / "small", *args[4:], "--max-pixels", 1500])
+    assert code == 0 and "skipped 6" in stdout  # the five bad files, and the 32x64 image is over 1500 pixels
+    lines = (tmp_path / "small" / "skipped.jsonl").read_text().splitlines()
+    reasons = {e["key"]: e["reason"] for e in map(json.loads, lines)}
+    assert reasons["exif.jpg"].startswith("too many pixels (64x32 > 1500)")
+
+
+def test_dataset_source_carries_columns_and_datasets_reads_the_cache(tmp_path, model_dir, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    images = [Image.fromarray(smooth_image(i, 32 + 8 * i, 32)) for i in range(4)]
+    table = datasets.Dataset.from_dict(
+        {"image": images, "caption": [f"photo {i}" for i in range(4)], "label": [3, 1, 4, 1]}
+    ).cast_column("image", datasets.Image())
+    table.save_to_disk(str(tmp_path / "saved"))
+    out = tmp_path / "out"
+    code, _, stderr = cli(
+        ["cache", tmp_path / "saved", "-o", out, "--model", model_dir, "--resolution", 32, "--num-workers", 0]
+    )
+    assert code == 0, stderr
+    loaded = datasets.load_dataset(
+        "parquet", data_files=str(out / "data" / "*.parquet"), split="train", cache_dir=str(tmp_path / "hf")
+    )
+    assert loaded["key"] == [f"{i:09d}" for i in range(4)]
+    assert loaded["caption"] == [f"photo {i}" for i in range(4)] and loaded["label"] == [3, 1, 4, 1]
+    row = loaded.with_format("numpy")[2]
+    assert loaded.features["mean"].feature.dtype == "float16"
+    assert row["mean"].size == int(np.prod(row["shape"])) == 4 * 4 * 4
+    assert list(row["original_size"]) == [48, 32]
+    code, _, stderr = cli(
+        ["cache", tmp_path / "saved", "-o", tmp_path / "o2", "--model", model_dir, "--columns", "nope"]
+    )
+    assert code == 2 and "cannot carry column(s) ['nope']" in stderr
+
+
+def test_verify_finds_missing_extra_and_corrupt_shards(tmp_path, model_dir, folder):
+    out = tmp_path / "out"
+    build(folder, out, model_dir)
+    assert verify_cache(out).ok
+    shard = out / "data" / "shard-00001.parquet"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:100] + b"\0" * 50 + data[150:])
+    problems = " ".join(verify_cache(out).problems)
+    assert "shard-00001.parquet" in problems
+    shard.write_bytes(data)
+    (out / "data" / "shard-00099.parquet").write_bytes(data)
+    assert "does not list" in " ".join(verify_cache(out).problems)
+    (out / "data" / "shard-00099.parquet").unlink()
+    (out / "data" / "shard-00002.parquet").unlink()
+    assert "missing" in " ".join(verify_cache(out).problems)
