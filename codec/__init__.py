@@ -1,7 +1,8 @@
 """latent-codec: the Stable Diffusion VAE (AutoencoderKL) family, weight-compatible with diffusers and LDM files.
 
 Importing this package loads only torch, safetensors and huggingface_hub; diffusers, datasets, lpips and
-accelerate are imported inside the commands that need them.
+accelerate are imported inside the commands that need them; `LatentDataset` and `BucketBatchSampler` (which need
+pyarrow) load on first use.
 """
 
 from codec.checkpoint import CheckpointError
@@ -16,9 +17,22 @@ __all__ = [
     "AutoencoderKL",
     "AutoencoderKLConfig",
     "AutoencoderKLOutput",
+    "BucketBatchSampler",
     "CheckpointError",
     "ConfigError",
     "DecoderOutput",
     "DiagonalGaussianDistribution",
+    "LatentDataset",
     "preset",
 ]
+
+_LAZY = ("LatentDataset", "BucketBatchSampler")
+
+
+def __getattr__(name: str):
+    # Lazily, so `import codec` stays free of pyarrow and the cache code until a trainer asks for them.
+    if name in _LAZY:
+        from codec.cache import reader
+
+        return getattr(reader, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,287 @@
+"""Reading a latent cache for diffusion training: `LatentDataset` and a bucket-aware `BucketBatchSampler`.
+
+    dataset = LatentDataset("cache/", codec=vae)            # or codec="sha256:..." (manifest's codec.identity)
+    sampler = BucketBatchSampler(dataset, batch_size=32, seed=0)  # rank and world from torch.distributed
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=LatentDataset.collate, num_workers=4)
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch); dataset.set_epoch(epoch)
+        for batch in loader: batch["latents"]  # (B, C, h, w) scaled, one bucket per batch
+
+The small columns (keys, shapes, buckets, carried columns) of every shard are read up front; latents are read
+one shard at a time when first needed and kept (all of them unless `max_cached_shards` bounds it: a cache
+larger than memory then re-reads a shard for each miss, so bound it only when it must be).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Hashable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from codec.cache.identity import identity_of
+from codec.cache.shards import RESERVED_COLUMNS, CacheError, int_rows, latent_arrays, read_manifest
+
+_META_COLUMNS = ("key", "shape", "bucket", "original_size", "crop_top_left", "crop_box")
+
+
+class LatentDataset(torch.utils.data.Dataset):
+    """Scaled latents and their columns from a cache written by `codec cache`.
+
+    `codec` is the AutoencoderKL the trainer uses (or its identity string); a cache made with other weights is
+    refused. Pass `codec=None` only to skip that check deliberately. `posterior="sample"` draws z from N(mean,
+    std) with a generator seeded by (seed, epoch, index), so a run is reproducible; "mean" returns the mean. With
+    `flip` and a cache made with --flip, each item is the mirrored image's latent with probability 1/2 (same seed).
+    Latents are scaled as `(z - shift_factor) * scaling_factor`, taken from `codec` when it is a model, else from
+    the manifest; `normalize="channel"` uses `(z - latents_mean) / latents_std` instead (see `codec stats`).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        codec: Any,
+        posterior: str = "sample",
+        seed: int = 0,
+        flip: bool = True,
+        columns: Sequence[str] | None = None,
+        scaling_factor: float | None = None,
+        shift_factor: float | None = None,
+        normalize: str = "scaling",
+        max_cached_shards: int | None = None,
+    ) -> None:
+        self.root = Path(root)
+        manifest = read_manifest(self.root)
+        if manifest is None:
+            raise CacheError(f"{self.root}: no manifest.json; not a cache written by `codec cache`")
+        if not manifest.get("complete"):
+            raise CacheError(f"{self.root}: the cache is incomplete (a run was interrupted); run `codec cache` again")
+        if posterior not in ("sample", "mean") or normalize not in ("scaling", "channel"):
+            raise ValueError(
+                f"posterior must be 'sample' or 'mean', normalize 'scaling' or 'channel'; got {posterior!r}, {normalize!r}"
+            )
+        info = manifest["codec"]
+        if codec is not None:
+            given = identity_of(codec)
+            if given not in set(info["identities"].values()):
+                raise CacheError(
+                    f"{self.root}: encoded with codec {info['identity']} ({info['model']}), but the codec given is "
+                    f"{given}; latents of other weights would train the diffusion model on the wrong latent space. "
+                    "Cache the data again with this codec."
+                )
+        # A model's config wins over the manifest: `codec stats --write-config` may have updated it since.
+        config = codec.config if hasattr(codec, "config") else _Obj(info)
+        self.scaling_factor = scaling_factor if scaling_factor is not None else config.scaling_factor
+        self.shift_factor = (shift_factor if shift_factor is not None else config.shift_factor) or 0.0
+        self.normalize, self.posterior, self.seed = normalize, posterior, seed
+        self.max_cached_shards = max_cached_shards
+        if normalize == "channel":
+            stats = config.latents_mean, config.latents_std
+            if stats[0] is None or stats[1] is None:
+                raise CacheError(
+                    f"{self.root}: normalize='channel' needs latents_mean and latents_std (run `codec stats`)"
+                )
+            self._channel = tuple(torch.tensor(s, dtype=torch.float32).view(-1, 1, 1) for s in stats)
+        self.manifest = manifest
+        self._files = [self.root / entry["file"] for entry in manifest["shards"]]
+        self._load_index(columns)
+        self.has_flip = "flip_mean" in self._schema.names
+        self.flip = flip and self.has_flip
+        self._latent_dtype = manifest["storage"]["latent_dtype"]
+        self._cache: OrderedDict[int, dict] = OrderedDict()
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # shared, so workers see set_epoch
+
+    def _load_index(self, columns: Sequence[str] | None) -> None:
+        tables = []
+        for path in self._files:
+            try:
+                schema = pq.read_schema(path)
+                carried = [n for n in schema.names if n not in RESERVED_COLUMNS]
+                wanted = carried if columns is None else list(columns)
+                unknown = [c for c in wanted if c not in carried]
+                if unknown:
+                    raise CacheError(f"{path}: no column(s) {unknown}; the cache carries {carried}")
+                tables.append(pq.read_table(path, columns=[*_META_COLUMNS, *wanted]))
+            except (OSError, pa.ArrowException) as error:
+                raise CacheError(f"{path}: unreadable shard ({error}); check it with `codec cache verify`") from None
+        self._schema = schema if self._files else pa.schema([])
+        self.carried_columns = wanted if self._files else []
+        table = pa.concat_tables(tables) if tables else None
+        counts = [t.num_rows for t in tables]
+        self._shard_of = np.repeat(np.arange(len(counts)), counts)
+        self._row_of = np.concatenate([np.arange(c) for c in counts]) if counts else np.zeros(0, dtype=np.int64)
+        if table is None:
+            self.keys, self._shapes, self._buckets, self._carried = [], np.zeros((0, 3)), np.zeros((0, 2)), {}
+            self._meta = {}
+        else:
+            self.keys = table.column("key").to_pylist()
+            self._shapes = int_rows(table.column("shape"), 3, np.int64)
+            self._buckets = int_rows(table.column("bucket"), 2, np.int64)
+            self._meta = {
+                name: int_rows(table.column(name), width, dtype)
+                for name, width, dtype in (
+                    ("original_size", 2, np.int64),
+                    ("crop_top_left", 2, np.int64),
+                    ("crop_box", 4, np.float32),
+                )
+            }
+            self._carried = {name: table.column(name).to_pylist() for name in self.carried_columns}
+        self.buckets = sorted({tuple(b) for b in self._buckets.tolist()})
+        lookup = {bucket: i for i, bucket in enumerate(self.buckets)}
+        self.bucket_ids = np.asarray([lookup[tuple(b)] for b in self._buckets.tolist()], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(epoch)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_cache"] = OrderedDict()  # workers read their own shards; do not ship arrays through pickle
+        return state
+
+    def _shard(self, shard: int) -> dict:
+        if shard in self._cache:
+            self._cache.move_to_end(shard)
+            return self._cache[shard]
+        names = ["mean", "logvar"] + (["flip_mean", "flip_logvar"] if self.has_flip else [])
+        try:
+            table = pq.read_table(self._files[shard], columns=names)
+        except (OSError, pa.ArrowException) as error:
+            raise CacheError(f"{self._files[shard]}: unreadable shard ({error})") from None
+        arrays = {name: latent_arrays(table.column(name)) for name in names}
+        self._cache[shard] = arrays
+        if self.max_cached_shards is not None and len(self._cache) > self.max_cached_shards:
+            self._cache.popitem(last=False)
+        return arrays
+
+    def _tensor(self, arrays: dict, name: str, row: int, shape) -> torch.Tensor:
+        offsets, values = arrays[name]
+        flat = torch.from_numpy(values[offsets[row] : offsets[row + 1]].copy())
+        if self._latent_dtype == "bf16":
+            flat = flat.view(torch.bfloat16)
+        return flat.float().reshape(*shape)
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        shard, row, shape = int(self._shard_of[index]), int(self._row_of[index]), self._shapes[index].tolist()
+        arrays = self._shard(shard)
+        seed = int(np.random.SeedSequence([self.seed, int(self._epoch), index]).generate_state(1)[0])
+        generator = torch.Generator().manual_seed(seed)
+        flipped = bool(self.flip and torch.rand((), generator=generator) < 0.5)
+        prefix = "flip_" if flipped else ""
+        z = self._tensor(arrays, prefix + "mean", row, shape)
+        if self.posterior == "sample":
+            std = torch.exp(0.5 * self._tensor(arrays, prefix + "logvar", row, shape))
+            z = z + std * torch.randn(z.shape, generator=generator)
+        if self.normalize == "channel":
+            latents = (z - self._channel[0]) / self._channel[1]
+        else:
+            latents = (z - self.shift_factor) * self.scaling_factor
+        item = {
+            "latents": latents,
+            "key": self.keys[index],
+            "bucket": torch.from_numpy(self._buckets[index].copy()),
+            "flipped": flipped,
+        }
+        item.update({name: torch.from_numpy(values[index].copy()) for name, values in self._meta.items()})
+        item.update({name: values[index] for name, values in self._carried.items()})
+        return item
+
+    @staticmethod
+    def collate(items: list[dict]) -> dict:
+        """Stack tensors (one bucket per batch, so latents stack), bools to a tensor, anything else to a list."""
+        batch = {}
+        for name in items[0]:
+            values = [item[name] for item in items]
+            if isinstance(values[0], torch.Tensor) and all(v.shape == values[0].shape for v in values):
+                batch[name] = torch.stack(values)
+            elif isinstance(values[0], bool):
+                batch[name] = torch.tensor(values)
+            else:
+                batch[name] = values
+        return batch
+
+    def describe(self) -> str:
+        return json.dumps({k: self.manifest[k] for k in ("codec", "preprocessing", "counts")}, indent=2)
+
+
+class _Obj:
+    """Attribute access to the manifest's codec section, to read scaling like a model config."""
+
+    def __init__(self, data: dict) -> None:
+        self.__dict__.update(data)
+
+
+class BucketBatchSampler(torch.utils.data.Sampler):
+    """Batches of indices from one bucket each, shuffled with (seed, epoch), split across ranks.
+
+    Every rank builds the same list of batches and takes every world-th one. So that all ranks run the same
+    number of steps (DDP would hang otherwise), the list is cut to a multiple of the world size with `drop_last`
+    (which also drops each bucket's last partial batch), else padded by repeating batches from its start.
+    """
+
+    def __init__(
+        self,
+        buckets: LatentDataset | Sequence[Hashable],
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if isinstance(buckets, LatentDataset):
+            self.bucket_ids = buckets.bucket_ids
+        else:
+            labels = {label: i for i, label in enumerate(sorted(set(buckets)))}
+            self.bucket_ids = np.asarray([labels[label] for label in buckets], dtype=np.int64)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.world_size = (
+            world_size if world_size is not None else (torch.distributed.get_world_size() if distributed else 1)
+        )
+        self.rank = rank if rank is not None else (torch.distributed.get_rank() if distributed else 0)
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is not in [0, {self.world_size})")
+        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _all_batches(self) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        batches = []
+        for bucket in np.unique(self.bucket_ids):
+            indices = np.flatnonzero(self.bucket_ids == bucket)
+            if self.shuffle:
+                rng.shuffle(indices)
+            for start in range(0, len(indices), self.batch_size):
+                batch = indices[start : start + self.batch_size]
+                if len(batch) == self.batch_size or not self.drop_last:
+                    batches.append(batch.tolist())
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        if self.world_size > 1 and batches:
+            if self.drop_last:
+                batches = batches[: len(batches) // self.world_size * self.world_size]
+            else:
+                total = -(-len(batches) // self.world_size) * self.world_size
+                batches = (batches * -(-total // len(batches)))[:total]
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self._all_batches()[self.rank :: self.world_size]
+
+    def __len__(self) -> int:
+        return len(self._all_batches()[self.rank :: self.world_size])

@@ -1,0 +1,136 @@
+"""`LatentDataset` and `BucketBatchSampler`: identity checks, scaling, sampling, flips, buckets across ranks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cache_testing import build, image_folder, perturbed_copy, tiny_model_dir
+
+import codec
+from codec.cache.preprocess import Preprocessing, to_model_input
+from codec.cache.shards import CacheError
+from codec.images import load_image
+
+# Tall, square and wide images, so buckets (R 32, step 16) differ: (64, 16)...(16, 64).
+SIZES = [(32, 32), (64, 24), (32, 32), (24, 64), (36, 36), (64, 20), (32, 30), (20, 64), (40, 40), (32, 33), (48, 16)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return tiny_model_dir(tmp_path_factory.mktemp("read_model"))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, model_dir) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("read_cache")
+    folder = image_folder(root / "images", SIZES)
+    (folder / "img002.txt").write_text("two")
+    build(folder, root / "out", model_dir, buckets=True, bucket_step=16, flip=True, shard_size=4)
+    return root / "out", folder
+
+
+def test_import_codec_stays_light():
+    code = "import codec, sys; print([m for m in ('diffusers','datasets','lpips','accelerate','pyarrow') if m in sys.modules])"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+    assert codec.LatentDataset.__name__ == "LatentDataset" and codec.BucketBatchSampler.__name__ == "BucketBatchSampler"
+
+
+def test_refuses_a_cache_made_with_other_weights(cache, model_dir, tmp_path):
+    out, _ = cache
+    other = codec.AutoencoderKL.load(perturbed_copy(model_dir, tmp_path / "other"))
+    with pytest.raises(CacheError, match=r"encoded with codec sha256:.*but the codec given is sha256:"):
+        codec.LatentDataset(out, codec=other)
+    with pytest.raises(CacheError, match="encoded with codec"):
+        codec.LatentDataset(out, codec="sha256:0000")
+    vae = codec.AutoencoderKL.load(model_dir)
+    identity = codec.LatentDataset(out, codec=vae).manifest["codec"]["identity"]
+    assert len(codec.LatentDataset(out, codec=identity)) == len(SIZES)
+    # The same weights held in half precision by a trainer are the same codec.
+    assert len(codec.LatentDataset(out, codec=codec.AutoencoderKL.load(model_dir).half())) == len(SIZES)
+
+
+def test_mean_latents_are_the_scaled_encoding_of_the_preprocessed_image(cache, model_dir):
+    out, folder = cache
+    vae = codec.AutoencoderKL.load(model_dir)
+    dataset = codec.LatentDataset(out, codec=vae, posterior="mean", flip=False, scaling_factor=0.5, shift_factor=0.1)
+    prep = Preprocessing(32, buckets=True, bucket_step=16)
+    for index in (1, 3, 4):
+        item = dataset[index]
+        prepared = prep(load_image(folder / item["key"]))
+        with torch.no_grad():
+            expected = (vae.encode(to_model_input(prepared.pixels[None])).latent_dist.mean[0] - 0.1) * 0.5
+        torch.testing.assert_close(item["latents"], expected, atol=2e-3, rtol=2e-3)  # stored in fp16
+        assert tuple(item["bucket"].tolist()) == prepared.bucket and item["flipped"] is False
+        assert tuple(item["original_size"].tolist()) == prepared.original_size
+    assert dataset[2]["caption"] == "two" and dataset[0]["caption"] is None
+
+
+def test_samples_are_seeded_per_epoch_and_flips_are_the_mirrored_images_latents(cache, model_dir):
+    out, _ = cache
+    vae = codec.AutoencoderKL.load(model_dir)
+    dataset = codec.LatentDataset(out, codec=vae, seed=3)
+    first = [dataset[i]["latents"] for i in range(len(dataset))]
+    assert all(torch.equal(a, dataset[i]["latents"]) for i, a in enumerate(first))
+    dataset.set_epoch(1)
+    assert not any(torch.equal(a, dataset[i]["latents"]) for i, a in enumerate(first))
+    flips = [dataset[i]["flipped"] for i in range(len(dataset))]
+    assert 0 < sum(flips) < len(flips)
+    means = codec.LatentDataset(out, codec=vae, posterior="mean", seed=3)
+    means.set_epoch(1)
+    plain = codec.LatentDataset(out, codec=vae, posterior="mean", flip=False)
+    for i, flipped in enumerate(flips):
+        # Sampling noise is small next to the latents, but flips differ from the original by much more.
+        assert means[i]["flipped"] == flipped
+        if flipped:
+            assert not torch.allclose(means[i]["latents"], plain[i]["latents"], atol=1e-2)
+
+
+def test_bucket_batches_are_single_bucket_seeded_and_split_disjointly_across_ranks(cache, model_dir):
+    out, _ = cache
+    dataset = codec.LatentDataset(out, codec=codec.AutoencoderKL.load(model_dir))
+    assert len(dataset.buckets) >= 3
+    sampler = codec.BucketBatchSampler(dataset, batch_size=2, seed=5)
+    batches = list(sampler)
+    assert len(batches) == len(sampler)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(dataset)))
+    assert all(len({dataset.bucket_ids[i] for i in batch}) == 1 for batch in batches)
+    assert batches == list(codec.BucketBatchSampler(dataset, batch_size=2, seed=5))
+    sampler.set_epoch(1)
+    assert list(sampler) != batches
+
+    ranks = [list(codec.BucketBatchSampler(dataset, 2, seed=5, rank=r, world_size=3, drop_last=True)) for r in range(3)]
+    assert len({len(r) for r in ranks}) == 1  # every rank runs the same number of steps
+    seen = [i for r in ranks for batch in r for i in batch]
+    assert len(seen) == len(set(seen)) and all(len(batch) == 2 for r in ranks for batch in r)
+    padded = [list(codec.BucketBatchSampler(dataset, 2, seed=5, rank=r, world_size=3)) for r in range(3)]
+    assert len({len(r) for r in padded}) == 1
+    assert {i for r in padded for batch in r for i in batch} == set(range(len(dataset)))
+
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=codec.LatentDataset.collate)
+    batch = next(iter(loader))
+    assert batch["latents"].dim() == 4 and batch["latents"].shape[0] == len(batch["key"])
+    assert batch["flipped"].dtype == torch.bool
+
+
+def test_plain_labels_bf16_storage_and_an_incomplete_cache(tmp_path, model_dir):
+    sampler = codec.BucketBatchSampler(["a", "b", "a", "a", "b"], batch_size=2, shuffle=False)
+    assert list(sampler) == [[0, 2], [3], [1, 4]]
+    folder = image_folder(tmp_path / "images", [(32, 32), (40, 32), (32, 40)])
+    build(folder, tmp_path / "bf16", model_dir, latent_dtype="bf16")
+    build(folder, tmp_path / "fp16", model_dir)
+    vae = codec.AutoencoderKL.load(model_dir)
+    a = codec.LatentDataset(tmp_path / "bf16", codec=vae, posterior="mean")
+    b = codec.LatentDataset(tmp_path / "fp16", codec=vae, posterior="mean")
+    for i in range(3):
+        torch.testing.assert_close(a[i]["latents"], b[i]["latents"], atol=2e-2, rtol=1e-2)
+    manifest = tmp_path / "fp16" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"complete": true', '"complete": false'))
+    with pytest.raises(CacheError, match="incomplete"):
+        codec.LatentDataset(tmp_path / "fp16", codec=vae)
+    assert np.isfinite(a[0]["latents"].numpy()).all()
