@@ -30,17 +30,18 @@ class Prepared:
 def make_buckets(resolution: int, step: int, max_aspect: float) -> list[tuple[int, int]]:
     """(H, W) pairs with sides multiples of `step`, H * W <= resolution ** 2, aspect at most `max_aspect`.
 
-    For each width the tallest height that fits the area is taken, so every bucket is about R * R pixels.
+    For each width the tallest height that fits the area is taken, then for each height the widest width (so
+    256 x 832 is dropped beside 256 x 1024): every bucket is close to R * R pixels.
     """
     if resolution < step:
         raise ValueError(f"resolution {resolution} is smaller than the bucket step {step}")
     area = resolution * resolution
-    buckets: set[tuple[int, int]] = set()
+    widest: dict[int, int] = {}
     for width in range(step, area // step + 1, step):
         height = area // width // step * step
         if height >= step and max(width / height, height / width) <= max_aspect:
-            buckets.update({(height, width), (width, height)})
-    return sorted(buckets)
+            widest[height] = max(width, widest.get(height, 0))
+    return sorted({pair for height, width in widest.items() for pair in ((height, width), (width, height))})
 
 
 @dataclass(frozen=True)

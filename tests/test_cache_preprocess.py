@@ -1,0 +1,51 @@
+"""Center crops and aspect-ratio buckets for `codec cache`."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from codec.cache.preprocess import Preprocessing, make_buckets
+
+
+def test_buckets_have_about_the_area_aligned_sides_and_bounded_aspect():
+    buckets = make_buckets(512, 64, 4.0)
+    assert (512, 512) in buckets and (256, 1024) in buckets and (1024, 256) in buckets
+    for height, width in buckets:
+        assert height % 64 == 0 and width % 64 == 0
+        assert 0.9 * 512 * 512 <= height * width <= 512 * 512
+        assert max(height / width, width / height) <= 4.0
+        assert (width, height) in buckets
+    assert make_buckets(512, 64, 1.0) == [(512, 512)]
+
+
+@pytest.mark.parametrize(("width", "height"), [(1000, 500), (300, 900), (640, 480), (500, 500)])
+def test_an_image_goes_to_the_bucket_closest_in_aspect(width, height):
+    prep = Preprocessing(512, buckets=True)
+    bucket_h, bucket_w = prep.bucket_for(width, height)
+    error = abs(math.log(bucket_w / bucket_h) - math.log(width / height))
+    assert all(error <= abs(math.log(w / h) - math.log(width / height)) + 1e-12 for h, w in prep.bucket_list)
+    prepared = prep(Image.new("RGB", (width, height)))
+    assert prepared.pixels.shape == (3, bucket_h, bucket_w) and prepared.bucket == (bucket_h, bucket_w)
+
+
+def test_center_crop_is_exact_at_scale_one_and_records_what_it_did():
+    array = np.random.default_rng(0).integers(0, 256, (32, 64, 3), dtype=np.uint8)
+    prepared = Preprocessing(32)(Image.fromarray(array))
+    np.testing.assert_array_equal(prepared.pixels.permute(1, 2, 0).numpy(), array[:, 16:48])
+    assert prepared.original_size == (32, 64) and prepared.crop_top_left == (0, 16)
+    assert prepared.crop_box == (16.0, 0.0, 48.0, 32.0)
+    small = Preprocessing(32)(Image.new("RGB", (16, 16), (10, 20, 30)))  # upscaled to cover
+    assert small.crop_box == (0.0, 0.0, 16.0, 16.0) and small.pixels.shape == (3, 32, 32)
+
+
+def test_sizes_must_be_multiples_of_the_codec_factor():
+    with pytest.raises(ValueError, match="--resolution 36 is not a multiple"):
+        Preprocessing(36).check_factor(8)
+    with pytest.raises(ValueError, match="--bucket-step 12 is not a multiple"):
+        Preprocessing(48, buckets=True, bucket_step=12).check_factor(8)
+    with pytest.raises(ValueError, match="smaller than the bucket step"):
+        Preprocessing(32, buckets=True)

@@ -1,0 +1,83 @@
+"""`codec stats`: latent statistics over a cache or a dataset, and writing them into a model's config.json."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from cache_testing import build, cli, image_folder, perturbed_copy, read_rows, tiny_model_dir
+
+import codec
+from codec.cache.identity import model_identity
+from codec.cache.stats import LatentStats, cache_stats
+
+SIZES = [(32, 32), (40, 32), (32, 48), (36, 36), (48, 40), (32, 32), (56, 32)]
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stats")
+    model_dir = tiny_model_dir(root / "model")
+    folder = image_folder(root / "images", SIZES)
+    build(folder, root / "out", model_dir)
+    return root / "out", folder, model_dir
+
+
+def _stacked(out, name):
+    return np.stack([np.asarray(r[name], dtype=np.float64).reshape(r["shape"]) for r in read_rows(out)])
+
+
+def test_cache_statistics_match_numpy_for_sampled_and_mean_latents(cached):
+    out, _, _ = cached
+    means, variances = _stacked(out, "mean"), np.exp(_stacked(out, "logvar"))
+    sampled = cache_stats(out)
+    channel_mean = means.mean(axis=(0, 2, 3))
+    channel_var = (means**2 + variances).mean(axis=(0, 2, 3)) - channel_mean**2
+    np.testing.assert_allclose(sampled["latents_mean"], channel_mean, rtol=1e-9)
+    np.testing.assert_allclose(sampled["latents_std"], np.sqrt(channel_var), rtol=1e-9)
+    overall_var = (means**2 + variances).mean() - means.mean() ** 2
+    assert sampled["scaling_factor"] == pytest.approx(1 / np.sqrt(overall_var), rel=1e-9)
+    mean_only = cache_stats(out, posterior="mean")
+    np.testing.assert_allclose(mean_only["latents_std"], means.std(axis=(0, 2, 3)), rtol=1e-9)
+    assert mean_only["std"] == pytest.approx(means.std(), rel=1e-9) and mean_only["images"] == len(SIZES)
+
+
+def test_running_sums_survive_a_large_mean():
+    stats = LatentStats(2)
+    rng = np.random.default_rng(0)
+    values = rng.normal(0, 1e-3, (10, 2, 8, 8)) + 1e4
+    for latent in values:
+        stats.add(latent)
+    np.testing.assert_allclose(stats.result()["latents_std"], values.std(axis=(0, 2, 3)), rtol=1e-6)
+
+
+def test_write_config_keeps_the_cache_valid_and_refuses_another_codec(cached, tmp_path):
+    out, _, model_dir = cached
+    target = shutil.copytree(model_dir, tmp_path / "model")
+    before = model_identity(codec.AutoencoderKL.load(target))
+    code, stdout, stderr = cli(["stats", out, "--write-config", target, "--json"])
+    assert code == 0, stderr
+    result = json.loads(stdout)
+    config = json.loads((target / "config.json").read_text())
+    assert config["_class_name"] == "AutoencoderKL" and config["scaling_factor"] == round(result["scaling_factor"], 6)
+    assert config["latents_mean"] == [round(v, 6) for v in result["latents_mean"]] and len(config["latents_std"]) == 4
+    vae = codec.AutoencoderKL.load(target)
+    assert model_identity(vae) == before  # scaling is not part of the identity: the cache still matches
+    dataset = codec.LatentDataset(out, codec=vae, normalize="channel", posterior="mean")
+    assert dataset.scaling_factor == config["scaling_factor"]
+    other = perturbed_copy(model_dir, tmp_path / "other")
+    code, _, stderr = cli(["stats", out, "--write-config", other])
+    assert code == 2 and "not the codec these latents were made with" in stderr
+
+
+def test_statistics_of_a_dataset_encode_it_first(cached):
+    out, folder, model_dir = cached
+    args = ["stats", folder, "--model", model_dir, "--resolution", 32, "--num-workers", 0, "--json"]
+    code, stdout, stderr = cli(args)
+    assert code == 0, stderr
+    direct = json.loads(stdout)
+    np.testing.assert_allclose(direct["latents_std"], cache_stats(out)["latents_std"], rtol=1e-3)
+    code, stdout, _ = cli([*args, "--limit", 3])
+    assert json.loads(stdout)["images"] == 3
