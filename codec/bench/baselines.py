@@ -1,0 +1,110 @@
+"""Latent codecs under one interface: the VAE, and resampling baselines that store a small RGB image instead.
+
+  bicubic          bicubic down and up by the model's factor 8: 3 values per 64 pixels (3/4 of an SD latent).
+  bicubic-latent   bicubic down and up to as many values as a 4-channel f8 latent holds (4 per 64 pixels):
+                   3 / s^2 = 4 / 64, so the side factor is s = sqrt(48) ~ 6.93.
+
+A baseline is what any latent codec must beat: with the same storage precision and about the same number of
+values, a VAE that does no better than resampling has learned nothing worth its parameters.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from codec.bench import rate
+
+BASELINES = {"bicubic": 8.0, "bicubic-latent": math.sqrt(48.0)}
+
+
+class LatentCodec:
+    """encode: (B, 3, H, W) in [-1, 1] -> stored latent; decode: stored latent -> (B, 3, H, W) in [-1, 1]."""
+
+    name: str
+    kind: str
+    spec: str
+    params: int = 0
+    device: torch.device = torch.device("cpu")
+
+    def __init__(self, name: str, spec: str, precision: str) -> None:
+        self.name, self.spec, self.precision = name, spec, precision
+
+    def encode(self, x: torch.Tensor) -> rate.Stored:
+        raise NotImplementedError
+
+    def decode(self, stored: rate.Stored, size: tuple[int, int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def weights_mb(self) -> float:
+        return 0.0
+
+    def describe(self) -> str:
+        return self.spec
+
+
+class ResampleBaseline(LatentCodec):
+    kind = "baseline"
+
+    def __init__(self, name: str, precision: str, device: torch.device) -> None:
+        super().__init__(name, name, precision)
+        self.factor = BASELINES[name]
+        self.device = device
+
+    def small_size(self, height: int, width: int) -> tuple[int, int]:
+        return max(1, round(height / self.factor)), max(1, round(width / self.factor))
+
+    def encode(self, x: torch.Tensor) -> rate.Stored:
+        small = F.interpolate(
+            x.to(self.device).float(), size=self.small_size(*x.shape[-2:]), mode="bicubic", antialias=True
+        )
+        return rate.store(small.clamp(-1.0, 1.0), self.precision)
+
+    def decode(self, stored: rate.Stored, size: tuple[int, int]) -> torch.Tensor:
+        return F.interpolate(rate.load(stored), size=size, mode="bicubic", align_corners=False).clamp(-1.0, 1.0)
+
+    def describe(self) -> str:
+        return f"bicubic down and up by {self.factor:.3f} per side (3 values per {self.factor**2:.0f} pixels)"
+
+
+class VaeCodec(LatentCodec):
+    kind = "vae"
+
+    def __init__(self, name: str, spec: str, precision: str, vae) -> None:
+        super().__init__(name, spec, precision)
+        self.vae = vae
+        self.device = vae.device
+        self.params = sum(p.numel() for p in vae.parameters())
+
+    @property
+    def weights_mb(self) -> float:
+        return sum(p.numel() * p.element_size() for p in self.vae.parameters()) / 2**20
+
+    def encode(self, x: torch.Tensor) -> rate.Stored:
+        # The posterior mean, scaled as `codec encode` stores it: what a user of the codec would keep on disk.
+        z = self.vae.encode(x.to(self.device, self.vae.dtype)).latent_dist.mode()
+        return rate.store(self.vae.scale_latents(z.float()), self.precision)
+
+    def decode(self, stored: rate.Stored, size: tuple[int, int]) -> torch.Tensor:
+        z = self.vae.unscale_latents(rate.load(stored)).to(self.vae.dtype)
+        return self.vae.decode(z).sample[..., : size[0], : size[1]].float()
+
+    def describe(self) -> str:
+        config = self.vae.config
+        return (
+            f"{self.spec}: {self.params / 1e6:.2f}M parameters, {config.latent_channels}-channel latent, "
+            f"factor {self.vae.downsample_factor}"
+        )
+
+
+def load_codec(spec: str, name: str, precision: str, device: torch.device, dtype: torch.dtype) -> LatentCodec:
+    """A baseline by name, else a VAE through `AutoencoderKL.load` (folder, file, hub id, builtin, preset)."""
+    if spec in BASELINES:
+        return ResampleBaseline(spec, precision, device)
+    from codec.model import AutoencoderKL
+
+    vae = AutoencoderKL.load(spec, torch_dtype=dtype).to(device).eval()
+    return VaeCodec(name, spec, precision, vae)
