@@ -12,11 +12,11 @@ from codec.images import ImageError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from codec.cli import bench, cache, convert, encode, info, roundtrip
+    from codec.cli import bench, cache, convert, demo, encode, info, roundtrip
 
     parser = argparse.ArgumentParser(prog="codec", description="Stable-Diffusion-style latent image codec.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (encode, roundtrip, convert, info, bench, cache):
+    for module in (demo, encode, roundtrip, convert, info, bench, cache):
         module.add_parsers(subparsers)
     return parser
 
