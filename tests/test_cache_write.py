@@ -12,6 +12,7 @@ import pytest
 from cache_testing import build, cli, image_folder, perturbed_copy, read_rows, smooth_image, tiny_model_dir
 from PIL import Image
 
+from codec.cache.shards import CacheError
 from codec.cache.verify import verify_cache
 
 SIZES = [(32, 32), (40, 32), (32, 48), (64, 40), (36, 36), (48, 32), (32, 32), (56, 64), (32, 40), (44, 44)]
@@ -76,6 +77,21 @@ def test_cli_refuses_another_model_or_preprocessing_in_the_same_output(tmp_path,
     assert code == 0 and "OK, 10 rows" in stdout
     code, stdout, _ = cli(["cache", "verify", out, "--model", other])
     assert code == 1 and "made with codec" in stdout
+
+
+def test_shards_without_their_manifest_still_refuse_another_model(tmp_path, model_dir, folder):
+    out = tmp_path / "out"
+    build(folder, out, model_dir)
+    (out / "manifest.json").unlink()
+    other = perturbed_copy(model_dir, tmp_path / "other")
+    with pytest.raises(
+        CacheError, match=r"shard-00000.parquet was made with different settings.*resolution: cache has 32"
+    ):
+        build(folder, out, model_dir, resolution=64)
+    with pytest.raises(CacheError, match="codec identity"):
+        build(folder, out, other)
+    assert len(list((out / "data").glob("*.parquet"))) == 4 and not (out / "manifest.json").exists()
+    assert build(folder, out, model_dir).reused == 4  # the same settings adopt them
 
 
 def test_changed_files_make_only_their_shard_stale_and_a_shrunk_source_drops_shards(tmp_path, model_dir):

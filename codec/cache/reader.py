@@ -26,7 +26,8 @@ import pyarrow.parquet as pq
 import torch
 
 from codec.cache.identity import identity_of
-from codec.cache.shards import RESERVED_COLUMNS, CacheError, int_rows, latent_arrays, read_manifest
+from codec.cache.manifest import read_manifest
+from codec.cache.shards import RESERVED_COLUMNS, CacheError, int_rows, latent_arrays
 
 _META_COLUMNS = ("key", "shape", "bucket", "original_size", "crop_top_left", "crop_box")
 

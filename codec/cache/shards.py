@@ -208,24 +208,6 @@ def read_shard_meta(path: Path) -> dict | None:
         return None
 
 
-def read_manifest(out: Path) -> dict | None:
-    path = Path(out) / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise CacheError(f"{path}: unreadable manifest ({error})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CacheError(f'{path}: not a latent cache manifest (no "format": {FORMAT!r})')
-    return manifest
-
-
-def write_manifest(out: Path, manifest: dict) -> None:
-    text = json.dumps(manifest, indent=2) + "\n"
-    atomic_write(Path(out) / MANIFEST, lambda tmp: tmp.write_text(text))
-
-
 def int_rows(column, width: int, dtype) -> np.ndarray:
     """A list<int> / list<float> column of fixed-length rows (shape, bucket, ...) -> a (rows, width) array."""
     return np.asarray(column.combine_chunks().flatten(), dtype=dtype).reshape(-1, width)
@@ -245,11 +227,3 @@ def latent_arrays(column) -> tuple[np.ndarray, np.ndarray]:
 def bf16_to_float32(values: np.ndarray) -> np.ndarray:
     """bf16 stored as int16 -> float32 (bf16 is the top half of a float32)."""
     return (values.astype(np.int32) << 16).view(np.float32)
-
-
-def keys_digest(keys) -> str:
-    """One hash of every key a cache must account for (as a row or as skipped), so verify needs no source."""
-    digest = hashlib.sha256()
-    for key in keys:
-        digest.update(key.encode() + b"\n")
-    return "sha256:" + digest.hexdigest()

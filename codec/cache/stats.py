@@ -16,6 +16,7 @@ import numpy as np
 
 from codec.atomic import atomic_path
 from codec.cache import shards
+from codec.cache.manifest import read_manifest
 from codec.config import CONFIG_NAME, AutoencoderKLConfig
 
 
@@ -68,7 +69,7 @@ def cache_stats(root: str | Path, posterior: str = "sample") -> dict:
     import pyarrow.parquet as pq
 
     root = Path(root)
-    manifest = shards.read_manifest(root)
+    manifest = read_manifest(root)
     if manifest is None or not manifest.get("complete"):
         raise shards.CacheError(f"{root}: not a finished cache (no complete manifest.json)")
     stats = LatentStats(manifest["codec"]["latent_channels"])

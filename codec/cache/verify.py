@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from codec.cache import manifest as manifests
 from codec.cache import shards
 from codec.cache.identity import identity_of
 
@@ -75,7 +76,7 @@ def verify_cache(root: str | Path, codec=None) -> Report:
     root = Path(root)
     report = Report(root)
     try:
-        manifest = shards.read_manifest(root)
+        manifest = manifests.read_manifest(root)
     except shards.CacheError as error:
         report.problems.append(str(error))
         return report
@@ -108,7 +109,7 @@ def verify_cache(root: str | Path, codec=None) -> Report:
     accounted += skipped
     if len(set(accounted)) != len(accounted):
         report.problems.append(f"{root}: some keys appear in more than one shard")
-    if shards.keys_digest(sorted(accounted)) != manifest["source"]["keys_sha256"] and not report.problems:
+    if manifests.keys_digest(sorted(accounted)) != manifest["source"]["keys_sha256"] and not report.problems:
         report.problems.append(
             f"{root}: rows and skipped images are not exactly the source's {manifest['source']['images']} keys"
         )

@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import codec
-from codec.cache import shards
+from codec.cache import manifest, shards
 from codec.cache.identity import DTYPE_NAMES
 from codec.cache.preprocess import Prepared, Preprocessing, to_model_input
 
@@ -174,51 +173,6 @@ class _ShardBuilder:
         shards.write_shard(out, self.index, table, meta)
 
 
-def _manifest(vae, identities, model_name, source, settings, compat, compat_hash, n_shards, metas=None) -> dict:
-    config = vae.config
-    manifest = {
-        "format": shards.FORMAT,
-        "format_version": shards.FORMAT_VERSION,
-        "tool": {"name": "latent-codec", "version": codec.__version__},
-        "complete": metas is not None,
-        "compat": compat_hash,
-        "codec": {
-            "identity": compat["identity"],
-            "identities": identities,
-            "model": model_name,
-            "encode_dtype": compat["encode_dtype"],
-            "scaling_factor": config.scaling_factor,
-            "shift_factor": config.shift_factor,
-            "latents_mean": list(config.latents_mean) if config.latents_mean else None,
-            "latents_std": list(config.latents_std) if config.latents_std else None,
-            "latent_channels": config.latent_channels,
-            "downsample_factor": config.downsample_factor,
-            "config": config.to_dict(),
-        },
-        "preprocessing": compat["preprocessing"],
-        "source": {**source.descriptor(), "images": len(source.keys), "keys_sha256": shards.keys_digest(source.keys)},
-        "storage": {
-            "latent_dtype": settings.latent_dtype,
-            "posterior": "mean and logvar, raw (unscaled); scale with (z - shift_factor) * scaling_factor",
-            "shard_size": settings.shard_size,
-            "data_files": f"{shards.DATA_DIR}/*.parquet",
-        },
-        "compat_record": compat,
-    }
-    if metas is not None:
-        rows, skipped = sum(m["rows"] for m in metas), sum(len(m["skipped"]) for m in metas)
-        manifest["counts"] = {"images": len(source.keys), "rows": rows, "skipped": skipped, "shards": n_shards}
-        manifest["shards"] = [
-            {
-                "file": f"{shards.DATA_DIR}/{shards.shard_path(Path(), i).name}",
-                "rows": m["rows"],
-                "skipped": len(m["skipped"]),
-            }
-            for i, m in enumerate(metas)
-        ]
-    return manifest
-
-
 def _clean(out: Path, n_shards: int) -> None:
     """Before any rank writes: drop temporary files of killed runs and shards past the end of a shrunk source."""
     data = out / shards.DATA_DIR
@@ -267,7 +221,7 @@ def build_cache(
         settings.shard_size, source.descriptor(),
     )  # fmt: skip
     chash = shards.compat_hash(compat)
-    existing = shards.read_manifest(out)
+    existing = manifest.read_manifest(out)
     if existing is not None:
         shards.check_compatible(existing.get("compat_record", {}), compat, out)  # every rank refuses alike
 
@@ -275,8 +229,14 @@ def build_cache(
     n_shards = math.ceil(n / settings.shard_size)
     args = (vae, identities, model_name, source, settings, compat, chash, n_shards)
     if group.is_main:
+        if existing is None:  # shards without a manifest (deleted by hand?): their footers say what they are
+            for path in sorted((out / shards.DATA_DIR).glob("shard-*.parquet")):
+                meta = shards.read_shard_meta(path)
+                if meta is not None and meta.get("compat") != chash:
+                    shards.check_compatible(meta.get("record", {}), compat, path)
         _clean(out, n_shards)
-        shards.write_manifest(out, _manifest(*args))  # incomplete until the end, but names the codec already
+        # Written incomplete now, so the codec and settings are on record from the first shard on.
+        manifest.write_manifest(out, manifest.build_manifest(*args))
     group.barrier()
 
     summary = Summary(images=n, shards=n_shards)
@@ -302,7 +262,9 @@ def build_cache(
         collate_fn=_as_list,
     )
     where = f" (rank {group.rank} of {group.world})" if group.world > 1 else ""
-    bar = tqdm(total=len(positions), desc=f"cache{where}", unit="img", disable=not (progress and group.is_main))
+    bar = tqdm(
+        total=len(positions), desc=f"cache{where}", unit="img", disable=not (progress and group.is_main and positions)
+    )
     pending = iter(todo)
     builder = next(pending, None)
     for batch in loader:
@@ -327,6 +289,6 @@ def build_cache(
         report = "".join(json.dumps(entry) + "\n" for entry in skipped)
         shards.atomic_write(out / shards.SKIPPED, lambda tmp: tmp.write_text(report))
         summary.rows, summary.skipped = sum(m["rows"] for m in metas), len(skipped)
-        shards.write_manifest(out, _manifest(*args, metas=metas))
+        manifest.write_manifest(out, manifest.build_manifest(*args, metas=metas))
     summary.seconds = time.perf_counter() - started
     return summary

@@ -1,0 +1,87 @@
+"""OUT/manifest.json: what a cache is (codec identity and config, scaling, preprocessing, source, storage) and,
+once complete, its counts and shards. The main process writes it incomplete at the start of a run (so the codec
+is named from the first shard on) and complete at the end, from the shards' own footers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import codec
+from codec.cache.shards import DATA_DIR, FORMAT, FORMAT_VERSION, MANIFEST, CacheError, atomic_write, shard_path
+
+
+def read_manifest(out: Path) -> dict | None:
+    path = Path(out) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise CacheError(f"{path}: unreadable manifest ({error})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CacheError(f'{path}: not a latent cache manifest (no "format": {FORMAT!r})')
+    return manifest
+
+
+def write_manifest(out: Path, manifest: dict) -> None:
+    text = json.dumps(manifest, indent=2) + "\n"
+    atomic_write(Path(out) / MANIFEST, lambda tmp: tmp.write_text(text))
+
+
+def keys_digest(keys) -> str:
+    """One hash of every key a cache must account for (as a row or as skipped), so verify needs no source."""
+    digest = hashlib.sha256()
+    for key in keys:
+        digest.update(key.encode() + b"\n")
+    return "sha256:" + digest.hexdigest()
+
+
+def build_manifest(
+    vae, identities: dict, model_name: str, source, settings, compat: dict, compat_hash: str, n_shards: int, metas=None
+) -> dict:
+    """The manifest of a cache: complete (with counts and shards) once `metas`, the shards' footers, are given."""
+    config = vae.config
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "tool": {"name": "latent-codec", "version": codec.__version__},
+        "complete": metas is not None,
+        "compat": compat_hash,
+        "codec": {
+            "identity": compat["identity"],
+            "identities": identities,
+            "model": model_name,
+            "encode_dtype": compat["encode_dtype"],
+            "scaling_factor": config.scaling_factor,
+            "shift_factor": config.shift_factor,
+            "latents_mean": list(config.latents_mean) if config.latents_mean else None,
+            "latents_std": list(config.latents_std) if config.latents_std else None,
+            "latent_channels": config.latent_channels,
+            "downsample_factor": config.downsample_factor,
+            "config": config.to_dict(),
+        },
+        "preprocessing": compat["preprocessing"],
+        "source": {**source.descriptor(), "images": len(source.keys), "keys_sha256": keys_digest(source.keys)},
+        "storage": {
+            "latent_dtype": settings.latent_dtype,
+            "posterior": "mean and logvar, raw (unscaled); scale with (z - shift_factor) * scaling_factor",
+            "shard_size": settings.shard_size,
+            "data_files": f"{DATA_DIR}/*.parquet",
+        },
+        "compat_record": compat,
+    }
+    if metas is not None:
+        rows, skipped = sum(m["rows"] for m in metas), sum(len(m["skipped"]) for m in metas)
+        manifest["counts"] = {"images": len(source.keys), "rows": rows, "skipped": skipped, "shards": n_shards}
+        manifest["shards"] = [
+            {
+                "file": f"{DATA_DIR}/{shard_path(Path(), i).name}",
+                "rows": m["rows"],
+                "skipped": len(m["skipped"]),
+            }
+            for i, m in enumerate(metas)
+        ]
+    return manifest
