@@ -213,3 +213,20 @@ def test_verify_finds_missing_extra_and_corrupt_shards(tmp_path, model_dir, fold
     (out / "data" / "shard-00099.parquet").unlink()
     (out / "data" / "shard-00002.parquet").unlink()
     assert "missing" in " ".join(verify_cache(out).problems)
+
+
+def test_file_list_keys_are_its_lines_and_a_hub_name_offline_fails_plainly(tmp_path, model_dir, folder, monkeypatch):
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "train.txt").write_text(f"# two images\n{folder / 'img003.png'}\n../missing.png\n")
+    summary = build(lists / "train.txt", tmp_path / "out", model_dir)
+    assert (summary.rows, summary.skipped) == (1, 1)
+    assert [row["key"] for row in read_rows(tmp_path / "out")] == [str(folder / "img003.png")]
+    skipped = json.loads((tmp_path / "out" / "skipped.jsonl").read_text())
+    assert skipped["key"] == "../missing.png" and skipped["reason"] == "no such file"
+    (lists / "twice.txt").write_text("a.png\n./a.png\n")
+    code, _, stderr = cli(["cache", lists / "twice.txt", "-o", tmp_path / "o2", "--model", model_dir])
+    assert code == 2 and "line 2 names './a.png' again (first on line 1)" in stderr
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, stderr = cli(["cache", "nobody/no-such-dataset", "-o", tmp_path / "o3", "--model", model_dir])
+    assert code == 2 and "cannot load the dataset 'nobody/no-such-dataset'" in stderr
