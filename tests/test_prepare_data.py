@@ -50,10 +50,13 @@ def test_crops_manifest_split_and_rerun(tmp_path: Path) -> None:
     groups = {split: {s["group"] for s in sources if s["split"] == split} for split in ("train", "val")}
     assert not groups["train"] & groups["val"]
     by_id = {s["id"]: s for s in sources}
-    assert by_id["skimage-motorcycle_left"]["split"] == by_id["skimage-motorcycle_right"]["split"]
+    # codec demo's sample photos and the photos without a stated licence never become training data.
+    for excluded in ("astronaut", "coffee", "chelsea", "motorcycle_left", "moon"):
+        assert f"skimage-{excluded}" not in by_id
 
-    # Skips say why: too small, flat graphics, the hand-excluded colour wheel.
+    # Skips say why: too small, flat graphics, the hand-excluded colour wheel, the demo photos.
     reasons = {item["path"]: item["reason"] for item in manifest["skipped"]}
+    assert "demo sample photo" in reasons["skimage/data/astronaut.png"]
     assert "flat graphic" in reasons["skimage/data/horse.png"]
     assert "colour wheel" in reasons["skimage/data/color.png"]
 

@@ -24,7 +24,7 @@ from training.config import (
 )
 
 MINIMAL = ("model.preset=tiny", "data.train=photos")
-SHIPPED = ("finetune-sd-decoder", "tiny", "train-kl-f8")
+SHIPPED = ("builtin", "finetune-sd-decoder", "tiny", "train-kl-f8")
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -47,6 +47,14 @@ def test_shipped_configs_are_all_tested():
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_config_loads_by_path_and_by_name(name):
     assert load_config(SHIPPED_CONFIGS / f"{name}.yaml") == load_config(name)
+
+
+def test_builtin_trains_the_embedded_architecture_on_the_prepared_photos():
+    config = load_config("builtin")
+    assert config.model.config == "training/configs/builtin.json"
+    assert (config.data.train, config.data.validation) == ("data/train", "data/val")
+    assert config.loss.lpips_weight == 0.0 and config.run.mixed_precision == "bf16"
+    assert config.optimizer.ema_decay is not None
 
 
 def test_finetune_sd_decoder_is_the_ft_mse_recipe():
