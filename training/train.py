@@ -124,7 +124,10 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
         save_config(config, output_dir / "config.yaml")
 
     vae = build_autoencoder(config.model)
-    model = TrainingAutoencoder(vae)
+    # channels_last: oneDNN's convolutions (CPU) and tensor cores (GPU) both run faster on NHWC; measured here,
+    # an fp32 training step of the builtin config took 15 s instead of 18 s (and bf16 autocast 33 s: on this CPU
+    # the bf16 convolution backward is slow, so the builtin config trains in fp32).
+    model = TrainingAutoencoder(vae).to(memory_format=torch.channels_last)
     resolution = config.data.resolution
     pixel_loss = PixelLoss(loss_config.pixel, loss_config.pixel_weight)
     lpips_loss = None
@@ -192,6 +195,7 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
             pixels = batch["pixels"]
             if pixels is None:
                 continue
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
             if run.record_data_order:
                 with open(output_dir / f"data_order.rank{accelerator.process_index}.txt", "a") as handle:
                     handle.write(f"{state.step} {' '.join(map(str, batch['indices'].tolist()))}\n")

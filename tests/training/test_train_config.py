@@ -53,7 +53,7 @@ def test_builtin_trains_the_embedded_architecture_on_the_prepared_photos():
     config = load_config("builtin")
     assert config.model.config == "training/configs/builtin.json"
     assert (config.data.train, config.data.validation) == ("data/train", "data/val")
-    assert config.loss.lpips_weight == 0.0 and config.run.mixed_precision == "bf16"
+    assert config.loss.lpips_weight == 0.0 and config.run.mixed_precision == "no"
     assert config.optimizer.ema_decay is not None
 
 
