@@ -36,9 +36,12 @@ def bench(options: BenchOptions, device: torch.device | None = None) -> dict | N
     from codec.distributed import launched_world_size
 
     if launched_world_size() > 1:
-        from codec.distributed import make_accelerator, shutdown
+        from codec.distributed import DistributedSetupError, make_accelerator, shutdown
 
-        accelerator = make_accelerator()
+        try:
+            accelerator = make_accelerator()
+        except DistributedSetupError as error:  # a launch whose ranks would each run alone: refuse, plainly
+            raise BenchError(str(error)) from error
         try:
             group = Group(accelerator.process_index, accelerator.num_processes)
             return _bench(options, group, accelerator.device)

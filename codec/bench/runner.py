@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from codec import metrics
 from codec.bench import classic, rate
 from codec.bench.baselines import BASELINES, LatentCodec, load_codec
 from codec.bench.data import BenchItem, open_source
@@ -204,14 +205,12 @@ def _run_classic(codec_name: str, target_key: str, target: dict, items, scorer: 
 
 
 def _rd_points(codec_name: str, qualities: tuple[int, ...], items, scorer: Scorer, shard: Shard) -> None:
-    """Fixed-quality points for the rate-distortion curves of the PSNR-vs-bpp plot."""
-    from codec.bench.scoring import image_metrics
-
+    """Fixed-quality points for the rate-distortion curves of the PSNR-vs-bpp plot (PSNR only: it is what is drawn)."""
     for item in items:
         reference = load_png(scorer.reference_path(item.name))
         for quality in qualities:
             data = classic.encode(reference, codec_name, quality)
-            psnr = image_metrics(reference, classic.decode(data))["psnr"]
+            psnr = float(metrics.psnr(reference, classic.decode(data))[0])
             shard.rd_points.append(
                 {"codec": codec_name, "quality": quality, "bpp": classic.bpp_of(data, reference), "psnr": psnr}
             )

@@ -1,7 +1,8 @@
 """`codec bench --model A --model B ... --data SRC -o DIR`: codecs side by side (PSNR, SSIM, MS-SSIM, LPIPS, rFID,
 bits per pixel, speed, memory), with JPEG/WebP at the same rate; summary.json/.md, per-image CSV, grids, plots.
 
-Multi-process: `accelerate launch --num_processes N -m codec bench ...` (the ranks split the images)."""
+Multi-process: `accelerate launch --multi_gpu --num_processes N -m codec bench ...` (also on CPU-only machines,
+with gloo): the ranks split the images; a launch that forms no real process group is refused."""
 
 from __future__ import annotations
 
