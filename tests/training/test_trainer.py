@@ -153,3 +153,16 @@ def test_adversarial_training_runs_and_checkpoints_the_discriminator(tmp_path):
     checkpoint = out / "checkpoints" / "step-0000002"
     assert (checkpoint / "model_1.safetensors").is_file()  # the discriminator, saved with the autoencoder
     assert all(torch.isfinite(t).all() for t in final_weights(out).values())
+
+
+def test_a_checkpoint_exports_like_the_end_of_the_run(tmp_path):
+    from training.export import export_checkpoint
+
+    out = run_training(tmp_path / "run", "run.max_steps=2", "run.checkpoint_every=2", "optimizer.ema_decay=0.5")
+    export_checkpoint(out / "checkpoints" / "step-0000002", tmp_path / "exported")
+    exported = load_file(str(tmp_path / "exported" / "diffusion_pytorch_model.safetensors"))
+    final = final_weights(out)  # the end-of-run export uses the EMA
+    assert exported.keys() == final.keys()
+    assert all(torch.equal(exported[k], final[k]) for k in final)
+    raw = export_checkpoint(out / "checkpoints" / "step-0000002", tmp_path / "raw", use_ema=False).state_dict()
+    assert any(not torch.equal(raw[k], final[k]) for k in final), "with decay 0.5 the EMA differs from the weights"

@@ -1,0 +1,59 @@
+"""`python -m training.export CHECKPOINT OUT`: a checkpoint of a run as a diffusers folder plus an LDM single file.
+
+The run's own `config.yaml` (two levels above the checkpoint) rebuilds the architecture; the weights are the
+EMA's when the run kept one (as the end-of-run export does), else the trained weights themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from codec.checkpoint import load_checked
+from training.config import load_config
+from training.model import build_autoencoder
+
+# train.py registers the loop state first and the EMA second, so accelerate names their files in that order.
+EMA_FILE = "custom_checkpoint_1.pkl"
+
+
+def export_checkpoint(checkpoint: Path, out: Path, use_ema: bool = True, dtype: torch.dtype | None = None):
+    checkpoint = Path(checkpoint)
+    config = load_config(checkpoint.parent.parent / "config.yaml")
+    vae = build_autoencoder(config.model).eval()
+    trained = load_file(str(checkpoint / "model.safetensors"))
+    # The checkpoint holds TrainingAutoencoder's state: the autoencoder's keys under `vae.`.
+    load_checked(vae, {k.removeprefix("vae."): v for k, v in trained.items()}, str(checkpoint / "model.safetensors"))
+    ema_path = checkpoint / EMA_FILE
+    if use_ema and ema_path.is_file():
+        shadow = torch.load(ema_path, map_location="cpu", weights_only=True)["shadow"]
+        with torch.no_grad():
+            for name, param in vae.named_parameters():
+                if name in shadow:
+                    param.copy_(shadow[name])
+    if dtype is not None:
+        vae.to(dtype)
+    vae.requires_grad_(False)
+    vae.save_pretrained(out)
+    vae.save_single_file(Path(out) / "vae.safetensors")
+    return vae
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="training.export", description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path, help="a run's checkpoints/step-N folder")
+    parser.add_argument("output", type=Path, help="folder to write")
+    parser.add_argument("--no-ema", action="store_true", help="export the trained weights, not their EMA")
+    parser.add_argument("--fp16", action="store_true", help="store the weights in half precision")
+    args = parser.parse_args(argv)
+    export_checkpoint(args.checkpoint, args.output, not args.no_ema, torch.float16 if args.fp16 else None)
+    print(f"wrote {args.output} and {args.output / 'vae.safetensors'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
