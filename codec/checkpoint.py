@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -35,7 +33,9 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         # weights_only refuses arbitrary pickled code: a checkpoint from the internet must not run programs.
         data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, OSError, ValueError) as error:
+    # Garbage bytes reach the unpickler in many ways (UnpicklingError, EOFError, IndexError, KeyError, ...): any
+    # failure here means the file is not a checkpoint we can read.
+    except Exception as error:
         raise CheckpointError(
             f"{path}: not a readable PyTorch checkpoint, perhaps truncated or corrupt ({error})"
         ) from None
