@@ -22,13 +22,21 @@ class EMA:
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
+        self.updates = 0
         self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    def current_decay(self) -> float:
+        """The decay ramps up as (1 + n) / (10 + n) towards `decay`: with 0.999 from the start, the average would
+        still be mostly the random initial weights after hundreds of steps (validation saw exactly that)."""
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        weight = 1.0 - self.current_decay()
         for name, param in model.named_parameters():
             if name in self.shadow:
-                self.shadow[name].lerp_(param.detach().float(), 1.0 - self.decay)
+                self.shadow[name].lerp_(param.detach().float(), weight)
+        self.updates += 1
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
@@ -37,10 +45,11 @@ class EMA:
                 param.copy_(self.shadow[name].to(param.dtype))
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "shadow": self.shadow}
+        return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
 
     def load_state_dict(self, state: dict) -> None:
         self.decay = state["decay"]
+        self.updates = int(state.get("updates", 0))  # checkpoints from before the warm-up start it afresh
         self.shadow = {name: tensor.float() for name, tensor in state["shadow"].items()}
 
 

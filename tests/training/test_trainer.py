@@ -166,3 +166,22 @@ def test_a_checkpoint_exports_like_the_end_of_the_run(tmp_path):
     assert all(torch.equal(exported[k], final[k]) for k in final)
     raw = export_checkpoint(out / "checkpoints" / "step-0000002", tmp_path / "raw", use_ema=False).state_dict()
     assert any(not torch.equal(raw[k], final[k]) for k in final), "with decay 0.5 the EMA differs from the weights"
+
+
+def test_ema_warms_up_instead_of_averaging_the_random_start():
+    from training.state import EMA
+
+    model = torch.nn.Linear(2, 2)
+    ema = EMA(model, decay=0.999)
+    start = ema.shadow["weight"].clone()
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model)  # first update: decay (1+0)/(10+0) = 0.1, so the average moves 90% of the way
+    assert torch.allclose(ema.shadow["weight"], 0.1 * start + 0.9, atol=1e-6)
+    for _ in range(10_000):  # the ramp passes 0.999 after about 9000 updates
+        ema.update(model)
+    assert ema.current_decay() == 0.999
+    assert torch.allclose(ema.shadow["weight"], torch.ones(2, 2), atol=1e-3)
+    restored = EMA(model, decay=0.5)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.updates == ema.updates and restored.decay == 0.999
