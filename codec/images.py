@@ -113,3 +113,17 @@ def list_images(root: str | os.PathLike) -> list[Path]:
     """Image files under a folder, recursively, in a stable sorted order."""
     root = Path(root)
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def read_image_list(path: str | os.PathLike) -> list[Path]:
+    """The image paths a .txt list names, one a line; blank lines and # comments skipped; relative lines are
+    relative to the list's folder. Existence is checked when an image is loaded, not here: stat-ing a long list
+    on a network disk before any work starts would be slow."""
+    path = Path(path)
+    paths = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            # An absolute line replaces the folder; normpath folds "../" so messages name the file plainly.
+            paths.append(Path(os.path.normpath(path.parent / Path(line).expanduser())))
+    return paths

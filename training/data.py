@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from codec.images import IMAGE_SUFFIXES, ImageError, list_images, load_image, to_rgb
+from codec.images import IMAGE_SUFFIXES, ImageError, list_images, load_image, read_image_list, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -80,15 +80,7 @@ def open_image_source(source: str | os.PathLike, split: str = "train", image_col
 
 
 def _file_list(path: Path) -> list[Path]:
-    # Existence is checked when an image is loaded (a missing one is skipped and logged), not here: stat-ing a
-    # million-line list on a network disk before the first step would be slow.
-    base = path.parent
-    paths = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            # An absolute line replaces base; normpath folds "../" so logs name the file plainly.
-            paths.append(Path(os.path.normpath(base / Path(line).expanduser())))
+    paths = read_image_list(path)
     if not paths:
         raise DataSourceError(f"{path}: the list names no images")
     return paths

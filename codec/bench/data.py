@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from codec.images import IMAGE_SUFFIXES, ImageError, list_images, load_image, to_rgb
+from codec.images import IMAGE_SUFFIXES, ImageError, list_images, load_image, read_image_list, to_rgb
 
 PROTOCOLS = ("crop256", "full")
 CROP_SIZE = 256
@@ -87,12 +87,7 @@ def _path_items(paths: list[Path], root: Path | None) -> list[BenchItem]:
 
 
 def _file_list(path: Path) -> list[Path]:
-    base = path.parent
-    paths = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            paths.append(Path(os.path.normpath(base / Path(line).expanduser())))  # relative to the list's folder
+    paths = read_image_list(path)
     if not paths:
         raise DataSourceError(f"{path}: the list names no images")
     return paths
