@@ -21,6 +21,9 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "mish": F.mish,
 }
 
+# Activations that can overwrite the norm's output in place when no gradient needs it (saves a full-size copy).
+_IN_PLACE = {"silu", "swish", "relu", "mish"}
+
 StatsHook = Callable[["GroupNorm", torch.Tensor], "tuple[torch.Tensor, torch.Tensor] | None"]
 
 
@@ -34,6 +37,7 @@ class GroupNorm(nn.GroupNorm):
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-6, act: str | None = None) -> None:
         super().__init__(num_groups, num_channels, eps=eps, affine=True)
         self.act = _ACTIVATIONS[act] if act else None
+        self.act_in_place = act in _IN_PLACE
         self.stats_hook: StatsHook | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -42,7 +46,11 @@ class GroupNorm(nn.GroupNorm):
             y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         else:
             y = normalize_with(x, self.num_groups, *stats, self.weight, self.bias, self.eps)
-        return self.act(y) if self.act is not None else y
+        if self.act is None:
+            return y
+        if self.act_in_place and not y.requires_grad:
+            return self.act(y, inplace=True)
+        return self.act(y)
 
 
 def group_moments(x: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -126,6 +126,9 @@ def _run(vae, x: torch.Tensor, *, encode: bool) -> torch.Tensor:
     if torch.is_grad_enabled():
         return network(vae, x)
 
+    # Channels-last activations let oneDNN (CPU) and cuDNN (tensor cores) run the convolutions without
+    # reordering every input; the format carries through the network, and the result goes back to the default.
+    x = x.contiguous(memory_format=torch.channels_last)
     batch, _, h, w = x.shape
     budget = _budget(vae)
     use_tiling = vae.use_tiling if vae.use_tiling is not None else cost(h, w) > budget
@@ -147,7 +150,7 @@ def _run(vae, x: torch.Tensor, *, encode: bool) -> torch.Tensor:
             outputs.append(_encode_tiled(vae, chunk, tile, guarded))
         else:
             outputs.append(_decode_tiled(vae, chunk, tile, guarded))
-    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+    return (outputs[0] if len(outputs) == 1 else torch.cat(outputs)).contiguous()
 
 
 def encode_moments(vae, x: torch.Tensor) -> torch.Tensor:

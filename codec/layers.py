@@ -42,7 +42,9 @@ class ResnetBlock(nn.Module):
         h = self.conv1(self.norm1(x))
         h = self.conv2(self.norm2(h))
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return shortcut + h
+        if h.requires_grad:
+            return shortcut + h
+        return h.add_(shortcut)  # inference: reuse conv2's output rather than allocating the sum
 
 
 class Attention(nn.Module):
