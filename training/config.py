@@ -111,8 +111,14 @@ class ModelConfig(_Section):
     config: str | None = None  # a config.json path: random weights, training from scratch
     decoder_only: bool = False  # freeze the encoder (and quant_conv) so the latent space stays as it is
     gradient_checkpointing: bool = False
+    # From scratch only: the posterior's log-variance starts near this value instead of near 0. A posterior with
+    # unit variance buries a freshly initialised encoder's small means in noise, and with LDM's tiny KL weight
+    # nothing but that noise pushes the variance down, so early training crawls; see training.model.
+    init_logvar: float | None = None
 
     def validate(self) -> None:
+        if self.init_logvar is not None and self.init is not None:
+            _fail("model.init_logvar applies to training from scratch (model.preset or model.config), not model.init")
         given = [key for key in ("init", "preset", "config") if getattr(self, key) is not None]
         if len(given) != 1:
             _fail(

@@ -18,6 +18,8 @@ def build_autoencoder(config: ModelConfig) -> AutoencoderKL:
     else:
         vae = AutoencoderKL(AutoencoderKLConfig.from_json(config.config))
     vae = vae.float().train()
+    if config.init_logvar is not None:
+        start_logvar_at(vae, config.init_logvar)
     if config.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
     if config.decoder_only:
@@ -26,6 +28,19 @@ def build_autoencoder(config: ModelConfig) -> AutoencoderKL:
             if module is not None:
                 module.requires_grad_(False)
     return vae
+
+
+def start_logvar_at(vae: AutoencoderKL, logvar: float) -> None:
+    """Shift the bias of the layer that outputs the posterior's log-variance so that it starts near `logvar`.
+
+    The last layer producing the moments is quant_conv (or the encoder's conv_out without it); its second half
+    of output channels is the log-variance. Only the bias moves: the initial means, and every gradient path,
+    stay as they were.
+    """
+    last = vae.quant_conv if vae.quant_conv is not None else vae.encoder.conv_out
+    latent = vae.config.latent_channels
+    with torch.no_grad():
+        last.bias[latent:] += logvar
 
 
 def frozen_encoder(vae: AutoencoderKL) -> bool:

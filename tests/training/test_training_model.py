@@ -1,0 +1,31 @@
+"""The model the trainer builds: from-scratch posterior variance start, and its config checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from training.config import ConfigError, ModelConfig
+from training.model import build_autoencoder
+
+
+def _moments(vae, x):
+    with torch.no_grad():
+        return vae.encode_moments(x).chunk(2, dim=1)
+
+
+def test_init_logvar_moves_only_the_log_variance():
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    torch.manual_seed(0)
+    plain = build_autoencoder(ModelConfig(preset="tiny"))
+    torch.manual_seed(0)
+    shifted = build_autoencoder(ModelConfig(preset="tiny", init_logvar=-6.0))
+    mean, logvar = _moments(plain, x)
+    shifted_mean, shifted_logvar = _moments(shifted, x)
+    torch.testing.assert_close(shifted_mean, mean)
+    torch.testing.assert_close(shifted_logvar, logvar - 6.0, atol=1e-5, rtol=0)
+
+
+def test_init_logvar_is_refused_for_pretrained_weights():
+    with pytest.raises(ConfigError, match="init_logvar"):
+        ModelConfig(init="builtin", init_logvar=-6.0).validate()
