@@ -1,0 +1,424 @@
+"""Speed and memory of our AutoencoderKL against diffusers' on the same weights and inputs, in one process.
+
+    python scripts/bench_speed.py                    # the full table (SD config), appended to BENCHMARKS.md
+    python scripts/bench_speed.py --quick --no-write # a few seconds: tiny config, small images, printed only
+
+Both models get the same seeded random weights (SD config unless --config says otherwise) and the same inputs.
+Runs are alternated (ours, theirs, theirs, ours, ...) after one warm-up each, and medians are reported, so
+that a slow phase of a shared machine hits both sides alike. FLOPs come from torch.utils.flop_counter on one
+run of ours; the matmul peak (a large square matmul in the same dtype) is measured in the same run. Peak
+memory is the process's resident-set high-water mark during the run minus what it held before (CPU; Linux
+resets the mark through /proc/self/clear_refs), or torch.cuda.max_memory_allocated on a GPU.
+
+A last section measures quality with the embedded model on a real photo: bf16 against fp32 output, and tiled
+against untiled output at 1024x1024.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from codec import AutoencoderKL, preset
+
+ROOT = Path(__file__).resolve().parent.parent
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Timing:
+    seconds: list[float] = field(default_factory=list)
+    peak_bytes: int = 0
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+
+# --- measurement ----------------------------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_kib(field_name: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+class PeakMemory:
+    """Peak memory of a block above what the process held when it started (bytes)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak = 0
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            with contextlib.suppress(OSError):
+                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
+            self._base = _rss_kib("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
+        else:
+            self.peak = max(0, _rss_kib("VmHWM") * 1024 - self._base)
+
+
+@torch.no_grad()
+def time_alternating(runs: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, Timing]:
+    """Time each callable `repeats` times after one warm-up, alternating the order every round."""
+    timings = {name: Timing() for name in runs}
+    for name, run in runs.items():  # warm-up: oneDNN/cuDNN pick and cache their kernels on first use
+        with PeakMemory(device) as memory:
+            run()
+            synchronize(device)
+        timings[name].peak_bytes = memory.peak
+    names = list(runs)
+    for round_index in range(repeats):
+        for name in names if round_index % 2 == 0 else reversed(names):
+            synchronize(device)
+            start = time.perf_counter()
+            runs[name]()
+            synchronize(device)
+            timings[name].seconds.append(time.perf_counter() - start)
+    return timings
+
+
+@torch.no_grad()
+def count_flops(run: Callable[[], object]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        run()
+    return counter.get_total_flops()
+
+
+@torch.no_grad()
+def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, repeats: int = 5) -> float:
+    """Best achieved FLOP/s of an n x n matmul in `dtype`: the machine's practical ceiling for dense math."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+# --- the two models -------------------------------------------------------------------------------------------
+
+
+def build_pair(config_name: str, seed: int, device: torch.device):
+    """Our AutoencoderKL and diffusers' with identical seeded random weights, in eval mode, fp32."""
+    from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+
+    torch.manual_seed(seed)
+    ours = AutoencoderKL(preset(config_name)).eval()
+    theirs = DiffusersAutoencoderKL(**ours.config.to_dict()).eval()
+    missing, unexpected = theirs.load_state_dict(ours.state_dict(), strict=True)
+    assert not missing and not unexpected
+    return ours.to(device), theirs.to(device)
+
+
+def as_dtype(model, dtype: torch.dtype):
+    """A copy of `model` in `dtype` (the fp32 original stays for the fp32 rows)."""
+    import copy
+
+    return copy.deepcopy(model).to(dtype)
+
+
+def encode_runs(ours, theirs, x: torch.Tensor) -> dict[str, Callable[[], object]]:
+    return {
+        "ours": lambda: ours.encode(x).latent_dist.mode(),
+        "diffusers": lambda: theirs.encode(x).latent_dist.mode(),
+    }
+
+
+def decode_runs(ours, theirs, z: torch.Tensor) -> dict[str, Callable[[], object]]:
+    return {"ours": lambda: ours.decode(z).sample, "diffusers": lambda: theirs.decode(z).sample}
+
+
+def untiled(model):
+    """Ours with tiling and slicing off whatever the memory budget says, to compare like with like."""
+    model.disable_tiling()
+    model.memory_budget = 1 << 62
+    return model
+
+
+# --- sections -------------------------------------------------------------------------------------------------
+
+
+def speed_rows(ours, theirs, args, device: torch.device, peaks: dict[str, float]) -> list[list[str]]:
+    """Encode and decode at each size, batch and dtype: medians, ratios, GFLOP/s, peak memory."""
+    rows = []
+    diffusers_fp32: dict[tuple[str, int, int], float] = {}  # the baseline every dtype is held against
+    generator = torch.Generator().manual_seed(0)
+    f = ours.config.downsample_factor
+    for dtype_name in args.dtypes:
+        dtype = DTYPES[dtype_name]
+        ours_d = untiled(ours if dtype == torch.float32 else as_dtype(ours, dtype))
+        theirs_d = theirs if dtype == torch.float32 else as_dtype(theirs, dtype)
+        for size in args.sizes:
+            for batch in args.batches:
+                x = torch.rand(batch, 3, size, size, generator=generator).mul(2).sub(1).to(device, dtype)
+                z = torch.randn(batch, ours.config.latent_channels, size // f, size // f, generator=generator)
+                z = z.to(device, dtype)
+                for op, runs in (
+                    ("encode", encode_runs(ours_d, theirs_d, x)),
+                    ("decode", decode_runs(ours_d, theirs_d, z)),
+                ):
+                    if op not in args.ops:
+                        continue
+                    timings = time_alternating(runs, args.repeats, device)
+                    flops = count_flops(runs["ours"])
+                    ours_t, theirs_t = timings["ours"], timings["diffusers"]
+                    if dtype == torch.float32:
+                        diffusers_fp32[op, size, batch] = theirs_t.median
+                    baseline = diffusers_fp32.get((op, size, batch))
+                    row = [
+                        op,
+                        f"{size}x{size}",
+                        str(batch),
+                        dtype_name,
+                        f"{ours_t.median:.3f}",
+                        f"{theirs_t.median:.3f}",
+                        f"{ours_t.median / theirs_t.median:.2f}",
+                        f"{ours_t.median / baseline:.2f}" if baseline else "-",
+                        f"{flops / ours_t.median / 1e9:.0f} ({100 * flops / ours_t.median / peaks[dtype_name]:.0f}%)",
+                        f"{flops / theirs_t.median / 1e9:.0f}",
+                        f"{ours_t.peak_bytes / 2**20:.0f}",
+                        f"{theirs_t.peak_bytes / 2**20:.0f}",
+                    ]
+                    rows.append(row)
+                    print(" | ".join(row), flush=True)
+    return rows
+
+
+SPEED_HEADER = [
+    "op",
+    "size",
+    "batch",
+    "dtype",
+    "ours s",
+    "diffusers s",
+    "ours/diffusers",
+    "ours/diffusers fp32",
+    "ours GFLOP/s (of matmul peak)",
+    "diffusers GFLOP/s",
+    "ours peak MiB",
+    "diffusers peak MiB",
+]
+
+
+@torch.no_grad()
+def tiled_rows(ours, theirs, sizes: list[int], tile: int, device: torch.device) -> list[list[str]]:
+    """Decode at large sizes: ours untiled and tiled, diffusers untiled and tiled (same tile size), once each."""
+    rows = []
+    f = ours.config.downsample_factor
+    for size in sizes:
+        z = torch.randn(
+            1, ours.config.latent_channels, size // f, size // f, generator=torch.Generator().manual_seed(1)
+        )
+        z = z.to(device)
+        variants: dict[str, Callable[[torch.Tensor], object]] = {}
+        if size <= 1024:  # untiled 2048x2048 needs ~16 GB; its comparison is the 1024 one
+            variants["ours untiled"] = lambda z: untiled(ours).decode(z).sample
+            variants["diffusers untiled"] = lambda z: _diffusers_tiling(theirs, None).decode(z).sample
+        variants["ours tiled"] = lambda z: _tiled(ours, tile).decode(z).sample
+        variants["diffusers tiled"] = lambda z: _diffusers_tiling(theirs, tile).decode(z).sample
+        results = {}
+        for name, run in variants.items():
+            with PeakMemory(device) as memory:
+                synchronize(device)
+                start = time.perf_counter()
+                run(z)
+                synchronize(device)
+                seconds = time.perf_counter() - start
+            results[name] = (seconds, memory.peak)
+            print(f"{size} {name}: {seconds:.2f} s, peak {memory.peak / 2**20:.0f} MiB", flush=True)
+        base = results.get("ours untiled", (None,))[0]
+        for name, (seconds, peak) in results.items():
+            ratio = f"{seconds / base:.2f}" if base else "-"
+            rows.append([f"{size}x{size}", name, f"{seconds:.2f}", ratio, f"{peak / 2**20:.0f}"])
+    return rows
+
+
+def _tiled(model, tile_latent: int):
+    model.memory_budget = None
+    model.enable_tiling(tile_latent)
+    return model
+
+
+def _diffusers_tiling(model, tile_latent: int | None):
+    if tile_latent is None:
+        model.disable_tiling()
+        return model
+    model.enable_tiling()
+    f = 2 ** (len(model.config.block_out_channels) - 1)
+    model.tile_latent_min_size = tile_latent
+    model.tile_sample_min_size = tile_latent * f
+    return model
+
+
+TILED_HEADER = ["size", "variant", "seconds", "time / ours untiled", "peak MiB"]
+
+
+@torch.no_grad()
+def quality_rows(photo: Path, tile: int, device: torch.device, out: Path, size: int = 1024) -> list[list[str]]:
+    """The embedded model on a real photo: bf16 vs fp32 decode at 256, tiled vs untiled decode at `size`."""
+    from codec.images import image_to_tensor, tensor_to_pil, tensor_to_uint8
+    from codec.metrics import psnr
+
+    def db(a: torch.Tensor, b: torch.Tensor) -> float:
+        return psnr(tensor_to_uint8(a.float().cpu()), tensor_to_uint8(b.float().cpu())).item()
+
+    vae = untiled(AutoencoderKL.load("builtin").float().to(device).eval())
+    image = image_to_tensor(photo)
+    rows = []
+    crop = _center_square(image, 256).to(device)
+    z = vae.encode(crop).latent_dist.mode()
+    reference = vae.decode(z).sample
+    half = untiled(as_dtype(vae, torch.bfloat16))
+    rows.append(["bf16 decode vs fp32 decode, 256x256", f"{db(reference, half.decode(z).sample):.2f}"])
+    z_half = half.encode(crop.bfloat16()).latent_dist.mode()
+    rows.append(["bf16 encode+decode vs fp32, 256x256", f"{db(reference, half.decode(z_half).sample):.2f}"])
+
+    big = _center_square(image, size).to(device)
+    z = vae.encode(big).latent_dist.mode()
+    reference = vae.decode(z).sample
+    tiled = _tiled(vae, tile).decode(z).sample
+    rows.append([f"tiled decode (tile {tile} latent px) vs untiled, {size}x{size}", f"{db(reference, tiled):.2f}"])
+    out.mkdir(parents=True, exist_ok=True)
+    # The difference, x8 around mid-grey: a tone shift between tiles would show as a grid of flat patches.
+    difference = ((tiled - reference).float() * 8).clamp(-1, 1)
+    tensor_to_pil(difference.cpu())[0].save(out / "tiled-minus-untiled-x8.png")
+    return rows
+
+
+def _center_square(image: torch.Tensor, size: int) -> torch.Tensor:
+    h, w = image.shape[-2:]
+    scale = size / min(h, w)
+    if scale != 1:
+        new = (max(size, round(h * scale)), max(size, round(w * scale)))
+        image = torch.nn.functional.interpolate(image, size=new, mode="bicubic", antialias=scale < 1).clamp(-1, 1)
+        h, w = new
+    top, left = (h - size) // 2, (w - size) // 2
+    return image[..., top : top + size, left : left + size]
+
+
+# --- report ---------------------------------------------------------------------------------------------------
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    model = platform.processor() or "unknown CPU"
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as cpuinfo:
+        model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    return f"{model}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="sd", help="preset for the speed rows (default: sd)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
+    parser.add_argument("--ops", nargs="+", default=["encode", "decode"], choices=["encode", "decode"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tiled-sizes", type=int, nargs="*", default=[1024, 2048])
+    parser.add_argument(
+        "--tile", type=int, default=64, help="tile side in latent pixels, both sides (diffusers' SD default)"
+    )
+    parser.add_argument("--quality-size", type=int, default=1024, help="side of the tiled-vs-untiled quality check")
+    parser.add_argument("--photo", type=Path, default=None, help="real photo for the quality rows")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_speed"), help="folder for the difference picture")
+    parser.add_argument("--quick", action="store_true", help="tiny config, 64 px, 1 repeat: a smoke run")
+    parser.add_argument("--no-write", action="store_true", help="print only; do not append to BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.config, args.sizes, args.batches, args.repeats = "tiny", [64], [1], 1
+        args.tiled_sizes, args.tile, args.quality_size = [256], 8, 256
+    device = torch.device(args.device)
+    photo = args.photo or next(
+        p
+        for p in (ROOT.parent / "shared/data/kodak/kodim23.png", ROOT / "codec/assets/samples/astronaut.png")
+        if p.is_file()
+    )
+
+    peaks = {name: matmul_peak(DTYPES[name], device) for name in args.dtypes}
+    print("matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()), flush=True)
+    ours, theirs = build_pair(args.config, 0, device)
+    speed = speed_rows(ours, theirs, args, device, peaks)
+    tiled = tiled_rows(ours, theirs, args.tiled_sizes, args.tile, device)
+    del ours, theirs
+    quality = quality_rows(photo, args.tile, device, args.out, args.quality_size)
+    for row in quality:
+        print(f"{row[0]}: {row[1]} dB")
+
+    command = "python scripts/bench_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    report = "\n\n".join(
+        [
+            f"## Speed and memory against diffusers, {args.config} config ({time.strftime('%Y-%m-%d')})",
+            f"`{command.strip()}` on {machine(device)}; diffusers {_diffusers_version()}. Same seeded random "
+            f"weights and inputs; medians of {args.repeats} alternated runs after a warm-up. Matmul peak: "
+            + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items())
+            + ".",
+            markdown_table(SPEED_HEADER, speed),
+            "Peak memory on a CPU is the growth of the resident set above what the process already held, so a run "
+            "that reuses memory an earlier run freed (the allocator keeps it) reads low; the large decodes below "
+            "are the memory comparison that matters.",
+            f"Large decodes, one run each, tile {args.tile} latent px for both (peak memory above the loaded model):",
+            markdown_table(TILED_HEADER, tiled),
+            f"Quality with the embedded model on {photo.name} (PSNR in dB; difference picture in {args.out}):",
+            markdown_table(["comparison", "PSNR dB"], quality),
+        ]
+    )
+    print(report)
+    if not args.no_write:
+        with open(ROOT / "BENCHMARKS.md", "a") as handle:
+            handle.write("\n" + report + "\n")
+    return 0
+
+
+def _diffusers_version() -> str:
+    import diffusers
+
+    return diffusers.__version__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""scripts/bench_speed.py as a user runs it (--quick: tiny config, small images): the report it prints holds
+every section, the timings are real numbers, and the tiling difference picture is written."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("diffusers")
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_speed.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("bench_speed", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run_prints_all_sections_and_writes_the_difference_picture(tmp_path, capsys):
+    script = load_script()
+    assert script.main(["--quick", "--no-write", "--out", str(tmp_path)]) == 0
+    report = capsys.readouterr().out
+    speed_rows = [
+        line for line in report.splitlines() if re.match(r"\| (encode|decode) \| 64x64 \| 1 \| (fp32|bf16)", line)
+    ]
+    assert len(speed_rows) == 4
+    for row in speed_rows:
+        ours, theirs, ratio = (float(cell) for cell in row.split("|")[5:8])
+        assert ours > 0 and theirs > 0 and ratio == pytest.approx(ours / theirs, rel=0.1)  # cells are rounded
+    assert re.search(r"\| 256x256 \| ours tiled \| [\d.]+ \| [\d.]+ \|", report)
+    assert re.search(r"\| bf16 decode vs fp32 decode, 256x256 \| [\d.]+ \|", report)
+    assert (tmp_path / "tiled-minus-untiled-x8.png").is_file()
+
+
+def test_alternating_timer_runs_each_callable_after_a_warm_up():
+    import torch
+
+    script = load_script()
+    calls = []
+    timings = script.time_alternating(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3, torch.device("cpu")
+    )
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-ups, then the order flips each round
+    assert all(len(t.seconds) == 3 for t in timings.values())
