@@ -111,19 +111,37 @@ def tensor_to_pil(x: torch.Tensor) -> list[Image.Image]:
 
 def list_images(root: str | os.PathLike) -> list[Path]:
     """Image files under a folder, recursively, in a stable sorted order."""
-    root = Path(root)
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return scan_images(root)[0]
+
+
+def scan_images(root: str | os.PathLike) -> tuple[list[Path], set[Path]]:
+    """`list_images`, and the .txt files met on the same walk (captions: NAME.txt beside NAME.jpg). One walk,
+    because a training folder may hold millions of files."""
+    images, texts = [], set()
+    for path in Path(root).rglob("*"):
+        suffix = path.suffix.lower()
+        if suffix in IMAGE_SUFFIXES and path.is_file():
+            images.append(path)
+        elif suffix == ".txt":
+            texts.add(path)
+    return sorted(images), texts
 
 
 def read_image_list(path: str | os.PathLike) -> list[Path]:
     """The image paths a .txt list names, one a line; blank lines and # comments skipped; relative lines are
     relative to the list's folder. Existence is checked when an image is loaded, not here: stat-ing a long list
     on a network disk before any work starts would be slow."""
+    return [image for _, _, image in read_image_list_lines(path)]
+
+
+def read_image_list_lines(path: str | os.PathLike) -> list[tuple[int, str, Path]]:
+    """`read_image_list` with, for each path, its line number and the line as written (stripped): for keys and
+    for messages that point at a line."""
     path = Path(path)
-    paths = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    entries = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         line = line.strip()
         if line and not line.startswith("#"):
             # An absolute line replaces the folder; normpath folds "../" so messages name the file plainly.
-            paths.append(Path(os.path.normpath(path.parent / Path(line).expanduser())))
-    return paths
+            entries.append((number, line, Path(os.path.normpath(path.parent / Path(line).expanduser()))))
+    return entries

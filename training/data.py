@@ -8,149 +8,40 @@ when DataLoader workers did the decoding.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
-import re
-import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from codec.images import IMAGE_SUFFIXES, ImageError, list_images, load_image, read_image_list, to_rgb
+from codec import sources
+from codec.sources import DatasetColumn, SourceError, decode_image
+
+__all__ = [
+    "DataSourceError",
+    "DatasetColumn",
+    "ImageDataset",
+    "collate_skip_bad",
+    "open_image_source",
+    "split_train_validation",
+]
 
 logger = logging.getLogger(__name__)
 
-# `datasets` writes these next to a save_to_disk'd Dataset / DatasetDict.
-_SAVED_DATASET_MARKERS = ("state.json", "dataset_dict.json")
-_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
-
-
-class DataSourceError(ValueError):
-    """A training data source that cannot be opened or used; the message says which and why."""
-
-
-class DatasetColumn:
-    """The image column of a `datasets.Dataset` as a sequence of raw items ({"bytes", "path"} dicts, bytes or paths)."""
-
-    def __init__(self, dataset: Any, column: str, name: str) -> None:
-        self.dataset, self.column, self.name = dataset, column, name
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> Any:
-        return self.dataset[int(index)][self.column]
-
-    def describe(self, index: int, item: Any) -> str:
-        path = item.get("path") if isinstance(item, dict) else item if isinstance(item, str) else None
-        return f"{self.name} row {index}" + (f" ({path})" if path else "")
+# The shared error under this module's old name, so `except DataSourceError` catches whatever codec.sources raises.
+DataSourceError = SourceError
 
 
 def open_image_source(source: str | os.PathLike, split: str = "train", image_column: str = "image") -> Sequence:
-    """A folder (recursive, sorted), a .txt list of paths, a parquet file/folder, a saved dataset or a hub name."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        if any((path / marker).is_file() for marker in _SAVED_DATASET_MARKERS):
-            import datasets
-
-            return _image_column(datasets.load_from_disk(str(path)), split, image_column, str(path))
-        images = list_images(path)
-        if images:
-            return images
-        if any(path.rglob("*.parquet")):
-            return _parquet(path, split, image_column)
-        raise DataSourceError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) or parquet files in this folder")
-    if path.is_file():
-        if path.suffix.lower() == ".txt":
-            return _file_list(path)
-        if path.suffix.lower() == ".parquet":
-            return _parquet(path, split, image_column)
-        raise DataSourceError(f"{path}: expected a folder, a .txt list of images or a .parquet file")
-    source = str(source)
-    # Anything that reads as a path (and is not there) is a typo, not a hub dataset: say so instead of going online.
-    looks_local = path.suffix.lower() in (".txt", ".parquet", *IMAGE_SUFFIXES) or source.startswith((".", "/", "~"))
-    if looks_local or source.count("/") > 1 or not _HUB_NAME.fullmatch(source):
-        raise DataSourceError(f"{source}: no such file or folder")
-    return _hub_dataset(source, split, image_column)
-
-
-def _file_list(path: Path) -> list[Path]:
-    paths = read_image_list(path)
-    if not paths:
-        raise DataSourceError(f"{path}: the list names no images")
-    return paths
-
-
-def _parquet(path: Path, split: str, image_column: str) -> DatasetColumn:
-    import datasets
-
-    if path.is_file():
-        # One file is one split, whatever `split` asks for: nothing in the file names the split.
-        loaded = datasets.load_dataset("parquet", data_files=str(path), split="train")
-    else:
-        # A folder may hold train-*.parquet / validation-*.parquet; datasets infers the splits from the names.
-        loaded = datasets.load_dataset("parquet", data_dir=str(path))
-    return _image_column(loaded, split, image_column, str(path))
-
-
-def _hub_dataset(name: str, split: str, image_column: str) -> DatasetColumn:
-    import datasets
-
-    try:
-        loaded = datasets.load_dataset(name, split=split)
-    except Exception as error:  # offline, unknown name, gated, missing split: all end the same way for the user
-        raise DataSourceError(
-            f"cannot load the dataset {name!r} (split {split!r}) from the Hugging Face hub: {type(error).__name__}: {error}. "
-            "If this machine is offline, download it elsewhere and pass a local folder, parquet file or save_to_disk folder."
-        ) from error
-    return _image_column(loaded, split, image_column, name)
-
-
-def _image_column(loaded: Any, split: str, image_column: str, name: str) -> DatasetColumn:
-    import datasets
-
-    if isinstance(loaded, datasets.DatasetDict):
-        if split not in loaded:
-            raise DataSourceError(f"{name}: no split {split!r}; it has {sorted(loaded)}")
-        loaded = loaded[split]
-    if image_column not in loaded.column_names:
-        raise DataSourceError(f"{name}: no column {image_column!r}; its columns are {loaded.column_names}")
-    loaded = loaded.select_columns([image_column])  # other columns (captions...) would be read for nothing
-    feature = loaded.features[image_column]
-    if isinstance(feature, datasets.Image):
-        # Undecoded bytes, so a corrupt row fails inside ImageDataset (skipped) rather than inside datasets (fatal).
-        loaded = loaded.cast_column(image_column, datasets.Image(decode=False))
-    elif not (
-        isinstance(feature, datasets.Value) and feature.dtype in ("binary", "large_binary", "string", "large_string")
-    ):
-        raise DataSourceError(f"{name}: column {image_column!r} holds {feature}, not images, image bytes or paths")
-    return DatasetColumn(loaded, image_column, name)
-
-
-def _decode(item: Any) -> Image.Image:
-    """One raw item (path, PIL image, bytes, or datasets' {"bytes", "path"} dict) -> RGB; raises on anything bad."""
-    if isinstance(item, dict):
-        item = item["bytes"] if item.get("bytes") is not None else item.get("path")
-    if isinstance(item, (str, os.PathLike)):
-        return load_image(item)
-    if isinstance(item, Image.Image):
-        item.load()
-        return to_rgb(item)
-    if isinstance(item, (bytes, bytearray, memoryview)):
-        if len(item) == 0:
-            raise ImageError("the image bytes are empty")
-        with warnings.catch_warnings():
-            # As load_image does: refuse decompression bombs instead of allocating gigabytes.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(item)) as image:
-                image.load()
-                return to_rgb(image)
-    raise ImageError(f"no image in this item (a {type(item).__name__})")
+    """A folder (recursive, sorted), a .txt list of paths, a parquet file/folder, a saved dataset or a hub name:
+    a list of image paths, or a DatasetColumn of the dataset's undecoded image column."""
+    opened = sources.open_source(source, split=split)
+    if isinstance(opened, sources.DatasetSplit):
+        return sources.image_column(opened.dataset, image_column, opened.name)
+    return opened.paths
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -199,10 +90,9 @@ class ImageDataset(torch.utils.data.Dataset):
         item = None
         try:
             item = self.source[index]
-            image = _decode(item)
+            image = decode_image(item)  # the reason alone: the item is named below
         except Exception as error:  # any decode failure skips the item: one bad file must not end a long run
-            name = self._name(index, item)
-            reason = str(error).removeprefix(f"{name}: ")  # load_image's messages already start with the path
+            name, reason = self._name(index, item), str(error)
             self.bad_items.append((index, name, reason))
             logger.warning("skipping unreadable image %s (item %d): %s", name, index, reason)
             return None

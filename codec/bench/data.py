@@ -10,28 +10,25 @@ Each item has a stable, file-system-safe name, so every rank and every output fi
 
 from __future__ import annotations
 
-import io
 import os
 import re
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from codec.images import IMAGE_SUFFIXES, ImageError, list_images, load_image, read_image_list, to_rgb
+from codec import sources
+from codec.images import ImageError
+from codec.sources import SourceError, decode_image
 
 PROTOCOLS = ("crop256", "full")
 CROP_SIZE = 256
-_DATASET_MARKERS = ("state.json", "dataset_dict.json")  # what `datasets` writes beside a save_to_disk'd dataset
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
-
-class DataSourceError(ValueError):
-    """A benchmark data source that cannot be opened; the message names the source and the reason."""
+# The shared error under this module's old name, so `except DataSourceError` catches whatever codec.sources raises.
+DataSourceError = SourceError
 
 
 @dataclass(frozen=True)
@@ -82,82 +79,25 @@ def _path_items(paths: list[Path], root: Path | None) -> list[BenchItem]:
             counter += 1
             name = f"{base}_{counter}"
         seen.add(name)
-        items.append(BenchItem(name, str(path), lambda path=path: load_image(path)))
+        items.append(BenchItem(name, str(path), lambda path=path: decode_image(path, name=str(path))))
     return items
 
 
-def _file_list(path: Path) -> list[Path]:
-    paths = read_image_list(path)
-    if not paths:
-        raise DataSourceError(f"{path}: the list names no images")
-    return paths
-
-
-def _decode_item(value: Any) -> Image.Image:
-    """A `datasets` image cell (PIL image, {"bytes", "path"} dict, bytes or a path) -> RGB."""
-    if isinstance(value, dict):
-        value = value["bytes"] if value.get("bytes") is not None else value.get("path")
-    if isinstance(value, Image.Image):
-        value.load()
-        return to_rgb(value)
-    if isinstance(value, (str, os.PathLike)):
-        return load_image(value)
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(value)) as image:
-                image.load()
-                return to_rgb(image)
-    raise ImageError(f"no image in this cell (a {type(value).__name__})")
-
-
-def _dataset_items(dataset: Any, name: str, split: str, column: str) -> list[BenchItem]:
-    import datasets
-
-    if isinstance(dataset, datasets.DatasetDict):
-        if split not in dataset:
-            raise DataSourceError(f"{name}: no split {split!r}; it has {sorted(dataset)}")
-        dataset = dataset[split]
-    if column not in dataset.column_names:
-        raise DataSourceError(f"{name}: no column {column!r}; its columns are {dataset.column_names}")
-    dataset = dataset.select_columns([column])
-    if isinstance(dataset.features[column], datasets.Image):
-        dataset = dataset.cast_column(column, datasets.Image(decode=False))  # decode per item, errors per row
-    width = len(str(max(len(dataset) - 1, 0)))
-    return [
-        BenchItem(f"{index:0{width}d}", f"{name} row {index}", lambda i=index: _decode_item(dataset[i][column]))
-        for index in range(len(dataset))
-    ]
+def _dataset_items(split: sources.DatasetSplit, column: str) -> list[BenchItem]:
+    images = sources.image_column(split.dataset, column, split.name)
+    width = len(str(max(len(images) - 1, 0)))
+    items = []
+    for i in range(len(images)):
+        where = f"{split.name} row {i}"
+        items.append(BenchItem(f"{i:0{width}d}", where, lambda i=i, where=where: decode_image(images[i], name=where)))
+    return items
 
 
 def open_source(source: str | os.PathLike, split: str = "validation", column: str = "image") -> list[BenchItem]:
-    """Items of a folder (recursive, sorted), an image file, a .txt list, a saved dataset or a hub dataset name."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        if any((path / marker).is_file() for marker in _DATASET_MARKERS):
-            import datasets
-
-            return _dataset_items(datasets.load_from_disk(str(path)), str(path), split, column)
-        images = list_images(path)
-        if not images:
-            raise DataSourceError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
-        return _path_items(images, path)
-    if path.is_file():
-        if path.suffix.lower() == ".txt":
-            return _path_items(_file_list(path), None)
-        if path.suffix.lower() in IMAGE_SUFFIXES:
-            return _path_items([path], None)
-        raise DataSourceError(f"{path}: expected a folder, an image, a .txt list of images or a saved dataset")
-    text = str(source)
-    if path.suffix.lower() in (".txt", *IMAGE_SUFFIXES) or text.startswith((".", "/", "~")) or text.count("/") > 1:
-        raise DataSourceError(f"{text}: no such file or folder")
-    import datasets
-
-    try:
-        dataset = datasets.load_dataset(text, split=split)
-    except Exception as error:  # offline, unknown, gated or missing split: one message for the user
-        raise DataSourceError(
-            f"cannot load the dataset {text!r} (split {split!r}): {type(error).__name__}: {error}. "
-            "Offline, pass a local folder, a .txt list or a save_to_disk folder instead."
-        ) from error
-    return _dataset_items(dataset, text, split, column)
+    """Items of a folder (recursive, sorted), an image file, a .txt list, a .parquet file or folder, a saved dataset
+    or a hub dataset name."""
+    opened = sources.open_source(source, split=split, single_image=True)
+    if isinstance(opened, sources.DatasetSplit):
+        return _dataset_items(opened, column)
+    # A folder's names are paths relative to it; a list's or a single image's, file names.
+    return _path_items(opened.paths, opened.path if opened.kind == "folder" else None)

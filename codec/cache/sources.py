@@ -12,56 +12,16 @@ raises ImageError with the reason, and the item is skipped and reported, never f
 from __future__ import annotations
 
 import hashlib
-import io
 import os
-import re
-import warnings
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from codec.images import IMAGE_SUFFIXES, ImageError, to_rgb
+from codec import sources
+from codec.sources import SourceError, decode_image
 
-# `datasets` writes one of these into a save_to_disk'd Dataset / DatasetDict folder.
-_SAVED_DATASET_MARKERS = ("state.json", "dataset_dict.json")
-_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
-
-
-class SourceError(ValueError):
-    """A source that cannot be opened; the message names it and says why."""
-
-
-def decode_image(data: str | os.PathLike | bytes, max_pixels: int) -> Image.Image:
-    """A path or encoded bytes -> RGB (EXIF orientation, alpha over white, 16-bit, CMYK handled by to_rgb)."""
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        if len(data) == 0:
-            raise ImageError("the image bytes are empty")
-        stream: Any = io.BytesIO(data)
-    else:
-        if os.stat(data).st_size == 0:
-            raise ImageError("the file is empty")
-        stream = data
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(stream) as image:
-                # The header gives the size: refuse a huge image before decoding allocates its pixels.
-                if image.width * image.height > max_pixels:
-                    raise ImageError(
-                        f"too many pixels ({image.width}x{image.height} > {max_pixels}), refused as a possible "
-                        "decompression bomb"
-                    )
-                image.load()  # decode now, so a truncated file fails here with its reason
-                return to_rgb(image)
-    except ImageError:
-        raise
-    except UnidentifiedImageError:
-        raise ImageError("not an image file (unrecognised format)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageError(f"too many pixels, refused as a possible decompression bomb ({error})") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise ImageError(f"cannot decode the image, perhaps truncated or corrupt ({error})") from None
+__all__ = ["DatasetSource", "FileSource", "SampleSource", "SourceError", "decode_image", "open_source"]
 
 
 class FileSource:
@@ -88,10 +48,8 @@ class FileSource:
         if self.carried_columns:
             sidecar = path.with_suffix(".txt")
             carried["caption"] = sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else None
-        try:
-            return decode_image(path, max_pixels), carried
-        except FileNotFoundError:
-            raise ImageError("no such file") from None
+        # The reason alone: the writer records it beside the key and describe(), which name the file already.
+        return decode_image(path, max_pixels), carried
 
     def fingerprint(self, indices: range) -> str:
         """Names, sizes and modification times: an edited, replaced or deleted file makes its shard stale."""
@@ -112,24 +70,11 @@ class DatasetSource:
     """One split of a `datasets.Dataset`: the image column decoded here, the other columns carried."""
 
     def __init__(self, dataset: Any, name: str, split: str, image_column: str, columns: list[str] | None) -> None:
-        import datasets
-
-        if image_column not in dataset.column_names:
-            raise SourceError(f"{name}: no column {image_column!r}; its columns are {dataset.column_names}")
+        images = sources.image_column(dataset, image_column, name)
         carried = [c for c in dataset.column_names if c != image_column] if columns is None else list(columns)
         unknown = [c for c in carried if c not in dataset.column_names or c == image_column]
         if unknown:
             raise SourceError(f"{name}: cannot carry column(s) {unknown}; its columns are {dataset.column_names}")
-        images = dataset.select_columns([image_column])
-        feature = images.features[image_column]
-        if isinstance(feature, datasets.Image):
-            # Undecoded bytes, so a corrupt row fails here (skipped and reported) rather than inside datasets.
-            images = images.cast_column(image_column, datasets.Image(decode=False))
-        elif not (
-            isinstance(feature, datasets.Value)
-            and feature.dtype in ("binary", "large_binary", "string", "large_string")
-        ):
-            raise SourceError(f"{name}: column {image_column!r} holds {feature}, not images, image bytes or paths")
         self.name, self.kind, self.split, self.image_column = name, "dataset", split, image_column
         self.carried_columns = carried
         self._images = images
@@ -151,14 +96,9 @@ class DatasetSource:
 
     def load(self, index: int, max_pixels: int) -> tuple[Image.Image, dict]:
         carried = self._carried[index].to_pylist()[0] if self._carried is not None else {}
-        item = self._images[index][self.image_column]
-        if isinstance(item, dict):  # datasets' {"bytes", "path"}
-            item = item["bytes"] if item.get("bytes") is not None else item.get("path")
-        if item is None:
-            raise ImageError("the row has no image")
-        if isinstance(item, str) and not os.path.isfile(item):
-            raise ImageError(f"no such file {item}")
-        return decode_image(item, max_pixels), carried
+        item = self._images[index]
+        # A row that points at a file names it: the row number alone would not say which file is missing or bad.
+        return decode_image(item, max_pixels, name=sources.item_path(item)), carried
 
     def fingerprint(self, indices: range) -> str:
         # datasets fingerprints a dataset from its files and transforms: new content, new fingerprint.
@@ -174,96 +114,35 @@ class DatasetSource:
         }
 
 
-def _folder(path: Path) -> FileSource | None:
-    images, sidecars = [], set()
-    for file in path.rglob("*"):
-        suffix = file.suffix.lower()
-        if suffix in IMAGE_SUFFIXES and file.is_file():
-            images.append(file)
-        elif suffix == ".txt":
-            sidecars.add(file.with_suffix(""))
-    if not images:
-        return None
-    captions = any(image.with_suffix("") in sidecars for image in images)
-    keys = [image.relative_to(path).as_posix() for image in images]
-    return FileSource(str(path.resolve()), "folder", keys, images, captions)
-
-
-def _file_list(path: Path) -> FileSource:
-    keys, paths, seen = [], [], {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        key = os.path.normpath(line)
-        if key in seen:
-            raise SourceError(
-                f"{path}: line {number} names {line!r} again (first on line {seen[key]}); keys must be unique"
-            )
-        seen[key] = number
-        keys.append(key)
-        paths.append(Path(os.path.normpath(path.parent / Path(line).expanduser())))  # relative to the list
-    if not keys:
-        raise SourceError(f"{path}: the list names no images")
-    return FileSource(str(path.resolve()), "list", keys, paths, captions=False)
-
-
 def open_source(
     source: str | os.PathLike, split: str = "train", image_column: str = "image", columns: list[str] | None = None
 ) -> FileSource | DatasetSource:
     """A folder of images, a .txt list, a .parquet file or folder, a save_to_disk folder, or a hub dataset name."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        if any((path / marker).is_file() for marker in _SAVED_DATASET_MARKERS):
-            import datasets
-
-            return _dataset(datasets.load_from_disk(str(path)), str(path.resolve()), split, image_column, columns)
-        folder = _folder(path)  # one walk of the tree: it may hold millions of files
-        if folder is not None:
-            return folder
-        if any(path.rglob("*.parquet")):
-            return _parquet(path, split, image_column, columns)
-        raise SourceError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) or parquet files in this folder")
-    if path.is_file():
-        if path.suffix.lower() == ".txt":
-            return _file_list(path)
-        if path.suffix.lower() == ".parquet":
-            return _parquet(path, split, image_column, columns)
-        raise SourceError(f"{path}: expected a folder, a .txt list of images, a .parquet file or a dataset")
-    text = str(source)
-    # Anything that reads as a path (and is not there) is a typo, not a hub dataset: say so instead of going online.
-    if text.startswith((".", "/", "~")) or path.suffix.lower() in (".txt", ".parquet") or not _HUB_NAME.fullmatch(text):
-        raise SourceError(f"{text}: no such file or folder")
-    import datasets
-
-    try:
-        loaded = datasets.load_dataset(text, split=split)
-    except Exception as error:  # offline, unknown, gated, no such split: one message for all
-        raise SourceError(
-            f"cannot load the dataset {text!r} (split {split!r}) from the Hugging Face hub: {type(error).__name__}: "
-            f"{error}. Offline, download it elsewhere and pass a local folder, parquet file or save_to_disk folder."
-        ) from error
-    return _dataset(loaded, text, split, image_column, columns)
+    opened = sources.open_source(source, split=split)
+    if isinstance(opened, sources.DatasetSplit):
+        # A local dataset is named by its absolute path (the manifest records it), a hub dataset by its name.
+        path = Path(source).expanduser()
+        name = str(path.resolve()) if path.exists() else str(source)
+        return DatasetSource(opened.dataset, name, split, image_column, columns)
+    name = str(opened.path.resolve())
+    if opened.kind == "folder":
+        keys = [image.relative_to(opened.path).as_posix() for image in opened.paths]
+        return FileSource(name, "folder", keys, opened.paths, opened.captioned)
+    return FileSource(name, "list", _list_keys(opened), opened.paths, captions=False)
 
 
-def _parquet(path: Path, split: str, image_column: str, columns: list[str] | None) -> DatasetSource:
-    import datasets
-
-    if path.is_file():
-        loaded = datasets.load_dataset("parquet", data_files=str(path), split="train")  # one file, one split
-    else:
-        loaded = datasets.load_dataset("parquet", data_dir=str(path))
-    return _dataset(loaded, str(path.resolve()), split, image_column, columns)
-
-
-def _dataset(loaded: Any, name: str, split: str, image_column: str, columns: list[str] | None) -> DatasetSource:
-    import datasets
-
-    if isinstance(loaded, datasets.DatasetDict):
-        if split not in loaded:
-            raise SourceError(f"{name}: no split {split!r}; it has {sorted(loaded)}")
-        loaded = loaded[split]
-    return DatasetSource(loaded, name, split, image_column, columns)
+def _list_keys(opened: sources.ImageFiles) -> list[str]:
+    """A list's keys are its lines, normalised (so "./a.png" and "a.png" are one key), and must be unique."""
+    keys, seen = [], {}
+    for number, line in opened.lines:
+        key = os.path.normpath(line)
+        if key in seen:
+            raise SourceError(
+                f"{opened.path}: line {number} names {line!r} again (first on line {seen[key]}); keys must be unique"
+            )
+        seen[key] = number
+        keys.append(key)
+    return keys
 
 
 class SampleSource:

@@ -34,7 +34,9 @@ def add_parsers(subparsers) -> None:
         help="repeatable: diffusers folder, single file, hub id, 'builtin', 'preset:NAME' (random weights), "
         f"or a baseline: {', '.join(BASELINES)}",
     )
-    parser.add_argument("--data", required=True, help="folder, image, .txt list, save_to_disk folder or hub dataset")
+    parser.add_argument(
+        "--data", required=True, help="folder, image, .txt list, .parquet, save_to_disk folder or hub dataset"
+    )
     parser.add_argument("-o", "--output", type=Path, required=True, help="folder for the outputs")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="crop256", help="crop256 (model cards) or full")
     parser.add_argument("--limit", type=int, default=None, help="only the first N images of the source")
