@@ -90,7 +90,9 @@ def test_export_loads_in_diffusers_with_the_same_outputs(tmp_path):
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         expected = ours(x).sample
-        assert torch.allclose(theirs(x).sample, expected, atol=1e-5)
+        # 1e-4, not 1e-5: our inference runs channels-last, which changes the convolutions' summation order;
+        # diffusers' own channels-last and NCHW outputs differ by as much (about 1e-5 here, 9e-5 at 256x256).
+        assert torch.allclose(theirs(x).sample, expected, atol=1e-4)
         assert torch.allclose(single(x).sample, expected, atol=1e-6)
     assert (out / "config.yaml").is_file() and list((out / "samples").glob("*.png"))
 
