@@ -7,8 +7,9 @@ Both models get the same seeded random weights (SD config unless --config says o
 Runs are alternated (ours, theirs, theirs, ours, ...) after one warm-up each, and medians are reported, so
 that a slow phase of a shared machine hits both sides alike. FLOPs come from torch.utils.flop_counter on one
 run of ours; the matmul peak (a large square matmul in the same dtype) is measured in the same run. Peak
-memory is the process's resident-set high-water mark during the run minus what it held before (CPU; Linux
-resets the mark through /proc/self/clear_refs), or torch.cuda.max_memory_allocated on a GPU.
+memory comes from codec bench's meter (codec.bench.measure): the resident-set high-water mark during the run
+minus what the process held before, after returning freed memory to the system (CPU, Linux), or
+torch.cuda.max_memory_allocated on a GPU.
 
 A last section measures quality with the embedded model on a real photo: bf16 against fp32 output, and tiled
 against untiled output at 1024x1024.
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 
 from codec import AutoencoderKL, preset
+from codec.bench.measure import Meter
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -52,38 +54,12 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _rss_kib(field_name: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-class PeakMemory:
-    """Peak memory of a block above what the process held when it started (bytes)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.peak = 0
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-        else:
-            with contextlib.suppress(OSError):
-                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
-            self._base = _rss_kib("VmRSS") * 1024
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
-        else:
-            self.peak = max(0, _rss_kib("VmHWM") * 1024 - self._base)
+def peak_memory(run: Callable[[], object], device: torch.device) -> int:
+    """Bytes above what was in use before, at the peak of `run()` (codec bench's meter, same method)."""
+    meter = Meter(device)
+    with meter.memory():
+        run()
+    return meter.peak_bytes
 
 
 @torch.no_grad()
@@ -91,10 +67,7 @@ def time_alternating(runs: dict[str, Callable[[], object]], repeats: int, device
     """Time each callable `repeats` times after one warm-up, alternating the order every round."""
     timings = {name: Timing() for name in runs}
     for name, run in runs.items():  # warm-up: oneDNN/cuDNN pick and cache their kernels on first use
-        with PeakMemory(device) as memory:
-            run()
-            synchronize(device)
-        timings[name].peak_bytes = memory.peak
+        timings[name].peak_bytes = peak_memory(run, device)
     names = list(runs)
     for round_index in range(repeats):
         for name in names if round_index % 2 == 0 else reversed(names):
@@ -254,14 +227,12 @@ def tiled_rows(ours, theirs, sizes: list[int], tile: int, device: torch.device) 
         variants["diffusers tiled"] = lambda z: _diffusers_tiling(theirs, tile).decode(z).sample
         results = {}
         for name, run in variants.items():
-            with PeakMemory(device) as memory:
-                synchronize(device)
-                start = time.perf_counter()
+            meter = Meter(device)
+            with meter.memory(), meter.time("decode"):
                 run(z)
-                synchronize(device)
-                seconds = time.perf_counter() - start
-            results[name] = (seconds, memory.peak)
-            print(f"{size} {name}: {seconds:.2f} s, peak {memory.peak / 2**20:.0f} MiB", flush=True)
+            seconds, peak = meter.seconds["decode"], meter.peak_bytes
+            results[name] = (seconds, peak)
+            print(f"{size} {name}: {seconds:.2f} s, peak {peak / 2**20:.0f} MiB", flush=True)
         base = results.get("ours untiled", (None,))[0]
         for name, (seconds, peak) in results.items():
             ratio = f"{seconds / base:.2f}" if base else "-"
@@ -398,9 +369,8 @@ def main(argv: list[str] | None = None) -> int:
             + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items())
             + ".",
             markdown_table(SPEED_HEADER, speed),
-            "Peak memory on a CPU is the growth of the resident set above what the process already held, so a run "
-            "that reuses memory an earlier run freed (the allocator keeps it) reads low; the large decodes below "
-            "are the memory comparison that matters.",
+            "Peak memory: above what was in use before each run, by codec bench's meter (codec.bench.measure; "
+            "on a CPU the resident-set peak, on a GPU max_memory_allocated).",
             f"Large decodes, one run each, tile {args.tile} latent px for both (peak memory above the loaded model):",
             markdown_table(TILED_HEADER, tiled),
             f"Quality with the embedded model on {photo.name} (PSNR in dB; difference picture in {args.out}):",
