@@ -53,11 +53,17 @@ class GroupNorm(nn.GroupNorm):
         return self.act(y)
 
 
-def group_moments(x: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Per-(sample, group) sum and sum of squares in fp32, and the element count, for pooling over tiles."""
-    b = x.shape[0]
-    grouped = x.reshape(b, num_groups, -1).float()
-    return grouped.sum(-1), grouped.square().sum(-1), grouped.shape[-1]
+def group_stats(x: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(sample, group) mean and (biased) variance in fp32, as F.group_norm computes them.
+
+    Reduced per channel first and then combined: a (B, groups, -1) view of a channels-last activation would be
+    a full-size copy, and so would squaring it; per-channel var_mean needs neither.
+    """
+    b, c = x.shape[:2]
+    var, mean = torch.var_mean(x if x.dtype == torch.float32 else x.float(), dim=tuple(range(2, x.dim())), correction=0)
+    mean, second = mean.view(b, num_groups, c // num_groups), (var + mean.square()).view(b, num_groups, -1)
+    group_mean = mean.mean(-1)
+    return group_mean, (second.mean(-1) - group_mean.square()).clamp_min(0.0)
 
 
 def normalize_with(
@@ -68,8 +74,9 @@ def normalize_with(
     weight: torch.Tensor,
     bias: torch.Tensor,
     eps: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Group-normalise `x` with given per-(sample, group) statistics instead of its own."""
+    """Group-normalise `x` with given per-(sample, group) statistics instead of its own (into `out` if given)."""
     b, c = x.shape[:2]
     per_channel = c // num_groups
     scale = torch.rsqrt(var.float() + eps).repeat_interleave(per_channel, dim=1)  # (B, C)
@@ -77,4 +84,5 @@ def normalize_with(
     scale = scale * weight.float()
     shift = shift * weight.float() + bias.float()
     view = (b, c) + (1,) * (x.dim() - 2)
-    return torch.addcmul(shift.view(view).to(x.dtype), x, scale.view(view).to(x.dtype))
+    shift, scale = shift.view(view).to(x.dtype), scale.view(view).to(x.dtype)
+    return torch.addcmul(shift, x, scale) if out is None else torch.addcmul(shift, x, scale, out=out)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from codec.groupnorm import GroupNorm, group_moments
+from codec.groupnorm import GroupNorm, group_stats
 
 Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]  # keyed by each norm's qualified name
 
@@ -80,9 +80,7 @@ def record_norm_stats(module: nn.Module, run: Callable[[torch.Tensor], torch.Ten
     stats: Stats = {}
 
     def hook(norm: GroupNorm, h: torch.Tensor) -> None:
-        total, total_sq, count = group_moments(h, norm.num_groups)
-        mean = total / count
-        stats[norm.stats_key] = (mean, (total_sq / count - mean.square()).clamp_min(0.0))
+        stats[norm.stats_key] = group_stats(h, norm.num_groups)
         return None  # normalise with its own statistics, which are the ones recorded
 
     with _norm_hooks(module, hook):
@@ -99,6 +97,31 @@ def shared_norm_stats(module: nn.Module, stats: Stats) -> Iterator[None]:
 
     with _norm_hooks(module, hook):
         yield
+
+
+def estimate_norm_stats(
+    module: nn.Module, run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, max_side: int, align: int
+) -> Stats:
+    """The whole input's GroupNorm statistics, estimated from two passes over downscaled copies of it.
+
+    A downscaled copy has coarser features than the full input, so its statistics are biased (variances came
+    out 3-6% low at half size). Passes at half and a quarter of the input's longer side (at most `max_side`,
+    which bounds their memory) measure how the statistics change per halving; one halving's change is added
+    back, linearly for means and in the log for variances. On 1024x1024 photos with the embedded model this
+    took tiled-against-untiled PSNR from 34-46 dB with the half-size pass alone to 46-51 dB.
+    """
+    longest = max(x.shape[-2:])
+    side = min(max_side, max(align, math.ceil(longest / 2 / align) * align))
+    near = record_norm_stats(module, run, downscale_to_fit(x, side, align))
+    if side >= longest or side // 2 < align:
+        return near
+    far = record_norm_stats(module, run, downscale_to_fit(x, side // 2, align))
+    estimate: Stats = {}
+    for key, (mean, var) in near.items():
+        far_mean, far_var = far[key]
+        log_var, far_log_var = var.clamp_min(1e-12).log(), far_var.clamp_min(1e-12).log()
+        estimate[key] = (2 * mean - far_mean, (2 * log_var - far_log_var).exp())
+    return estimate
 
 
 def downscale_to_fit(x: torch.Tensor, max_side: int, align: int) -> torch.Tensor:
@@ -127,7 +150,7 @@ def tiled_apply(
     whole output pixels. Statistics are shared across tiles as the module docstring explains.
     """
     b, _, h, w = x.shape
-    stats = record_norm_stats(module, run, downscale_to_fit(x, max_tile, align))
+    stats = estimate_norm_stats(module, run, x, max_tile, align)
     out_h, out_w = round(h * scale), round(w * scale)
     out = torch.zeros(b, out_channels, out_h, out_w, dtype=torch.float32, device=x.device)
     total_weight = torch.zeros(1, 1, out_h, out_w, dtype=torch.float32, device=x.device)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import codec
-from codec import inference, tiling
+from codec import inference, streaming, tiling
 from codec.metrics import psnr
 
 
@@ -74,8 +74,9 @@ def test_recorded_stats_applied_to_the_same_input_change_nothing(vae):
 
 def test_small_memory_budget_tiles_encode_and_decode(vae, monkeypatch):
     calls = []
-    real = tiling.tiled_apply
-    monkeypatch.setattr(tiling, "tiled_apply", lambda *a, **k: calls.append(a[2].shape) or real(*a, **k))
+    real_tiles, real_bands = tiling.tiled_apply, streaming.stream_decoder_tail
+    monkeypatch.setattr(tiling, "tiled_apply", lambda *a, **k: calls.append("tiles") or real_tiles(*a, **k))
+    monkeypatch.setattr(streaming, "stream_decoder_tail", lambda *a: calls.append("bands") or real_bands(*a))
     x = torch.rand(1, 3, 200, 168) * 2 - 1
     with torch.no_grad():
         untiled = vae.encode(x).latent_dist.mean
@@ -83,7 +84,7 @@ def test_small_memory_budget_tiles_encode_and_decode(vae, monkeypatch):
         vae.memory_budget = 16 << 20  # far below what a 200x168 image needs at these widths
         latent = vae.encode(x).latent_dist.mean
         decoded = vae.decode(latent).sample
-    assert len(calls) == 2
+    assert calls == ["tiles", "bands"]  # encode in tiles, decode streamed in bands of rows
     assert latent.shape == untiled.shape == (1, 4, 25, 21)
     assert decoded.shape == (1, 3, 200, 168)
     assert torch.isfinite(decoded).all()

@@ -1,0 +1,144 @@
+"""Row-streamed decoding: the decoder's convolutional tail run over bands of latent rows, exact, nothing twice.
+
+2D tiles recompute their overlaps (at 1024x1024 a 3x3 grid of tiles covers 1.27 times the image) and blend
+approximations at the seams. The decoder's tail (up blocks, output norm and conv) holds no attention, so it
+can be streamed instead: the latent-resolution features go in a band of rows at a time, and every 3x3
+convolution keeps the last two rows of input it has seen, so that the next band continues exactly where the
+previous one stopped. The output equals the untiled output row for row (GroupNorm statistics aside: they
+come shared from a stats pass, as for tiles), nothing is computed twice, and memory is bounded by the band,
+its rows times the image's width.
+
+Until the last band a 3x3 convolution outputs two rows fewer than it has received (it needs the row below
+each output row); the last band brings the bottom padding row and flushes them. A resnet's shortcut is held
+back by as many rows as its main path. The row count per band therefore varies; the total is exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from codec.groupnorm import GroupNorm, normalize_with
+from codec.layers import ResnetBlock, Upsample
+from codec.networks import Decoder
+
+Fill = Callable[[torch.Tensor], None]  # writes a conv's new input rows into the view it is given
+
+
+def _empty_rows(like: torch.Tensor, channels: int, rows: int, width: int) -> torch.Tensor:
+    """An uninitialised (B, channels, rows, width) tensor, channels-last when `like` is (oneDNN's fast layout)."""
+    channels_last = like.is_contiguous(memory_format=torch.channels_last) and like.shape[1] > 1
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty((like.shape[0], channels, rows, width), dtype=like.dtype, device=like.device, memory_format=fmt)
+
+
+def _normalize_into(norm: GroupNorm, x: torch.Tensor, out: torch.Tensor) -> None:
+    """`out[...] = norm(x)`, written in place: the norm's output is the next conv's input buffer."""
+    stats = norm.stats_hook(norm, x) if norm.stats_hook is not None else None
+    if stats is None:  # no shared statistics: the band normalises with its own (tests show why that is wrong)
+        out.copy_(norm(x))
+        return
+    normalize_with(x, norm.num_groups, *stats, norm.weight, norm.bias, norm.eps, out=out)
+    if norm.act is not None:
+        if norm.act_in_place:
+            norm.act(out, inplace=True)
+        else:
+            out.copy_(norm.act(out))
+
+
+def _upsample_into(x: torch.Tensor, out: torch.Tensor) -> None:
+    """Nearest-neighbour 2x upsampling of `x` written into `out` (2x its rows and columns) in one pass."""
+    b, c, h, w = x.shape
+    out.view(b, c, h, 2, w, 2).copy_(x[:, :, :, None, :, None].expand(b, c, h, 2, w, 2))
+
+
+class _RowStream:
+    """The state carried between bands: each conv's unconsumed input rows, each resnet's held-back shortcut.
+
+    A conv's input buffer starts with the rows carried from the last band, and whatever produces its input
+    (a norm, an upsampling) writes the new rows straight in after them: no band-sized copy anywhere.
+    """
+
+    def __init__(self) -> None:
+        self.carry: dict[nn.Module, torch.Tensor] = {}
+        self.held: dict[nn.Module, torch.Tensor] = {}
+
+    def conv3x3(
+        self, conv: nn.Conv2d, like: torch.Tensor, rows: int, width: int, fill: Fill, last: bool
+    ) -> torch.Tensor:
+        channels = conv.in_channels
+        carried = self.carry.pop(conv, None)
+        top = 1 if carried is None else carried.shape[2]  # nothing carried yet: the top zero-padding row
+        buffer = _empty_rows(like, channels, top + rows + int(last), width)
+        if carried is None:
+            buffer[:, :, :1].zero_()
+        else:
+            buffer[:, :, :top] = carried
+        if rows:
+            fill(buffer[:, :, top : top + rows])
+        if last:
+            buffer[:, :, -1:].zero_()  # the bottom zero-padding row
+        else:
+            self.carry[conv] = buffer[:, :, -2:].clone()  # a copy, so the band's buffer can be freed
+        if buffer.shape[2] < 3:
+            return _empty_rows(like, conv.out_channels, 0, width)
+        return F.conv2d(buffer, conv.weight, conv.bias, padding=(0, 1))
+
+    def normalized_conv(self, norm: GroupNorm, conv: nn.Conv2d, x: torch.Tensor, last: bool) -> torch.Tensor:
+        return self.conv3x3(conv, x, x.shape[2], x.shape[3], lambda out: _normalize_into(norm, x, out), last)
+
+    def resnet(self, block: ResnetBlock, x: torch.Tensor, last: bool) -> torch.Tensor:
+        h = self.normalized_conv(block.norm1, block.conv1, x, last)
+        h = self.normalized_conv(block.norm2, block.conv2, h, last)
+        shortcut = x
+        if block.conv_shortcut is not None:  # a 1x1 conv; torch refuses an input with no rows
+            conv = block.conv_shortcut
+            shortcut = conv(x) if x.shape[2] else _empty_rows(x, conv.out_channels, 0, x.shape[3])
+        # h's rows continue the shortcut rows held back from the last band, then this band's shortcut rows.
+        held = self.held.pop(block, shortcut[:, :, :0])
+        ready, from_held = h.shape[2], min(h.shape[2], held.shape[2])
+        h[:, :, :from_held] += held[:, :, :from_held]
+        from_new = ready - from_held
+        h[:, :, from_held:] += shortcut[:, :, :from_new]
+        if not last:
+            self.held[block] = torch.cat([held[:, :, from_held:], shortcut[:, :, from_new:]], dim=2)
+        return h
+
+    def upsample(self, up: Upsample, x: torch.Tensor, last: bool) -> torch.Tensor:
+        rows, width = x.shape[2:]
+        return self.conv3x3(up.conv, x, 2 * rows, 2 * width, lambda out: _upsample_into(x, out), last)
+
+    def decoder_tail(self, decoder: Decoder, x: torch.Tensor, last: bool) -> torch.Tensor:
+        """Decoder.forward_tail for one band: the output rows that are complete so far."""
+        for block in decoder.up_blocks:
+            for resnet in block.resnets:
+                x = self.resnet(resnet, x, last)
+            if block.upsamplers is not None:
+                x = self.upsample(block.upsamplers[0], x, last)
+        return self.normalized_conv(decoder.conv_norm_out, decoder.conv_out, x, last)
+
+
+def stream_decoder_tail(decoder: Decoder, features: torch.Tensor, band_rows: int) -> torch.Tensor:
+    """`decoder.forward_tail(features)` computed `band_rows` latent rows at a time, in memory bounded by the band.
+
+    No gradient (the in-place residual add); GroupNorms normalise with their inputs' own statistics unless
+    shared ones are installed (tiling.shared_norm_stats), and a band's own statistics are not the image's.
+    """
+    if band_rows < 1:
+        raise ValueError(f"band_rows must be at least 1, got {band_rows}")
+    b, _, h, w = features.shape
+    scale = 2 ** sum(block.upsamplers is not None for block in decoder.up_blocks)
+    out = features.new_empty((b, decoder.conv_out.out_channels, h * scale, w * scale))
+    stream = _RowStream()
+    filled = 0
+    with torch.no_grad():
+        for top in range(0, h, band_rows):
+            rows = stream.decoder_tail(decoder, features[:, :, top : top + band_rows], last=top + band_rows >= h)
+            out[:, :, filled : filled + rows.shape[2]] = rows
+            filled += rows.shape[2]
+    if filled != h * scale:  # every row is produced exactly once; anything else is a bug here
+        raise RuntimeError(f"row streaming produced {filled} rows, expected {h * scale}")
+    return out
