@@ -11,7 +11,7 @@ memory comes from codec bench's meter (codec.bench.measure): the resident-set hi
 minus what the process held before, after returning freed memory to the system (CPU, Linux), or
 torch.cuda.max_memory_allocated on a GPU.
 
-A last section measures quality with the embedded model on a real photo: bf16 against fp32 output, and tiled
+A last section measures quality with the embedded model on real photos: bf16 against fp32 output, and tiled
 against untiled output at 1024x1024.
 """
 
@@ -261,8 +261,9 @@ TILED_HEADER = ["size", "variant", "seconds", "time / ours untiled", "peak MiB"]
 
 
 @torch.no_grad()
-def quality_rows(photo: Path, tile: int, device: torch.device, out: Path, size: int = 1024) -> list[list[str]]:
-    """The embedded model on a real photo: bf16 vs fp32 decode at 256, tiled vs untiled decode at `size`."""
+def quality_rows(photos: list[Path], tile: int, device: torch.device, out: Path, size: int = 1024) -> list[list[str]]:
+    """The embedded model on real photos: bf16 vs fp32 decode at 256 (first photo), tiled vs untiled decode at
+    `size` (every photo: the shared statistics are estimated, so how close they come depends on the content)."""
     from codec.images import image_to_tensor, tensor_to_pil, tensor_to_uint8
     from codec.metrics import psnr
 
@@ -270,25 +271,30 @@ def quality_rows(photo: Path, tile: int, device: torch.device, out: Path, size: 
         return psnr(tensor_to_uint8(a.float().cpu()), tensor_to_uint8(b.float().cpu())).item()
 
     vae = untiled(AutoencoderKL.load("builtin").float().to(device).eval())
-    image = image_to_tensor(photo)
     rows = []
-    crop = _center_square(image, 256).to(device)
+    crop = _center_square(image_to_tensor(photos[0]), 256).to(device)
     z = vae.encode(crop).latent_dist.mode()
     reference = vae.decode(z).sample
     half = untiled(as_dtype(vae, torch.bfloat16))
-    rows.append(["bf16 decode vs fp32 decode, 256x256", f"{db(reference, half.decode(z).sample):.2f}"])
+    rows.append(
+        [f"{photos[0].name}: bf16 decode vs fp32 decode, 256x256", f"{db(reference, half.decode(z).sample):.2f}"]
+    )
     z_half = half.encode(crop.bfloat16()).latent_dist.mode()
-    rows.append(["bf16 encode+decode vs fp32, 256x256", f"{db(reference, half.decode(z_half).sample):.2f}"])
+    rows.append(
+        [f"{photos[0].name}: bf16 encode+decode vs fp32, 256x256", f"{db(reference, half.decode(z_half).sample):.2f}"]
+    )
 
-    big = _center_square(image, size).to(device)
-    z = vae.encode(big).latent_dist.mode()
-    reference = vae.decode(z).sample
-    tiled = _tiled(vae, tile).decode(z).sample
-    rows.append([f"tiled decode (tile {tile} latent px) vs untiled, {size}x{size}", f"{db(reference, tiled):.2f}"])
     out.mkdir(parents=True, exist_ok=True)
-    # The difference, x8 around mid-grey: a tone shift between tiles would show as a grid of flat patches.
-    difference = ((tiled - reference).float() * 8).clamp(-1, 1)
-    tensor_to_pil(difference.cpu())[0].save(out / "tiled-minus-untiled-x8.png")
+    for photo in photos:
+        big = _center_square(image_to_tensor(photo), size).to(device)
+        z = vae.encode(big).latent_dist.mode()
+        reference = vae.decode(z).sample
+        tiled = _tiled(vae, tile).decode(z).sample
+        label = f"{photo.name}: tiled decode (tile {tile} latent px) vs untiled, {size}x{size}"
+        rows.append([label, f"{db(reference, tiled):.2f}"])
+        # The difference, x8 around mid-grey: a tone shift between tiles would show as a grid of flat patches.
+        difference = ((tiled - reference).float() * 8).clamp(-1, 1)
+        tensor_to_pil(difference.cpu())[0].save(out / f"tiled-minus-untiled-x8-{photo.stem}.png")
     return rows
 
 
@@ -335,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         "--tile", type=int, default=64, help="tile side in latent pixels, both sides (diffusers' SD default)"
     )
     parser.add_argument("--quality-size", type=int, default=1024, help="side of the tiled-vs-untiled quality check")
-    parser.add_argument("--photo", type=Path, default=None, help="real photo for the quality rows")
+    parser.add_argument("--photos", type=Path, nargs="+", default=None, help="real photos for the quality rows")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_speed"), help="folder for the difference picture")
     parser.add_argument("--quick", action="store_true", help="tiny config, 64 px, 1 repeat: a smoke run")
     parser.add_argument("--no-write", action="store_true", help="print only; do not append to BENCHMARKS.md")
@@ -344,11 +350,10 @@ def main(argv: list[str] | None = None) -> int:
         args.config, args.sizes, args.batches, args.repeats = "tiny", [64], [1], 1
         args.tiled_sizes, args.tile, args.quality_size = [256], 8, 256
     device = torch.device(args.device)
-    photo = args.photo or next(
-        p
-        for p in (ROOT.parent / "shared/data/kodak/kodim23.png", ROOT / "codec/assets/samples/astronaut.png")
-        if p.is_file()
-    )
+    kodak = [ROOT.parent / f"shared/data/kodak/kodim{n:02d}.png" for n in (23, 1, 5, 13)]
+    photos = args.photos or [p for p in kodak if p.is_file()] or [ROOT / "codec/assets/samples/astronaut.png"]
+    if args.quick:
+        photos = photos[:1]
 
     peaks = {name: matmul_peak(DTYPES[name], device) for name in args.dtypes}
     print("matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()), flush=True)
@@ -356,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     speed = speed_rows(ours, theirs, args, device, peaks)
     tiled = tiled_rows(ours, theirs, args.tiled_sizes, args.tile, device)
     del ours, theirs
-    quality = quality_rows(photo, args.tile, device, args.out, args.quality_size)
+    quality = quality_rows(photos, args.tile, device, args.out, args.quality_size)
     for row in quality:
         print(f"{row[0]}: {row[1]} dB")
 
@@ -373,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             "on a CPU the resident-set peak, on a GPU max_memory_allocated).",
             f"Large decodes, one run each, tile {args.tile} latent px for both (peak memory above the loaded model):",
             markdown_table(TILED_HEADER, tiled),
-            f"Quality with the embedded model on {photo.name} (PSNR in dB; difference picture in {args.out}):",
+            f"Quality with the embedded model (PSNR in dB; difference pictures in {args.out}):",
             markdown_table(["comparison", "PSNR dB"], quality),
         ]
     )

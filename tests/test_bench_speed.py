@@ -35,8 +35,9 @@ def test_quick_run_prints_all_sections_and_writes_the_difference_picture(tmp_pat
         ours, theirs, ratio = (float(cell) for cell in row.split("|")[5:8])
         assert ours > 0 and theirs > 0 and ratio == pytest.approx(ours / theirs, rel=0.1)  # cells are rounded
     assert re.search(r"\| 256x256 \| ours tiled \| [\d.]+ \| [\d.]+ \|", report)
-    assert re.search(r"\| bf16 decode vs fp32 decode, 256x256 \| [\d.]+ \|", report)
-    assert (tmp_path / "tiled-minus-untiled-x8.png").is_file()
+    assert re.search(r"\| \S+: bf16 decode vs fp32 decode, 256x256 \| [\d.]+ \|", report)
+    assert re.search(r"\| \S+: tiled decode \(tile 8 latent px\) vs untiled, 256x256 \| [\d.]+ \|", report)
+    assert len(list(tmp_path.glob("tiled-minus-untiled-x8-*.png"))) == 1
 
 
 def test_alternating_timer_runs_each_callable_after_a_warm_up():
