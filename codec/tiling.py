@@ -3,8 +3,12 @@
 Two things make tiles disagree with the untiled result. Convolutions near a tile's edge lack context: tiles
 overlap, the outer quarter of each overlap is dropped and the rest blended with linear ramps. GroupNorm
 statistics differ per tile (a tile of sky normalises differently from a tile of grass, so whole tiles shift
-in tone): one pass over a downscaled copy of the input, small enough to be a single tile, records every
-norm's per-group mean and variance, and every tile then normalises with those shared numbers.
+in tone): passes over two downscaled copies of the input, each small enough to be a single tile, estimate
+every norm's per-group mean and variance for the whole input (estimate_norm_stats), and every tile then
+normalises with those shared numbers.
+
+The decoder's tail is not tiled but streamed in bands of rows (codec/streaming.py), which needs no overlap;
+tiles remain for the encoder and for latents too large for one global attention.
 
 Tiles along an axis are made as small as still covers it with the given overlap, not the largest allowed:
 1024 pixels in tiles of at most 512 with 64 overlap become 3 tiles of 384, not 3 of 512 (less recomputation).
