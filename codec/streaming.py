@@ -8,8 +8,8 @@ previous one stopped. The output equals the untiled output row for row (GroupNor
 come shared from a stats pass, as for tiles), nothing is computed twice, and memory is bounded by the band,
 its rows times the image's width.
 
-Until the last band a 3x3 convolution outputs two rows fewer than it has received (it needs the row below
-each output row); the last band brings the bottom padding row and flushes them. A resnet's shortcut is held
+A 3x3 convolution's output lags its input by one row (each output row needs the input row below it), so
+every layer holds rows back until a last, empty band brings the bottom padding row and flushes them. A resnet's shortcut is held
 back by as many rows as its main path. The row count per band therefore varies; the total is exact.
 """
 
@@ -135,8 +135,11 @@ def stream_decoder_tail(decoder: Decoder, features: torch.Tensor, band_rows: int
     stream = _RowStream()
     filled = 0
     with torch.no_grad():
-        for top in range(0, h, band_rows):
-            rows = stream.decoder_tail(decoder, features[:, :, top : top + band_rows], last=top + band_rows >= h)
+        # The rows every layer still holds back come out in a flush of their own, after the last band: with
+        # the last band they would make that band the largest (about 12 latent rows more for the SD decoder).
+        bands = [features[:, :, top : top + band_rows] for top in range(0, h, band_rows)] + [features[:, :, h:]]
+        for index, band in enumerate(bands):
+            rows = stream.decoder_tail(decoder, band, last=index == len(bands) - 1)
             out[:, :, filled : filled + rows.shape[2]] = rows
             filled += rows.shape[2]
     if filled != h * scale:  # every row is produced exactly once; anything else is a bug here

@@ -39,9 +39,7 @@ def test_without_shared_statistics_each_band_normalises_itself(vae):
     with torch.no_grad():
         features = vae.decode_head(z)
         whole = vae.decoder.forward_tail(features)
-        one_band = streaming.stream_decoder_tail(vae.decoder, features, 16)
         banded = streaming.stream_decoder_tail(vae.decoder, features, 4)
-    torch.testing.assert_close(one_band, whole, atol=2e-5, rtol=0)
     assert (banded - whole).abs().max() > 1e-2
 
 
