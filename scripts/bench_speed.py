@@ -287,9 +287,9 @@ def quality_rows(photos: list[Path], tile: int, device: torch.device, out: Path,
     out.mkdir(parents=True, exist_ok=True)
     for photo in photos:
         big = _center_square(image_to_tensor(photo), size).to(device)
-        z = vae.encode(big).latent_dist.mode()
+        z = untiled(vae).encode(big).latent_dist.mode()
         reference = vae.decode(z).sample
-        tiled = _tiled(vae, tile).decode(z).sample
+        tiled = _tiled(vae, tile).decode(z).sample  # switches `vae` to tiling: the next photo switches it back
         label = f"{photo.name}: tiled decode (tile {tile} latent px) vs untiled, {size}x{size}"
         rows.append([label, f"{db(reference, tiled):.2f}"])
         # The difference, x8 around mid-grey: a tone shift between tiles would show as a grid of flat patches.
