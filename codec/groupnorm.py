@@ -40,17 +40,19 @@ class GroupNorm(nn.GroupNorm):
         self.act_in_place = act in _IN_PLACE
         self.stats_hook: StatsHook | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalise (and activate) `x`; into `out` when given (row streaming writes into a conv's input buffer)."""
         stats = self.stats_hook(self, x) if self.stats_hook is not None else None
         if stats is None:
             y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+            y = y if out is None else out.copy_(y)
         else:
-            y = normalize_with(x, self.num_groups, *stats, self.weight, self.bias, self.eps)
+            y = normalize_with(x, self.num_groups, *stats, self.weight, self.bias, self.eps, out=out)
         if self.act is None:
             return y
         if self.act_in_place and not y.requires_grad:
             return self.act(y, inplace=True)
-        return self.act(y)
+        return self.act(y) if out is None else out.copy_(self.act(y))
 
 
 def group_stats(x: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -100,22 +100,18 @@ def _encode_tiled(vae, x: torch.Tensor, tile: int, guarded: _Fp32Fallback) -> to
 
 
 def _decode_tiled(vae, z: torch.Tensor, tile: int, guarded: _Fp32Fallback) -> torch.Tensor:
-    f = vae.config.downsample_factor
-    overlap = tiling.overlap_for(tile, 1)
     if z.shape[-2] * z.shape[-1] > GLOBAL_ATTENTION_MAX_TOKENS:
         run_all = partial(guarded, lambda m, t: m.decode_raw(t))
+        f, overlap = vae.config.downsample_factor, tiling.overlap_for(tile, 1)
         return tiling.tiled_apply(vae, run_all, z, tile, overlap, f, 1, vae.config.out_channels)
     # The tail has no attention, so it streams in bands of whole rows (codec/streaming.py): exact, and nothing
     # is decoded twice. A band holds as many latent positions as a tile would, so memory is the same.
     features = guarded(lambda m, t: m.decode_head(t), z)
     band_rows = max(1, tile * tile // features.shape[-1])
-    stats = tiling.estimate_norm_stats(vae.decoder, lambda t: guarded(_tail, t), features, tile, 1)
+    run_tail = partial(guarded, lambda m, t: m.decoder.forward_tail(t))
+    stats = tiling.estimate_norm_stats(vae.decoder, run_tail, features, tile, 1)
     with tiling.shared_norm_stats(vae.decoder, stats):
         return guarded(lambda m, t: streaming.stream_decoder_tail(m.decoder, t, band_rows), features)
-
-
-def _tail(vae, features: torch.Tensor) -> torch.Tensor:
-    return vae.decoder.forward_tail(features)
 
 
 def _run(vae, x: torch.Tensor, *, encode: bool) -> torch.Tensor:

@@ -9,8 +9,9 @@ come shared from a stats pass, as for tiles), nothing is computed twice, and mem
 its rows times the image's width.
 
 A 3x3 convolution's output lags its input by one row (each output row needs the input row below it), so
-every layer holds rows back until a last, empty band brings the bottom padding row and flushes them. A resnet's shortcut is held
-back by as many rows as its main path. The row count per band therefore varies; the total is exact.
+every layer holds rows back until a last, empty band brings the bottom padding row and flushes them. A
+resnet's shortcut is held back by as many rows as its main path. The row count per band therefore varies;
+the total is exact.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from codec.groupnorm import GroupNorm, normalize_with
+from codec.groupnorm import GroupNorm
 from codec.layers import ResnetBlock, Upsample
 from codec.networks import Decoder
 
@@ -35,20 +36,6 @@ def _empty_rows(like: torch.Tensor, channels: int, rows: int, width: int) -> tor
     return torch.empty((like.shape[0], channels, rows, width), dtype=like.dtype, device=like.device, memory_format=fmt)
 
 
-def _normalize_into(norm: GroupNorm, x: torch.Tensor, out: torch.Tensor) -> None:
-    """`out[...] = norm(x)`, written in place: the norm's output is the next conv's input buffer."""
-    stats = norm.stats_hook(norm, x) if norm.stats_hook is not None else None
-    if stats is None:  # no shared statistics: the band normalises with its own (tests show why that is wrong)
-        out.copy_(norm(x))
-        return
-    normalize_with(x, norm.num_groups, *stats, norm.weight, norm.bias, norm.eps, out=out)
-    if norm.act is not None:
-        if norm.act_in_place:
-            norm.act(out, inplace=True)
-        else:
-            out.copy_(norm.act(out))
-
-
 def _upsample_into(x: torch.Tensor, out: torch.Tensor) -> None:
     """Nearest-neighbour 2x upsampling of `x` written into `out` (2x its rows and columns) in one pass."""
     b, c, h, w = x.shape
@@ -59,7 +46,8 @@ class _RowStream:
     """The state carried between bands: each conv's unconsumed input rows, each resnet's held-back shortcut.
 
     A conv's input buffer starts with the rows carried from the last band, and whatever produces its input
-    (a norm, an upsampling) writes the new rows straight in after them: no band-sized copy anywhere.
+    (a norm, through GroupNorm's `out`, or an upsampling) writes the new rows straight in after them: no
+    band-sized copy anywhere.
     """
 
     def __init__(self) -> None:
@@ -69,10 +57,9 @@ class _RowStream:
     def conv3x3(
         self, conv: nn.Conv2d, like: torch.Tensor, rows: int, width: int, fill: Fill, last: bool
     ) -> torch.Tensor:
-        channels = conv.in_channels
         carried = self.carry.pop(conv, None)
         top = 1 if carried is None else carried.shape[2]  # nothing carried yet: the top zero-padding row
-        buffer = _empty_rows(like, channels, top + rows + int(last), width)
+        buffer = _empty_rows(like, conv.in_channels, top + rows + int(last), width)
         if carried is None:
             buffer[:, :, :1].zero_()
         else:
@@ -88,7 +75,7 @@ class _RowStream:
         return F.conv2d(buffer, conv.weight, conv.bias, padding=(0, 1))
 
     def normalized_conv(self, norm: GroupNorm, conv: nn.Conv2d, x: torch.Tensor, last: bool) -> torch.Tensor:
-        return self.conv3x3(conv, x, x.shape[2], x.shape[3], lambda out: _normalize_into(norm, x, out), last)
+        return self.conv3x3(conv, x, x.shape[2], x.shape[3], lambda out: norm(x, out=out), last)
 
     def resnet(self, block: ResnetBlock, x: torch.Tensor, last: bool) -> torch.Tensor:
         h = self.normalized_conv(block.norm1, block.conv1, x, last)
