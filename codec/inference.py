@@ -8,9 +8,9 @@ and a training step must see exactly the network it optimises.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from collections.abc import Callable
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -90,10 +90,10 @@ def _encode_tiled(vae, x: torch.Tensor, tile: int, guarded: _Fp32Fallback) -> to
     overlap = tiling.overlap_for(tile, f)
     if (x.shape[-2] // f) * (x.shape[-1] // f) > GLOBAL_ATTENTION_MAX_TOKENS:
         # Too many positions for one global attention: the whole encoder runs per tile, attention included.
-        run_all = partial(guarded, lambda m, t: m.encode_moments(t))
+        run_all = functools.partial(guarded, lambda m, t: m.encode_moments(t))
         return tiling.tiled_apply(vae, run_all, x, tile, overlap, 1 / f, f, 2 * vae.config.latent_channels)
     # Tile only the convolutional part; the mid block's attention then sees the whole image, as untiled.
-    run_head = partial(guarded, lambda m, t: m.encoder.forward_head(t))
+    run_head = functools.partial(guarded, lambda m, t: m.encoder.forward_head(t))
     channels = vae.config.block_out_channels[-1]
     features = tiling.tiled_apply(vae.encoder, run_head, x, tile, overlap, 1 / f, f, channels)
     return guarded(lambda m, t: m.encode_tail(t), features)
@@ -101,14 +101,14 @@ def _encode_tiled(vae, x: torch.Tensor, tile: int, guarded: _Fp32Fallback) -> to
 
 def _decode_tiled(vae, z: torch.Tensor, tile: int, guarded: _Fp32Fallback) -> torch.Tensor:
     if z.shape[-2] * z.shape[-1] > GLOBAL_ATTENTION_MAX_TOKENS:
-        run_all = partial(guarded, lambda m, t: m.decode_raw(t))
+        run_all = functools.partial(guarded, lambda m, t: m.decode_raw(t))
         f, overlap = vae.config.downsample_factor, tiling.overlap_for(tile, 1)
         return tiling.tiled_apply(vae, run_all, z, tile, overlap, f, 1, vae.config.out_channels)
     # The tail has no attention, so it streams in bands of whole rows (codec/streaming.py): exact, and nothing
     # is decoded twice. A band holds as many latent positions as a tile would, so memory is the same.
     features = guarded(lambda m, t: m.decode_head(t), z)
     band_rows = max(1, tile * tile // features.shape[-1])
-    run_tail = partial(guarded, lambda m, t: m.decoder.forward_tail(t))
+    run_tail = functools.partial(guarded, lambda m, t: m.decoder.forward_tail(t))
     stats = tiling.estimate_norm_stats(vae.decoder, run_tail, features, tile, 1)
     with tiling.shared_norm_stats(vae.decoder, stats):
         return guarded(lambda m, t: streaming.stream_decoder_tail(m.decoder, t, band_rows), features)
@@ -126,6 +126,8 @@ def _run(vae, x: torch.Tensor, *, encode: bool) -> torch.Tensor:
 
     def network(model, t):
         return model.encode_moments(t) if encode else model.decode_raw(t)
+
+    untiled_network = _compiled(encode, vae.compile_mode) if vae.compile_mode else network
 
     if torch.is_grad_enabled():
         return network(vae, x)
@@ -149,12 +151,23 @@ def _run(vae, x: torch.Tensor, *, encode: bool) -> torch.Tensor:
     for start in range(0, batch, slice_size):
         chunk = x[start : start + slice_size]
         if not use_tiling:
-            outputs.append(guarded(network, chunk))
+            outputs.append(guarded(untiled_network, chunk))
         elif encode:
             outputs.append(_encode_tiled(vae, chunk, tile, guarded))
         else:
             outputs.append(_decode_tiled(vae, chunk, tile, guarded))
     return (outputs[0] if len(outputs) == 1 else torch.cat(outputs)).contiguous()
+
+
+@functools.cache
+def _compiled(encode: bool, mode: str) -> Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]:
+    """One compiled function per pass and mode, shared by all models: dynamo guards on the model it is given,
+    so a second model (or the fp32 fallback's copy) gets its own graph rather than a wrong one."""
+
+    def network(model, t):
+        return model.encode_moments(t) if encode else model.decode_raw(t)
+
+    return torch.compile(network, mode=mode)
 
 
 def encode_moments(vae, x: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,8 @@ from codec.config import AutoencoderKLConfig
 from codec.distributions import DiagonalGaussianDistribution
 from codec.networks import Decoder, Encoder
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
 
 @dataclass
 class AutoencoderKLOutput:
@@ -53,6 +55,7 @@ class AutoencoderKL(nn.Module):
         self.use_slicing: bool | None = None  # None: split the batch only when the memory budget requires it
         self.memory_budget: int | None = None  # bytes; None: chosen from the device (codec.inference)
         self.tile_latent_size: int | None = None  # latent side of a tile; None: the largest that fits the budget
+        self.compile_mode: str | None = None  # torch.compile mode for untiled inference; None: eager
 
     # ---- properties ---------------------------------------------------------------------------
 
@@ -154,6 +157,19 @@ class AutoencoderKL(nn.Module):
 
     def disable_slicing(self) -> None:
         self.use_slicing = False
+
+    def enable_compile(self, mode: str = "default") -> None:
+        """Opt in to torch.compile for untiled, gradient-free encode and decode (tiled inference stays eager).
+
+        The first call for each input shape and dtype compiles, which takes minutes on a CPU; it pays off over
+        many calls of one shape, such as encoding a dataset cached at one resolution.
+        """
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}; got {mode!r}")
+        self.compile_mode = mode
+
+    def disable_compile(self) -> None:
+        self.compile_mode = None
 
     def enable_gradient_checkpointing(self) -> None:
         self.encoder.gradient_checkpointing = self.decoder.gradient_checkpointing = True

@@ -104,7 +104,12 @@ def shared_norm_stats(module: nn.Module, stats: Stats) -> Iterator[None]:
 
 
 def estimate_norm_stats(
-    module: nn.Module, run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, max_side: int, align: int
+    module: nn.Module,
+    run: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    max_side: int,
+    align: int,
+    low_precision: bool = True,
 ) -> Stats:
     """The whole input's GroupNorm statistics, estimated from two passes over downscaled copies of it.
 
@@ -113,19 +118,46 @@ def estimate_norm_stats(
     which bounds their memory) measure how the statistics change per halving; one halving's change is added
     back, linearly for means and in the log for variances. On 1024x1024 photos with the embedded model this
     took tiled-against-untiled PSNR from 34-46 dB with the half-size pass alone to 46-51 dB.
+
+    With `low_precision`, an fp32 model runs these passes under bf16 autocast where the hardware has fast bf16
+    (see `statistics_autocast`): the statistics came out within 0.4% of fp32 ones (SD config, 1024x1024),
+    far inside the error of the extrapolation itself, and the passes took half the time.
     """
     longest = max(x.shape[-2:])
     side = min(max_side, max(align, math.ceil(longest / 2 / align) * align))
-    near = record_norm_stats(module, run, downscale_to_fit(x, side, align))
-    if side >= longest or side // 2 < align:
-        return near
-    far = record_norm_stats(module, run, downscale_to_fit(x, side // 2, align))
+    precision = statistics_autocast(x) if low_precision else contextlib.nullcontext()
+    with precision:
+        near = record_norm_stats(module, run, downscale_to_fit(x, side, align))
+        if side >= longest or side // 2 < align:
+            return near
+        far = record_norm_stats(module, run, downscale_to_fit(x, side // 2, align))
     estimate: Stats = {}
     for key, (mean, var) in near.items():
         far_mean, far_var = far[key]
         log_var, far_log_var = var.clamp_min(1e-12).log(), far_var.clamp_min(1e-12).log()
         estimate[key] = (2 * mean - far_mean, (2 * log_var - far_log_var).exp())
     return estimate
+
+
+def statistics_autocast(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """bf16 autocast for statistics passes over fp32 `x`, where bf16 is fast on its device; else a no-op.
+
+    Only the statistics, never the output, come from these passes, and group_stats reduces in fp32. A CPU
+    without native bf16 (AVX512-BF16 or AMX) would emulate it, slower than fp32, so it keeps fp32.
+    """
+    if x.dtype != torch.float32:
+        return contextlib.nullcontext()
+    if x.device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if x.device.type == "cpu" and _cpu_has_native_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _cpu_has_native_bf16() -> bool:
+    # Private helpers of torch.cpu (used by inductor); a torch without them is treated as having no fast bf16.
+    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(check is not None and check() for check in checks)
 
 
 def downscale_to_fit(x: torch.Tensor, max_side: int, align: int) -> torch.Tensor:

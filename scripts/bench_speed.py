@@ -210,8 +210,11 @@ SPEED_HEADER = [
 
 
 @torch.no_grad()
-def tiled_rows(ours, theirs, sizes: list[int], tile: int, device: torch.device) -> list[list[str]]:
-    """Decode at large sizes: ours untiled and tiled, diffusers untiled and tiled (same tile size), once each."""
+def tiled_rows(ours, theirs, sizes: list[int], tile: int, repeats: int, device: torch.device) -> list[list[str]]:
+    """Decode at large sizes: ours untiled and tiled, diffusers untiled and tiled (same tile size).
+
+    Runs alternate round by round and medians are reported: on a shared machine one run each can be 20% off.
+    """
     rows = []
     f = ours.config.downsample_factor
     for size in sizes:
@@ -225,18 +228,23 @@ def tiled_rows(ours, theirs, sizes: list[int], tile: int, device: torch.device) 
             variants["diffusers untiled"] = lambda z: _diffusers_tiling(theirs, None).decode(z).sample
         variants["ours tiled"] = lambda z: _tiled(ours, tile).decode(z).sample
         variants["diffusers tiled"] = lambda z: _diffusers_tiling(theirs, tile).decode(z).sample
-        results = {}
-        for name, run in variants.items():
-            meter = Meter(device)
-            with meter.memory(), meter.time("decode"):
-                run(z)
-            seconds, peak = meter.seconds["decode"], meter.peak_bytes
-            results[name] = (seconds, peak)
-            print(f"{size} {name}: {seconds:.2f} s, peak {peak / 2**20:.0f} MiB", flush=True)
-        base = results.get("ours untiled", (None,))[0]
-        for name, (seconds, peak) in results.items():
-            ratio = f"{seconds / base:.2f}" if base else "-"
-            rows.append([f"{size}x{size}", name, f"{seconds:.2f}", ratio, f"{peak / 2**20:.0f}"])
+        results = {name: Timing() for name in variants}
+        names = list(variants)
+        for round_index in range(repeats):
+            for name in names if round_index % 2 == 0 else reversed(names):
+                meter = Meter(device)
+                with meter.memory(), meter.time("decode"):
+                    variants[name](z)
+                results[name].seconds.append(meter.seconds["decode"])
+                results[name].peak_bytes = max(results[name].peak_bytes, meter.peak_bytes)
+                print(
+                    f"{size} {name}: {meter.seconds['decode']:.2f} s, peak {meter.peak_bytes / 2**20:.0f} MiB",
+                    flush=True,
+                )
+        base = results["ours untiled"].median if "ours untiled" in results else None
+        for name, timing in results.items():
+            ratio = f"{timing.median / base:.2f}" if base else "-"
+            rows.append([f"{size}x{size}", name, f"{timing.median:.2f}", ratio, f"{timing.peak_bytes / 2**20:.0f}"])
     return rows
 
 
@@ -337,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ops", nargs="+", default=["encode", "decode"], choices=["encode", "decode"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tiled-sizes", type=int, nargs="*", default=[1024, 2048])
+    parser.add_argument("--tiled-repeats", type=int, default=3, help="alternated runs of each large decode")
     parser.add_argument(
         "--tile", type=int, default=64, help="tile side in latent pixels, both sides (diffusers' SD default)"
     )
@@ -348,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.config, args.sizes, args.batches, args.repeats = "tiny", [64], [1], 1
-        args.tiled_sizes, args.tile, args.quality_size = [256], 8, 256
+        args.tiled_sizes, args.tile, args.quality_size, args.tiled_repeats = [256], 8, 256, 1
     device = torch.device(args.device)
     kodak = [ROOT.parent / f"shared/data/kodak/kodim{n:02d}.png" for n in (23, 1, 5, 13)]
     photos = args.photos or [p for p in kodak if p.is_file()] or [ROOT / "codec/assets/samples/astronaut.png"]
@@ -359,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     print("matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()), flush=True)
     ours, theirs = build_pair(args.config, 0, device)
     speed = speed_rows(ours, theirs, args, device, peaks)
-    tiled = tiled_rows(ours, theirs, args.tiled_sizes, args.tile, device)
+    tiled = tiled_rows(ours, theirs, args.tiled_sizes, args.tile, args.tiled_repeats, device)
     del ours, theirs
     quality = quality_rows(photos, args.tile, device, args.out, args.quality_size)
     for row in quality:
@@ -376,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
             markdown_table(SPEED_HEADER, speed),
             "Peak memory: above what was in use before each run, by codec bench's meter (codec.bench.measure; "
             "on a CPU the resident-set peak, on a GPU max_memory_allocated).",
-            f"Large decodes, one run each, tile {args.tile} latent px for both (peak memory above the loaded model):",
+            f"Large decodes, medians of {args.tiled_repeats} alternated runs, tile {args.tile} latent px for both "
+            "(peak memory: the largest above the loaded model):",
             markdown_table(TILED_HEADER, tiled),
             f"Quality with the embedded model (PSNR in dB; difference pictures in {args.out}):",
             markdown_table(["comparison", "PSNR dB"], quality),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -49,6 +51,7 @@ def test_tiled_decode_streams_and_matches_untiled_with_exact_statistics(vae, mon
     with torch.no_grad():
         reference = vae.decode(z).sample
         monkeypatch.setattr(tiling, "downscale_to_fit", lambda x, max_side, align: x)
+        monkeypatch.setattr(tiling, "statistics_autocast", lambda x: contextlib.nullcontext())  # fp32 passes
         vae.enable_tiling(tile_latent_size=8)  # bands of 8 * 8 // 20 = 3 latent rows
         tiled = vae.decode(z).sample
     torch.testing.assert_close(tiled, reference, atol=5e-5, rtol=0)
@@ -62,7 +65,7 @@ def test_estimated_statistics_extrapolate_from_two_downscaled_passes(vae):
         run = vae.decoder.forward_tail
         near = tiling.record_norm_stats(vae.decoder, run, tiling.downscale_to_fit(features, 16, 1))
         far = tiling.record_norm_stats(vae.decoder, run, tiling.downscale_to_fit(features, 8, 1))
-        estimate = tiling.estimate_norm_stats(vae.decoder, run, features, 64, 1)
+        estimate = tiling.estimate_norm_stats(vae.decoder, run, features, 64, 1, low_precision=False)
     assert estimate.keys() == near.keys()
     for key, (mean, var) in estimate.items():
         torch.testing.assert_close(mean, 2 * near[key][0] - far[key][0])
@@ -85,3 +88,28 @@ def test_group_stats_match_a_direct_reduction_over_each_group(channels_last):
     direct_var, direct_mean = torch.var_mean(x.reshape(2, 3, -1), dim=-1, correction=0)
     torch.testing.assert_close(mean, direct_mean)
     torch.testing.assert_close(var, direct_var)
+
+
+def test_statistics_passes_in_bf16_estimate_the_fp32_statistics(vae, monkeypatch):
+    """Where bf16 is fast the passes run under autocast; what they estimate stays within a small tolerance."""
+    monkeypatch.setattr(tiling, "_cpu_has_native_bf16", lambda: True)
+    z = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        features = vae.decode_head(z)
+        run = vae.decoder.forward_tail
+        exact = tiling.estimate_norm_stats(vae.decoder, run, features, 64, 1, low_precision=False)
+        fast = tiling.estimate_norm_stats(vae.decoder, run, features, 64, 1)
+    assert fast.keys() == exact.keys()
+    differs = False
+    for key, (mean, var) in exact.items():
+        fast_mean, fast_var = fast[key]
+        assert fast_mean.dtype == fast_var.dtype == torch.float32
+        torch.testing.assert_close(fast_mean, mean, atol=0.02 * var.sqrt().max().item(), rtol=0)
+        torch.testing.assert_close(fast_var, var, rtol=0.03, atol=0)
+        differs |= not torch.equal(fast_var, var)
+    assert differs, "the bf16 passes should not have run in fp32"
+
+
+def test_statistics_autocast_leaves_half_precision_input_alone():
+    assert isinstance(tiling.statistics_autocast(torch.zeros(1, dtype=torch.bfloat16)), contextlib.nullcontext)
+    assert isinstance(tiling.statistics_autocast(torch.zeros(1, dtype=torch.float16)), contextlib.nullcontext)
