@@ -3,6 +3,7 @@ the eager result; tiled inference and training stay eager."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -74,6 +75,23 @@ def test_disable_compile_goes_back_to_eager(vae, compile_calls):
 def test_unknown_compile_mode_is_refused(vae):
     with pytest.raises(ValueError, match="compile mode must be one of"):
         vae.enable_compile("fastest")
+
+
+def test_cache_cli_compile_flag_encodes_through_the_compiled_pass(tmp_path, compile_calls):
+    from cache_testing import cli, image_folder, read_rows, tiny_model_dir
+
+    model, folder = tiny_model_dir(tmp_path / "model"), image_folder(tmp_path / "images", [(32, 32)] * 3)
+    base = ["cache", folder, "--resolution", 32, "--num-workers", 0, "--device", "cpu", "--model", model]
+    code, _, stderr = cli([*base, "-o", tmp_path / "eager"])
+    assert code == 0, stderr
+    assert compile_calls["runs"] == 0
+    code, _, stderr = cli([*base, "-o", tmp_path / "compiled", "--compile"])
+    assert code == 0, stderr
+    assert compile_calls["modes"] == ["default"] and compile_calls["runs"] >= 1
+    eager, compiled = read_rows(tmp_path / "eager"), read_rows(tmp_path / "compiled")
+    assert [row["key"] for row in compiled] == [row["key"] for row in eager] and len(eager) == 3
+    for ours, theirs in zip(compiled, eager, strict=True):
+        np.testing.assert_allclose(np.asarray(ours["mean"]), np.asarray(theirs["mean"]), atol=2e-3)  # fp16 storage
 
 
 @pytest.mark.slow

@@ -41,6 +41,9 @@ def _add_encoding_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--num-workers", type=int, default=min(4, _cpus()), help="image decoding processes (default min(4, CPUs))"
     )
+    group.add_argument(
+        "--compile", action="store_true", help="torch.compile the encoder (compiles once per bucket shape: slow start)"
+    )
     add_model_options(parser)
     parser.set_defaults(model=None)  # None: 'builtin' to encode; for verify, no model check
 
@@ -106,6 +109,8 @@ def _load(args: argparse.Namespace, device=None):
 
     vae = AutoencoderKL.load(args.model or "builtin")
     identities = model_identities(vae)
+    if getattr(args, "compile", False):
+        vae.enable_compile()
     return vae.to(device=device or resolve_device(args.device), dtype=DTYPES[args.dtype]).eval(), identities
 
 
