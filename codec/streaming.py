@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from codec.groupnorm import GroupNorm
-from codec.layers import ResnetBlock, Upsample
+from codec.layers import ResnetBlock, Upsample, upsample_conv_padded
 from codec.networks import Decoder
 
 Fill = Callable[[torch.Tensor], None]  # writes a conv's new input rows into the view it is given
@@ -34,12 +34,6 @@ def _empty_rows(like: torch.Tensor, channels: int, rows: int, width: int) -> tor
     channels_last = like.is_contiguous(memory_format=torch.channels_last) and like.shape[1] > 1
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return torch.empty((like.shape[0], channels, rows, width), dtype=like.dtype, device=like.device, memory_format=fmt)
-
-
-def _upsample_into(x: torch.Tensor, out: torch.Tensor) -> None:
-    """Nearest-neighbour 2x upsampling of `x` written into `out` (2x its rows and columns) in one pass."""
-    b, c, h, w = x.shape
-    out.view(b, c, h, 2, w, 2).copy_(x[:, :, :, None, :, None].expand(b, c, h, 2, w, 2))
 
 
 class _RowStream:
@@ -54,22 +48,34 @@ class _RowStream:
         self.carry: dict[nn.Module, torch.Tensor] = {}
         self.held: dict[nn.Module, torch.Tensor] = {}
 
-    def conv3x3(
-        self, conv: nn.Conv2d, like: torch.Tensor, rows: int, width: int, fill: Fill, last: bool
+    def _window(
+        self, conv: nn.Conv2d, like: torch.Tensor, rows: int, width: int, fill: Fill, last: bool, pad: int
     ) -> torch.Tensor:
+        """The rows a 3x3 window slides over: the two carried from the last band (or the top zero-padding
+        row), this band's new rows written by `fill`, and the bottom zero-padding row on the last band; with
+        `pad` zero columns on each side."""
         carried = self.carry.pop(conv, None)
         top = 1 if carried is None else carried.shape[2]  # nothing carried yet: the top zero-padding row
-        buffer = _empty_rows(like, conv.in_channels, top + rows + int(last), width)
+        buffer = _empty_rows(like, conv.in_channels, top + rows + int(last), width + 2 * pad)
+        if pad:
+            buffer[..., :pad].zero_()
+            buffer[..., -pad:].zero_()
         if carried is None:
             buffer[:, :, :1].zero_()
         else:
             buffer[:, :, :top] = carried
         if rows:
-            fill(buffer[:, :, top : top + rows])
+            fill(buffer[:, :, top : top + rows, pad : pad + width])
         if last:
             buffer[:, :, -1:].zero_()  # the bottom zero-padding row
         else:
             self.carry[conv] = buffer[:, :, -2:].clone()  # a copy, so the band's buffer can be freed
+        return buffer
+
+    def conv3x3(
+        self, conv: nn.Conv2d, like: torch.Tensor, rows: int, width: int, fill: Fill, last: bool
+    ) -> torch.Tensor:
+        buffer = self._window(conv, like, rows, width, fill, last, pad=0)
         if buffer.shape[2] < 3:
             return _empty_rows(like, conv.out_channels, 0, width)
         return F.conv2d(buffer, conv.weight, conv.bias, padding=(0, 1))
@@ -95,8 +101,11 @@ class _RowStream:
         return h
 
     def upsample(self, up: Upsample, x: torch.Tensor, last: bool) -> torch.Tensor:
+        # Slides over low-resolution rows (upsample_conv_padded): each output row pair needs the input rows
+        # above and below, the same window as a 3x3 conv, so the carry works the same way.
         rows, width = x.shape[2:]
-        return self.conv3x3(up.conv, x, 2 * rows, 2 * width, lambda out: _upsample_into(x, out), last)
+        buffer = self._window(up.conv, x, rows, width, lambda out: out.copy_(x), last, pad=1)
+        return upsample_conv_padded(buffer, up.conv)
 
     def decoder_tail(self, decoder: Decoder, x: torch.Tensor, last: bool) -> torch.Tensor:
         """Decoder.forward_tail for one band: the output rows that are complete so far."""
