@@ -40,9 +40,16 @@ class GroupNorm(nn.GroupNorm):
         self.act_in_place = act in _IN_PLACE
         self.stats_hook: StatsHook | None = None
 
-    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Normalise (and activate) `x`; into `out` when given (row streaming writes into a conv's input buffer)."""
-        stats = self.stats_hook(self, x) if self.stats_hook is not None else None
+    def forward(
+        self,
+        x: torch.Tensor,
+        out: torch.Tensor | None = None,
+        stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Normalise (and activate) `x`; into `out` when given (row streaming writes into a conv's input buffer);
+        with `stats`, a (mean, var) pair of shape (batch, groups), instead of any hook's or x's own."""
+        if stats is None and self.stats_hook is not None:
+            stats = self.stats_hook(self, x)
         if stats is None:
             y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
             y = y if out is None else out.copy_(y)
@@ -66,6 +73,44 @@ def group_stats(x: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.T
     mean, second = mean.view(b, num_groups, c // num_groups), (var + mean.square()).view(b, num_groups, -1)
     group_mean = mean.mean(-1)
     return group_mean, (second.mean(-1) - group_mean.square()).clamp_min(0.0)
+
+
+class ChannelMoments:
+    """Per-(sample, channel) count, mean and sum of squared deviations, accumulated over pieces of a tensor
+    (bands of rows) and combined exactly (Chan et al.'s parallel update, in fp64), then reduced to the groups'
+    mean and variance: what `group_stats` would give on the whole tensor, without ever holding it."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        count = x.numel() // max(1, x.shape[0] * x.shape[1])
+        if count == 0:
+            return
+        var, mean = torch.var_mean(
+            x if x.dtype == torch.float32 else x.float(), dim=tuple(range(2, x.dim())), correction=0
+        )
+        mean, m2 = mean.double(), var.double() * count
+        if self.mean is None or self.m2 is None:
+            self.count, self.mean, self.m2 = count, mean, m2
+            return
+        total = self.count + count
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (count / total)
+        self.m2 = self.m2 + m2 + delta.square() * (self.count * count / total)
+        self.count = total
+
+    def group_stats(self, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mean is None or self.m2 is None:
+            raise ValueError("no values were accumulated")
+        b, c = self.mean.shape
+        mean = self.mean.view(b, num_groups, c // num_groups)
+        second = (self.m2 / self.count + self.mean.square()).view(b, num_groups, -1)
+        group_mean = mean.mean(-1)
+        group_var = (second.mean(-1) - group_mean.square()).clamp_min(0.0)
+        return group_mean.float(), group_var.float()
 
 
 def normalize_with(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import tempfile
 
 import pytest
 import torch
@@ -113,3 +114,50 @@ def test_statistics_passes_in_bf16_estimate_the_fp32_statistics(vae, monkeypatch
 def test_statistics_autocast_leaves_half_precision_input_alone():
     assert isinstance(tiling.statistics_autocast(torch.zeros(1, dtype=torch.bfloat16)), contextlib.nullcontext)
     assert isinstance(tiling.statistics_autocast(torch.zeros(1, dtype=torch.float16)), contextlib.nullcontext)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channel_moments_over_bands_equal_the_whole_tensors_group_stats(channels_last):
+    from codec.groupnorm import ChannelMoments, group_stats
+
+    x = torch.randn(2, 12, 23, 7) * 3 + torch.linspace(-5, 5, 23).view(1, 1, 23, 1)  # rows differ in level
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    moments = ChannelMoments()
+    for top, bottom in [(0, 1), (1, 1), (1, 9), (9, 20), (20, 23)]:  # an empty band too
+        moments.update(x[:, :, top:bottom])
+    mean, var = moments.group_stats(3)
+    expected_mean, expected_var = group_stats(x, 3)
+    torch.testing.assert_close(mean, expected_mean, atol=1e-5, rtol=0)
+    torch.testing.assert_close(var, expected_var, atol=0, rtol=1e-5)
+
+
+def test_the_output_norm_gets_exact_statistics_whatever_was_shared(vae):
+    """The up blocks' statistics come from outside; the output norm's are measured over every row of its input.
+    A wrong shared entry for the output norm changes nothing, and the result matches the exact tail."""
+    z = torch.randn(1, 4, 12, 10)
+    with torch.no_grad():
+        features = vae.decode_head(z)
+        exact = tiling.record_norm_stats(vae.decoder, vae.decoder.forward_tail, features)
+        whole = vae.decoder.forward_tail(features)
+        wrong = dict(exact)
+        mean, var = exact["conv_norm_out"]
+        wrong["conv_norm_out"] = (mean + 1.0, var * 4.0)
+        with tiling.shared_norm_stats(vae.decoder, wrong):
+            assert (vae.decoder.forward_tail(features) - whole).abs().max() > 1e-2  # the wrong entry matters
+            streamed = streaming.stream_decoder_tail(vae.decoder, features, 3)
+    torch.testing.assert_close(streamed, whole, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_spill_reads_back_what_it_wrote_in_order(dtype):
+    bands = [torch.randn(2, 5, rows, 6).to(dtype).contiguous(memory_format=torch.channels_last) for rows in (3, 0, 4)]
+    with tempfile.TemporaryFile() as file:
+        spill = streaming._Spill(file)
+        for band in bands:
+            spill.write(band)
+        read = list(spill.read())
+    assert len(read) == len(bands)
+    for band, back in zip(bands, read, strict=True):
+        assert back.dtype == dtype and back.shape == band.shape
+        assert torch.equal(back, band)
