@@ -91,8 +91,8 @@ class Decoder(_Checkpointable):
         """Input conv and mid block (global attention) at the latent resolution."""
         return self._run(self.mid_block, self.conv_in(z))
 
-    def forward_tail(self, x: torch.Tensor) -> torch.Tensor:
-        """The convolutional upsampling part: local, so it can run tile by tile."""
-        for block in self.up_blocks:
+    def forward_tail(self, x: torch.Tensor, first_block: int = 0) -> torch.Tensor:
+        """The convolutional upsampling part, from up block `first_block` on: local, so it can run tile by tile."""
+        for block in self.up_blocks[first_block:]:
             x = self._run(block, x)
         return self.conv_out(self.conv_norm_out(x))

@@ -18,7 +18,7 @@ the total is exact.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO
 
 import torch
@@ -110,9 +110,9 @@ class _RowStream:
         buffer = self._window(up.conv, x, rows, width, lambda out: out.copy_(x), last, pad=1)
         return upsample_conv_padded(buffer, up.conv)
 
-    def up_blocks(self, decoder: Decoder, x: torch.Tensor, last: bool) -> torch.Tensor:
-        """The decoder's up blocks for one band: the rows of their output that are complete so far."""
-        for block in decoder.up_blocks:
+    def up_blocks(self, blocks: Iterable[nn.Module], x: torch.Tensor, last: bool) -> torch.Tensor:
+        """Up blocks for one band: the rows of their output that are complete so far."""
+        for block in blocks:
             for resnet in block.resnets:
                 x = self.resnet(resnet, x, last)
             if block.upsamplers is not None:
@@ -151,15 +151,16 @@ class _Spill:
             if shape.numel() == 0:  # a band that completed no rows yet (rows lag by a few per layer)
                 yield torch.empty(shape, dtype=dtype, device=device).permute(0, 3, 1, 2)
                 continue
-            buffer = bytearray(shape.numel() * dtype.itemsize)
-            if self.file.readinto(buffer) != len(buffer):
+            rows_last = torch.empty(shape, dtype=dtype)  # read straight into, no zero-filled buffer first
+            raw = rows_last.view(-1).view(torch.uint8).numpy()
+            if self.file.readinto(memoryview(raw)) != raw.nbytes:
                 raise RuntimeError(f"stream spill file {self.file.name} was truncated")
-            rows_last = torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).view(shape)
             yield rows_last.permute(0, 3, 1, 2).to(device)  # channels-last strides, as written
 
 
-def stream_decoder_tail(decoder: Decoder, features: torch.Tensor, band_rows: int) -> torch.Tensor:
-    """`decoder.forward_tail(features)` computed `band_rows` latent rows at a time, in memory bounded by the band.
+def stream_decoder_tail(decoder: Decoder, features: torch.Tensor, band_rows: int, first_block: int = 0) -> torch.Tensor:
+    """`decoder.forward_tail(features, first_block)` computed `band_rows` rows of `features` at a time, in memory
+    bounded by the band.
 
     No gradient (the in-place residual add). The up blocks' GroupNorms normalise with their inputs' own
     statistics unless shared ones are installed (tiling.shared_norm_stats), and a band's own statistics are
@@ -172,7 +173,8 @@ def stream_decoder_tail(decoder: Decoder, features: torch.Tensor, band_rows: int
     if band_rows < 1:
         raise ValueError(f"band_rows must be at least 1, got {band_rows}")
     b, _, h, w = features.shape
-    scale = 2 ** sum(block.upsamplers is not None for block in decoder.up_blocks)
+    blocks = decoder.up_blocks[first_block:]
+    scale = 2 ** sum(block.upsamplers is not None for block in blocks)
     out = features.new_empty((b, decoder.conv_out.out_channels, h * scale, w * scale))
     stream, moments = _RowStream(), ChannelMoments()
     filled = 0
@@ -183,7 +185,7 @@ def stream_decoder_tail(decoder: Decoder, features: torch.Tensor, band_rows: int
         # with the last band they would make that band the largest (about 12 latent rows more for SD's).
         bands = [features[:, :, top : top + band_rows] for top in range(0, h, band_rows)] + [features[:, :, h:]]
         for index, band in enumerate(bands):
-            rows = stream.up_blocks(decoder, band, last=index == len(bands) - 1)
+            rows = stream.up_blocks(blocks, band, last=index == len(bands) - 1)
             moments.update(rows)
             spill.write(rows)
         stats = moments.group_stats(decoder.conv_norm_out.num_groups)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 import tempfile
 
 import pytest
@@ -71,6 +73,37 @@ def test_estimated_statistics_extrapolate_from_two_downscaled_passes(vae):
     for key, (mean, var) in estimate.items():
         torch.testing.assert_close(mean, 2 * near[key][0] - far[key][0])
         torch.testing.assert_close(var.log(), 2 * near[key][1].log() - far[key][1].log())
+
+
+def test_estimate_at_three_eighths_carries_the_step_on_for_log2_of_8_3_halvings(vae):
+    z = torch.randn(1, 4, 32, 32)
+    with torch.no_grad():
+        features = vae.decode_head(z)
+        run = vae.decoder.forward_tail
+        near = tiling.record_norm_stats(vae.decoder, run, tiling.downscale_to_fit(features, 12, 1))
+        far = tiling.record_norm_stats(vae.decoder, run, tiling.downscale_to_fit(features, 6, 1))
+        estimate = tiling.estimate_norm_stats(vae.decoder, run, features, 64, 1, low_precision=False, fraction=3 / 8)
+    k = math.log2(8 / 3)
+    for key, (mean, var) in estimate.items():
+        torch.testing.assert_close(mean, near[key][0] + k * (near[key][0] - far[key][0]))
+        torch.testing.assert_close(var.log(), near[key][1].log() + k * (near[key][1].log() - far[key][1].log()))
+    with pytest.raises(ValueError, match="fraction"):
+        tiling.estimate_norm_stats(vae.decoder, run, features, 64, 1, fraction=0)
+
+
+@pytest.mark.parametrize("band_rows", [1, 4])
+def test_streaming_from_a_later_up_block_equals_the_tail_from_there(vae, band_rows):
+    """Tiled decode runs the first up block whole and streams the rest: the stream must start anywhere."""
+    z = torch.randn(1, 4, 7, 9)
+    with torch.no_grad():
+        features = vae.decoder.up_blocks[0](vae.decode_head(z))
+        run = functools.partial(vae.decoder.forward_tail, first_block=1)
+        stats = tiling.record_norm_stats(vae.decoder, run, features)
+        with tiling.shared_norm_stats(vae.decoder, stats):
+            whole = run(features)
+            streamed = streaming.stream_decoder_tail(vae.decoder, features, band_rows, first_block=1)
+    assert streamed.shape == whole.shape == (1, 3, 7 * 8, 9 * 8)
+    torch.testing.assert_close(streamed, whole, atol=2e-5, rtol=0)
 
 
 def test_band_rows_must_be_positive(vae):
