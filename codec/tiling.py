@@ -7,8 +7,9 @@ in tone): passes over two downscaled copies of the input, each small enough to b
 every norm's per-group mean and variance for the whole input (estimate_norm_stats), and every tile then
 normalises with those shared numbers.
 
-The decoder's tail is not tiled but streamed in bands of rows (codec/streaming.py), which needs no overlap
-and measures its output norm's statistics exactly; tiles remain for the encoder and for latents too large
+The decoder's tail is not tiled but streamed in bands of rows (codec/streaming.py), which needs no overlap;
+its first up block runs whole and its output norm's statistics are measured exactly, so only the norms
+between come from the passes (codec/inference.py). Tiles remain for the encoder and for latents too large
 for one global attention.
 
 Tiles along an axis are made as small as still covers it with the given overlap, not the largest allowed:
