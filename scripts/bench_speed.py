@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from codec import AutoencoderKL, preset
+from codec import AutoencoderKL, preset, tiling
 from codec.bench.measure import Meter
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -364,8 +364,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         photos = photos[:1]
 
-    peaks = {name: matmul_peak(DTYPES[name], device) for name in args.dtypes}
+    # A CPU without native bf16 emulates it: a 2048^2 bf16 matmul took minutes on an AVX2-only EPYC.
+    size = 256 if args.quick else 2048
+    peaks = {name: matmul_peak(DTYPES[name], device, n=size) for name in args.dtypes}
     print("matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()), flush=True)
+    emulated = "bf16" in args.dtypes and device.type == "cpu" and not tiling._cpu_has_native_bf16()
+    bf16_note = " This CPU has no native bf16 (AVX512-BF16 or AMX): its bf16 rows are emulated." if emulated else ""
     ours, theirs = build_pair(args.config, 0, device)
     speed = speed_rows(ours, theirs, args, device, peaks)
     tiled = tiled_rows(ours, theirs, args.tiled_sizes, args.tile, args.tiled_repeats, device)
@@ -381,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
             f"`{command.strip()}` on {machine(device)}; diffusers {_diffusers_version()}. Same seeded random "
             f"weights and inputs; medians of {args.repeats} alternated runs after a warm-up. Matmul peak: "
             + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items())
-            + ".",
+            + "."
+            + bf16_note,
             markdown_table(SPEED_HEADER, speed),
             "Peak memory: above what was in use before each run, by codec bench's meter (codec.bench.measure; "
             "on a CPU the resident-set peak, on a GPU max_memory_allocated).",

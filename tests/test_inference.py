@@ -76,7 +76,7 @@ def test_small_memory_budget_tiles_encode_and_decode(vae, monkeypatch):
     calls = []
     real_tiles, real_bands = tiling.tiled_apply, streaming.stream_decoder_tail
     monkeypatch.setattr(tiling, "tiled_apply", lambda *a, **k: calls.append("tiles") or real_tiles(*a, **k))
-    monkeypatch.setattr(streaming, "stream_decoder_tail", lambda *a: calls.append("bands") or real_bands(*a))
+    monkeypatch.setattr(streaming, "stream_decoder_tail", lambda *a, **k: calls.append("bands") or real_bands(*a, **k))
     x = torch.rand(1, 3, 200, 168) * 2 - 1
     with torch.no_grad():
         untiled = vae.encode(x).latent_dist.mean
