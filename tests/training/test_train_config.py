@@ -24,7 +24,7 @@ from training.config import (
 )
 
 MINIMAL = ("model.preset=tiny", "data.train=photos")
-SHIPPED = ("builtin", "builtin-v3", "finetune-sd-decoder", "tiny", "train-kl-f8")
+SHIPPED = ("builtin", "finetune-sd-decoder", "tiny", "train-kl-f8")
 
 
 def write(tmp_path: Path, text: str) -> Path:
