@@ -157,12 +157,13 @@ def statistics_autocast(x: torch.Tensor) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
     if x.device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
-    if x.device.type == "cpu" and _cpu_has_native_bf16():
+    if x.device.type == "cpu" and cpu_has_native_bf16():
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def _cpu_has_native_bf16() -> bool:
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU runs bf16 natively (AVX512-BF16 or AMX); without, torch emulates it, far slower than fp32."""
     # Private helpers of torch.cpu (used by inductor); a torch without them is treated as having no fast bf16.
     checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
     return any(check is not None and check() for check in checks)

@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     size = 256 if args.quick else 2048
     peaks = {name: matmul_peak(DTYPES[name], device, n=size) for name in args.dtypes}
     print("matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()), flush=True)
-    emulated = "bf16" in args.dtypes and device.type == "cpu" and not tiling._cpu_has_native_bf16()
+    emulated = "bf16" in args.dtypes and device.type == "cpu" and not tiling.cpu_has_native_bf16()
     bf16_note = " This CPU has no native bf16 (AVX512-BF16 or AMX): its bf16 rows are emulated." if emulated else ""
     ours, theirs = build_pair(args.config, 0, device)
     speed = speed_rows(ours, theirs, args, device, peaks)

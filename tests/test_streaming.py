@@ -60,35 +60,27 @@ def test_tiled_decode_streams_and_matches_untiled_with_exact_statistics(vae, mon
     torch.testing.assert_close(tiled, reference, atol=5e-5, rtol=0)
 
 
-def test_estimated_statistics_extrapolate_from_two_downscaled_passes(vae):
-    """Mean and log-variance move linearly per halving: the estimate continues the step from 1/4 to 1/2 size."""
+@pytest.mark.parametrize(("fraction", "near_side", "far_side"), [(1 / 2, 16, 8), (3 / 8, 12, 6)])
+def test_estimated_statistics_extrapolate_from_two_downscaled_passes(vae, fraction, near_side, far_side):
+    """Mean and log-variance move linearly per halving: the estimate carries the step between the two passes
+    on for the log2(1 / fraction) halvings up to full size (one from 1/2, 1.415 from 3/8)."""
     z = torch.randn(1, 4, 32, 32)
     with torch.no_grad():
         features = vae.decode_head(z)
         run = vae.decoder.forward_tail
-        near = tiling.record_norm_stats(vae.decoder, run, tiling.downscale_to_fit(features, 16, 1))
-        far = tiling.record_norm_stats(vae.decoder, run, tiling.downscale_to_fit(features, 8, 1))
-        estimate = tiling.estimate_norm_stats(vae.decoder, run, features, 64, 1, low_precision=False)
+        near = tiling.record_norm_stats(vae.decoder, run, tiling.downscale_to_fit(features, near_side, 1))
+        far = tiling.record_norm_stats(vae.decoder, run, tiling.downscale_to_fit(features, far_side, 1))
+        estimate = tiling.estimate_norm_stats(vae.decoder, run, features, 64, 1, False, fraction)
     assert estimate.keys() == near.keys()
-    for key, (mean, var) in estimate.items():
-        torch.testing.assert_close(mean, 2 * near[key][0] - far[key][0])
-        torch.testing.assert_close(var.log(), 2 * near[key][1].log() - far[key][1].log())
-
-
-def test_estimate_at_three_eighths_carries_the_step_on_for_log2_of_8_3_halvings(vae):
-    z = torch.randn(1, 4, 32, 32)
-    with torch.no_grad():
-        features = vae.decode_head(z)
-        run = vae.decoder.forward_tail
-        near = tiling.record_norm_stats(vae.decoder, run, tiling.downscale_to_fit(features, 12, 1))
-        far = tiling.record_norm_stats(vae.decoder, run, tiling.downscale_to_fit(features, 6, 1))
-        estimate = tiling.estimate_norm_stats(vae.decoder, run, features, 64, 1, low_precision=False, fraction=3 / 8)
-    k = math.log2(8 / 3)
+    k = math.log2(1 / fraction)
     for key, (mean, var) in estimate.items():
         torch.testing.assert_close(mean, near[key][0] + k * (near[key][0] - far[key][0]))
         torch.testing.assert_close(var.log(), near[key][1].log() + k * (near[key][1].log() - far[key][1].log()))
+
+
+def test_estimate_fraction_must_be_a_share_of_the_size(vae):
     with pytest.raises(ValueError, match="fraction"):
-        tiling.estimate_norm_stats(vae.decoder, run, features, 64, 1, fraction=0)
+        tiling.estimate_norm_stats(vae.decoder, vae.decoder.forward_tail, torch.zeros(1, 128, 8, 8), 64, 1, fraction=0)
 
 
 @pytest.mark.parametrize("band_rows", [1, 4])
@@ -126,7 +118,7 @@ def test_group_stats_match_a_direct_reduction_over_each_group(channels_last):
 
 def test_statistics_passes_in_bf16_estimate_the_fp32_statistics(vae, monkeypatch):
     """Where bf16 is fast the passes run under autocast; what they estimate stays within a small tolerance."""
-    monkeypatch.setattr(tiling, "_cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(tiling, "cpu_has_native_bf16", lambda: True)
     z = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         features = vae.decode_head(z)
