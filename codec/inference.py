@@ -24,6 +24,9 @@ MIN_TILE_LATENT = 16
 # Up to this many latent positions (a 1024x1024 image at f8) the mid block's attention runs over the whole
 # image even when tiling; beyond, its quadratic cost dominates and it runs per tile, as in diffusers.
 GLOBAL_ATTENTION_MAX_TOKENS = 128 * 128
+# Tiled decode's statistics passes run at this fraction of the first up block's output and at half that
+# (see _decode_tiled for what other fractions measured).
+STATS_FRACTION = 3 / 8
 
 
 class _Fp32Fallback:
@@ -109,17 +112,23 @@ def _decode_tiled(vae, z: torch.Tensor, tile: int, guarded: _Fp32Fallback) -> to
     # output at 1024x1024 with SD's config), so that its norms, whose errors every later layer carries, see the
     # whole input, and the stats passes start from its exact output. On four 1024x1024 Kodak crops with the
     # embedded model, tiled-against-untiled PSNR went from 40.4-46.0 dB (passes at 1/2 and 1/4 of the size) to
-    # 47.1-51.4 with passes at 3/8 and 3/16, which cost 56% as much (at 1/4 and 1/8: 39.4-44.5). A band holds
-    # half a tile's latent positions: a tile's worth made the stream's peak exceed diffusers' tiled decode at
-    # 1024x1024 (1155 MiB against about 1190, before the features and the stats passes), half of it peaked at
-    # 780-800 MiB for 3-5% more time (SD config, 2 CPU threads).
+    # 47.1-51.4 with passes at 3/8 and 3/16, which cost 56% as much (at 1/4 and 1/8: 39.4-44.5; at 5/16 and
+    # 5/32: 43.6-48.3). The larger pass then stops before the last up block, the most expensive at any size and
+    # the one whose statistics matter least; that block takes the smaller pass's statistics as they are:
+    # 46.3-50.9 dB, and tiled time at 1024x1024 went from 1.21x to 1.13x untiled (SD config, 2 AMD cores, fp32
+    # passes; two alternated runs each). A band holds half a tile's latent positions: a tile's worth made the
+    # stream's peak exceed diffusers' tiled decode at 1024x1024 (1155 MiB against about 1190, before the features
+    # and the stats passes), half of it peaked at 780-800 MiB for 3-5% more time (SD config, 2 CPU threads).
     features = guarded(lambda m, t: m.decode_head(t), z)
     latent_width = features.shape[-1]
     features = guarded(lambda m, t: m.decoder.up_blocks[0](t), features)
     growth = features.shape[-1] // latent_width  # 2 where the first up block upsamples
     band_rows = max(1, tile * tile // (2 * latent_width)) * growth
     run_tail = functools.partial(guarded, lambda m, t: m.decoder.forward_tail(t, first_block=1))
-    stats = tiling.estimate_norm_stats(vae.decoder, run_tail, features, tile * growth, 1, fraction=3 / 8)
+    near_run = functools.partial(guarded, lambda m, t: m.decoder.forward_tail(t, first_block=1, stop_block=-1))
+    stats = tiling.estimate_norm_stats(
+        vae.decoder, run_tail, features, tile * growth, 1, fraction=STATS_FRACTION, near_run=near_run
+    )
     with tiling.shared_norm_stats(vae.decoder, stats):
         return guarded(lambda m, t: streaming.stream_decoder_tail(m.decoder, t, band_rows, first_block=1), features)
 

@@ -113,6 +113,7 @@ def estimate_norm_stats(
     align: int,
     low_precision: bool = True,
     fraction: float = 0.5,
+    near_run: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Stats:
     """The whole input's GroupNorm statistics, estimated from two passes over downscaled copies of it.
 
@@ -134,12 +135,13 @@ def estimate_norm_stats(
     side = min(max_side, max(align, math.ceil(longest * fraction / align) * align))
     precision = statistics_autocast(x) if low_precision else contextlib.nullcontext()
     with precision:
-        near = record_norm_stats(module, run, downscale_to_fit(x, side, align))
+        near = record_norm_stats(module, near_run or run, downscale_to_fit(x, side, align))
         if side >= longest or side // 2 < align:
             return near
         far = record_norm_stats(module, run, downscale_to_fit(x, side // 2, align))
     halvings = math.log2(1 / fraction)
-    estimate: Stats = {}
+    # Norms that the near pass did not reach (`near_run` stopped early) keep the far pass's statistics as they are.
+    estimate: Stats = {key: value for key, value in far.items() if key not in near}
     for key, (mean, var) in near.items():
         far_mean, far_var = far[key]
         log_var, far_log_var = var.clamp_min(1e-12).log(), far_var.clamp_min(1e-12).log()

@@ -186,3 +186,25 @@ def test_spill_reads_back_what_it_wrote_in_order(dtype):
     for band, back in zip(bands, read, strict=True):
         assert back.dtype == dtype and back.shape == band.shape
         assert torch.equal(back, band)
+
+
+def test_a_near_pass_that_stops_early_leaves_the_last_block_to_the_far_pass(vae):
+    """Tiled decode's larger pass skips the last up block: the norms it reaches are extrapolated as before, the
+    others take the smaller pass's statistics unchanged."""
+    z = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        features = vae.decode_head(z)
+        run = vae.decoder.forward_tail
+        stop = functools.partial(vae.decoder.forward_tail, stop_block=-1)
+        full = tiling.estimate_norm_stats(vae.decoder, run, features, 64, 1, False, 1 / 2)
+        early = tiling.estimate_norm_stats(vae.decoder, run, features, 64, 1, False, 1 / 2, near_run=stop)
+        far = tiling.record_norm_stats(vae.decoder, run, tiling.downscale_to_fit(features, 8, 1))  # 1/4 size
+        assert stop(features).shape[1] == vae.decoder.up_blocks[-1].resnets[0].norm1.num_channels
+    last = f"up_blocks.{len(vae.decoder.up_blocks) - 1}."
+    last_block = {name for name in early if name.startswith(last) or name == "conv_norm_out"}
+    assert len(last_block) == 2 * len(vae.decoder.up_blocks[-1].resnets) + 1  # norm1, norm2 each; output norm
+    assert early.keys() == full.keys() and last_block < early.keys()
+    for key in early:
+        expected = far[key] if key in last_block else full[key]
+        torch.testing.assert_close(early[key][0], expected[0])
+        torch.testing.assert_close(early[key][1], expected[1])
