@@ -119,6 +119,10 @@ def train(config: TrainConfig, lpips_pretrained: bool = True) -> Path:
 def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained: bool, set_seed) -> Path:
     run, opt_config, loss_config = config.run, config.optimizer, config.loss
     set_seed(run.seed)  # the same initial weights on every process
+    # Every training batch has the same shape (fixed crops, drop_last), so cuDNN's one-off search for the fastest
+    # convolution algorithms pays for itself within the first steps.
+    if accelerator.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, output_dir / "config.yaml")

@@ -24,7 +24,7 @@ from training.config import (
 )
 
 MINIMAL = ("model.preset=tiny", "data.train=photos")
-SHIPPED = ("builtin", "finetune-sd-decoder", "tiny", "train-kl-f8")
+SHIPPED = ("builtin", "builtin-large", "finetune-sd-decoder", "tiny", "train-kl-f8")
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -55,6 +55,18 @@ def test_builtin_trains_the_embedded_architecture_on_the_prepared_photos():
     assert (config.data.train, config.data.validation) == ("data/train", "data/val")
     assert config.loss.lpips_weight == 0.0 and config.run.mixed_precision == "no"
     assert config.optimizer.ema_decay is not None
+
+
+def test_builtin_large_keeps_the_builtin_recipe_on_a_model_that_fits_the_package():
+    from training.model import build_autoencoder
+
+    small, large = load_config("builtin"), load_config("builtin-large")
+    assert (large.data.train, large.data.validation, large.data.resolution) == ("data/train", "data/val", 128)
+    assert large.loss == small.loss and large.model.init_logvar == small.model.init_logvar
+    assert large.run.mixed_precision == "bf16" and large.optimizer.ema_decay is not None
+    vae = build_autoencoder(large.model)
+    assert vae.config.latent_channels == 4 and vae.config.downsample_factor == 8
+    assert 2 * sum(p.numel() for p in vae.parameters()) <= 20e6  # fp16 bytes, under issue 5's 20 MB
 
 
 def test_finetune_sd_decoder_is_the_ft_mse_recipe():

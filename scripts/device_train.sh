@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Train the embedded codec's larger recipe (training/configs/builtin-large.yaml) on a lent GPU in one device call
+# and bring back its EMA weights in fp16, split into parts under the call's 16 MiB-per-file limit.
+# No tracker (run.log_with=null): nothing but the files below comes back, and validation.log has the numbers.
+#
+# Here, once (the crops as lossless WebP fit the 64 MiB that a call carries):
+#   python scripts/prepare_training_data.py && python scripts/pack_images.py data/train data/val --out .device
+# On the device (the `device` tool's run; its image has torch, accelerate, Pillow, PyYAML and tensorboard):
+#   run(command="bash scripts/device_train.sh 6", carry=[".device"], timeout_s=600)
+# Back here, with the files the call returned in FILES:
+#   python scripts/safetensors_parts.py join FILES/*.part-*.safetensors -o NEW/diffusion_pytorch_model.safetensors
+#   cp FILES/config.json NEW/, then `codec stats` and `codec bench` as codec/assets/builtin/ABOUT.md says.
+set -euo pipefail
+minutes=${1:-6}
+out=${OUT:-runs/device-out}
+run=/tmp/builtin-large
+mkdir -p "$out"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+[ -d .device/train ] || { echo "device_train: .device/train missing: pack it here and carry .device" >&2; exit 2; }
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+# Fail in seconds, not after the trial runs, if the image lacks something the trainer imports.
+python3 -c "import accelerate, huggingface_hub, PIL, safetensors, tqdm, yaml, codec, training.train"
+
+python3 scripts/train_for.py --minutes "$minutes" --config builtin-large \
+    data.train=.device/train data.validation=.device/val run.output_dir="$run" run.log_with=null "${@:2}" 2>&1 | tee "$out/train.log"
+
+checkpoint=$(ls -d "$run"/checkpoints/step-* | sort | tail -1)
+python3 -m training.export "$checkpoint" /tmp/export --fp16
+python3 scripts/safetensors_parts.py split /tmp/export/diffusion_pytorch_model.safetensors "$out" --max-mb 15
+cp /tmp/export/config.json "$out/config.json"
+cp "$run/config.yaml" "$out/run-config.yaml"
+cp "$run/validation.log" "$out/validation.log"
+samples=$(ls "$run"/samples/*.png 2>/dev/null | sort | tail -1 || true)
+[ -n "$samples" ] && cp "$samples" "$out/last-samples.png"
+ls -l "$out"
