@@ -67,6 +67,22 @@ def test_save_pretrained_round_trips_in_ours(ours, tmp_path, x, assert_same_tens
         assert torch.equal(loaded(x).sample, ours(x).sample)
 
 
+def test_conv_weights_stay_channels_last_through_save_and_load(ours, tmp_path):
+    """Our convolutions keep channels-last weights (inference's layout, no reorder per call); saving writes the
+    same values, and loading copies into channels-last parameters."""
+    from safetensors.torch import load_file
+
+    def conv_weights(model):
+        return [p for p in model.parameters() if p.dim() == 4]
+
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights(ours))
+    ours.save_pretrained(tmp_path)
+    saved = load_file(str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(saved[key], value) for key, value in ours.state_dict().items())
+    loaded = codec.AutoencoderKL.from_pretrained(tmp_path)
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights(loaded))
+
+
 # ---- diffusers -> ours -------------------------------------------------------------------------
 
 
