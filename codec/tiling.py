@@ -134,9 +134,10 @@ def estimate_norm_stats(
     longest = max(x.shape[-2:])
     side = min(max_side, max(align, math.ceil(longest * fraction / align) * align))
     precision = statistics_autocast(x) if low_precision else contextlib.nullcontext()
+    one_pass = side >= longest or side // 2 < align  # too small to extrapolate: one whole pass is the answer
     with precision:
-        near = record_norm_stats(module, near_run or run, downscale_to_fit(x, side, align))
-        if side >= longest or side // 2 < align:
+        near = record_norm_stats(module, run if one_pass else near_run or run, downscale_to_fit(x, side, align))
+        if one_pass:
             return near
         far = record_norm_stats(module, run, downscale_to_fit(x, side // 2, align))
     halvings = math.log2(1 / fraction)

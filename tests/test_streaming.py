@@ -200,10 +200,12 @@ def test_a_near_pass_that_stops_early_leaves_the_last_block_to_the_far_pass(vae)
         early = tiling.estimate_norm_stats(vae.decoder, run, features, 64, 1, False, 1 / 2, near_run=stop)
         far = tiling.record_norm_stats(vae.decoder, run, tiling.downscale_to_fit(features, 8, 1))  # 1/4 size
         assert stop(features).shape[1] == vae.decoder.up_blocks[-1].resnets[0].norm1.num_channels
+        # An input too small for two passes gets one whole pass, so no norm is left without statistics.
+        single = tiling.estimate_norm_stats(vae.decoder, run, features[..., :1, :1], 64, 1, False, 1 / 2, stop)
     last = f"up_blocks.{len(vae.decoder.up_blocks) - 1}."
     last_block = {name for name in early if name.startswith(last) or name == "conv_norm_out"}
     assert len(last_block) == 2 * len(vae.decoder.up_blocks[-1].resnets) + 1  # norm1, norm2 each; output norm
-    assert early.keys() == full.keys() and last_block < early.keys()
+    assert early.keys() == full.keys() == single.keys() and last_block < early.keys()
     for key in early:
         expected = far[key] if key in last_block else full[key]
         torch.testing.assert_close(early[key][0], expected[0])
