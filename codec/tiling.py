@@ -123,7 +123,9 @@ def estimate_norm_stats(
     carried on for the log2(1 / fraction) halvings up to full size, linearly for means and in the log for
     variances. On four 1024x1024 Kodak crops with the embedded model (v2; the streamed decoder's output norm
     exact), tiled-against-untiled PSNR was 34.0-46.6 dB with the half-size pass alone, 34.7-47.6 with one at
-    three quarters, and 40.4-46.0 with this extrapolation from 1/2 and 1/4.
+    three quarters, and 40.4-46.0 with this extrapolation from 1/2 and 1/4. `near_run`, when given, runs the
+    larger pass instead of `run` and may stop early (tiled decode skips the last up block there); the norms it
+    does not reach take the smaller pass's statistics unextrapolated.
 
     With `low_precision`, an fp32 model runs these passes under bf16 autocast where the hardware has fast bf16
     (see `statistics_autocast`): the statistics came out within 0.4% of fp32 ones (SD config, 1024x1024),

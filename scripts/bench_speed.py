@@ -378,6 +378,13 @@ def main(argv: list[str] | None = None) -> int:
     for row in quality:
         print(f"{row[0]}: {row[1]} dB")
 
+    tiled_section = []  # `--tiled-sizes` with no sizes: no such section, rather than an empty table
+    if tiled:
+        tiled_section = [
+            f"Large decodes, medians of {args.tiled_repeats} alternated runs, tile {args.tile} latent px for both "
+            "(peak memory: the largest above the loaded model):",
+            markdown_table(TILED_HEADER, tiled),
+        ]
     command = "python scripts/bench_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
     report = "\n\n".join(
         [
@@ -390,15 +397,7 @@ def main(argv: list[str] | None = None) -> int:
             markdown_table(SPEED_HEADER, speed),
             "Peak memory: above what was in use before each run, by codec bench's meter (codec.bench.measure; "
             "on a CPU the resident-set peak, on a GPU max_memory_allocated).",
-            *(
-                [
-                    f"Large decodes, medians of {args.tiled_repeats} alternated runs, tile {args.tile} latent px for "
-                    "both (peak memory: the largest above the loaded model):",
-                    markdown_table(TILED_HEADER, tiled),
-                ]
-                if tiled
-                else []  # `--tiled-sizes` with no sizes: no such section, rather than an empty table
-            ),
+            *tiled_section,
             f"Quality with the embedded model (PSNR in dB; difference pictures in {args.out}):",
             markdown_table(["comparison", "PSNR dB"], quality),
         ]
