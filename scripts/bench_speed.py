@@ -63,10 +63,17 @@ def peak_memory(run: Callable[[], object], device: torch.device) -> int:
 
 
 @torch.no_grad()
-def time_alternating(runs: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, Timing]:
-    """Time each callable `repeats` times after one warm-up, alternating the order every round."""
+def time_alternating(
+    runs: dict[str, Callable[[], object]], repeats: int, device: torch.device, warmups: int = 1
+) -> dict[str, Timing]:
+    """Time each callable `repeats` times after `warmups` warm-ups, alternating the order every round.
+
+    The last warm-up gives the peak memory; a compiled callable needs two, or its peak would be compilation's.
+    """
     timings = {name: Timing() for name in runs}
     for name, run in runs.items():  # warm-up: oneDNN/cuDNN pick and cache their kernels on first use
+        for _ in range(warmups - 1):
+            run()
         timings[name].peak_bytes = peak_memory(run, device)
     names = list(runs)
     for round_index in range(repeats):
@@ -148,48 +155,55 @@ def untiled(model):
 
 
 def speed_rows(ours, theirs, args, device: torch.device, peaks: dict[str, float]) -> list[list[str]]:
-    """Encode and decode at each size, batch and dtype: medians, ratios, GFLOP/s, peak memory."""
+    """Encode and decode at each size, batch and dtype: medians, ratios, GFLOP/s, images/s, peak memory.
+
+    Then, for each of --compile-dtypes, the same at the largest size and batch with both sides under
+    torch.compile (ours through enable_compile, diffusers' decode/encode call wrapped as users do).
+    """
     rows = []
     diffusers_fp32: dict[tuple[str, int, int], float] = {}  # the baseline every dtype is held against
     generator = torch.Generator().manual_seed(0)
     f = ours.config.downsample_factor
-    for dtype_name in args.dtypes:
+    plans = [(name, size, batch, False) for name in args.dtypes for size in args.sizes for batch in args.batches]
+    plans += [(name, max(args.sizes), max(args.batches), True) for name in args.compile_dtypes]
+    for dtype_name, size, batch, compiled in plans:
         dtype = DTYPES[dtype_name]
-        ours_d = untiled(ours if dtype == torch.float32 else as_dtype(ours, dtype))
+        ours_d = untiled(ours if dtype == torch.float32 and not compiled else as_dtype(ours, dtype))
         theirs_d = theirs if dtype == torch.float32 else as_dtype(theirs, dtype)
-        for size in args.sizes:
-            for batch in args.batches:
-                x = torch.rand(batch, 3, size, size, generator=generator).mul(2).sub(1).to(device, dtype)
-                z = torch.randn(batch, ours.config.latent_channels, size // f, size // f, generator=generator)
-                z = z.to(device, dtype)
-                for op, runs in (
-                    ("encode", encode_runs(ours_d, theirs_d, x)),
-                    ("decode", decode_runs(ours_d, theirs_d, z)),
-                ):
-                    if op not in args.ops:
-                        continue
-                    timings = time_alternating(runs, args.repeats, device)
-                    flops = count_flops(runs["ours"])
-                    ours_t, theirs_t = timings["ours"], timings["diffusers"]
-                    if dtype == torch.float32:
-                        diffusers_fp32[op, size, batch] = theirs_t.median
-                    baseline = diffusers_fp32.get((op, size, batch))
-                    row = [
-                        op,
-                        f"{size}x{size}",
-                        str(batch),
-                        dtype_name,
-                        f"{ours_t.median:.3f}",
-                        f"{theirs_t.median:.3f}",
-                        f"{ours_t.median / theirs_t.median:.2f}",
-                        f"{ours_t.median / baseline:.2f}" if baseline else "-",
-                        f"{flops / ours_t.median / 1e9:.0f} ({100 * flops / ours_t.median / peaks[dtype_name]:.0f}%)",
-                        f"{flops / theirs_t.median / 1e9:.0f}",
-                        f"{ours_t.peak_bytes / 2**20:.0f}",
-                        f"{theirs_t.peak_bytes / 2**20:.0f}",
-                    ]
-                    rows.append(row)
-                    print(" | ".join(row), flush=True)
+        x = torch.rand(batch, 3, size, size, generator=generator).mul(2).sub(1).to(device, dtype)
+        z = torch.randn(batch, ours.config.latent_channels, size // f, size // f, generator=generator)
+        z = z.to(device, dtype)
+        for op, runs in (("encode", encode_runs(ours_d, theirs_d, x)), ("decode", decode_runs(ours_d, theirs_d, z))):
+            if op not in (args.compile_ops if compiled else args.ops):
+                continue
+            flops = count_flops(runs["ours"])  # eager: the compiled graph does the same arithmetic
+            if compiled:
+                ours_d.enable_compile()
+                runs["diffusers"] = torch.compile(runs["diffusers"])
+            timings = time_alternating(runs, args.repeats, device, warmups=2 if compiled else 1)
+            ours_d.disable_compile()
+            ours_t, theirs_t = timings["ours"], timings["diffusers"]
+            if dtype == torch.float32 and not compiled:
+                diffusers_fp32[op, size, batch] = theirs_t.median
+            baseline = diffusers_fp32.get((op, size, batch))
+            row = [
+                op,
+                f"{size}x{size}",
+                str(batch),
+                dtype_name + (" compiled" if compiled else ""),
+                f"{ours_t.median:.3f}",
+                f"{theirs_t.median:.3f}",
+                f"{ours_t.median / theirs_t.median:.2f}",
+                f"{ours_t.median / baseline:.2f}" if baseline else "-",
+                f"{flops / ours_t.median / 1e9:.0f} ({100 * flops / ours_t.median / peaks[dtype_name]:.0f}%)",
+                f"{flops / theirs_t.median / 1e9:.0f}",
+                f"{batch / ours_t.median:.1f}",
+                f"{batch / theirs_t.median:.1f}",
+                f"{ours_t.peak_bytes / 2**20:.0f}",
+                f"{theirs_t.peak_bytes / 2**20:.0f}",
+            ]
+            rows.append(row)
+            print(" | ".join(row), flush=True)
     return rows
 
 
@@ -204,6 +218,8 @@ SPEED_HEADER = [
     "ours/diffusers fp32",
     "ours GFLOP/s (of matmul peak)",
     "diffusers GFLOP/s",
+    "ours images/s",
+    "diffusers images/s",
     "ours peak MiB",
     "diffusers peak MiB",
 ]
@@ -344,6 +360,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
     parser.add_argument("--ops", nargs="+", default=["encode", "decode"], choices=["encode", "decode"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--compile-dtypes",
+        nargs="*",
+        default=[],
+        choices=sorted(DTYPES),
+        help="also time both sides under torch.compile in these dtypes, at the largest size and batch",
+    )
+    parser.add_argument("--compile-ops", nargs="+", default=["decode"], choices=["encode", "decode"])
     parser.add_argument("--tiled-sizes", type=int, nargs="*", default=[1024, 2048])
     parser.add_argument("--tiled-repeats", type=int, default=3, help="alternated runs of each large decode")
     parser.add_argument(
@@ -366,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # A CPU without native bf16 emulates it: a 2048^2 bf16 matmul took minutes on an AVX2-only EPYC.
     size = 256 if args.quick else 2048
-    peaks = {name: matmul_peak(DTYPES[name], device, n=size) for name in args.dtypes}
+    peaks = {name: matmul_peak(DTYPES[name], device, n=size) for name in {*args.dtypes, *args.compile_dtypes}}
     print("matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()), flush=True)
     emulated = "bf16" in args.dtypes and device.type == "cpu" and not tiling.cpu_has_native_bf16()
     bf16_note = " This CPU has no native bf16 (AVX512-BF16 or AMX): its bf16 rows are emulated." if emulated else ""

@@ -21,7 +21,8 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 # Fail in seconds, not after the trial runs, if the image lacks something the trainer imports.
 python3 -c "import accelerate, huggingface_hub, PIL, safetensors, tqdm, yaml, codec, training.train"
 
-python3 scripts/train_for.py --minutes "$minutes" --config builtin-large \
+# 200 timed steps (about 10 s on an H100), so that start-up jitter cannot swamp the step time.
+python3 scripts/train_for.py --minutes "$minutes" --config builtin-large --trial-steps 10 210 \
     data.train=.device/train data.validation=.device/val run.output_dir="$run" run.log_with=null "${@:2}" 2>&1 | tee "$out/train.log"
 
 checkpoint=$(ls -d "$run"/checkpoints/step-* | sort | tail -1)

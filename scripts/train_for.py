@@ -7,6 +7,9 @@ wastes most of its annealing, so rather than cut a run short this first times tw
 (their difference is the time per step, what is left is the fixed start-up: data workers, the first steps'
 kernel selection), then sets `run.max_steps` so that the real run, with its validations and checkpoints, ends
 inside the budget. The chosen step count is in the run's config.yaml, so the run reproduces without this script.
+A first, untimed run of SHORT steps pays the once-per-process costs (CUDA's start, cuDNN's algorithm search), which
+would otherwise land in the short run alone and make the step look cheaper than it is. As a safety net the run
+also gets run.time_limit_minutes: should the estimate still be off, it stops in time, validated and exported.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ def time_steps(config: TrainConfig, short: int, long: int) -> StepTime:
 
     durations = []
     with tempfile.TemporaryDirectory(prefix="train_for-") as scratch:
-        for steps in (short, long):
+        for steps in (short, short, long):  # the first is the untimed warm-up
             trial = apply_overrides(
                 config,
                 [
@@ -58,6 +61,7 @@ def time_steps(config: TrainConfig, short: int, long: int) -> StepTime:
             durations.append(time.perf_counter() - start)
             shutil.rmtree(Path(scratch) / str(steps), ignore_errors=True)
     # A noisy machine can make the longer run look no slower; never let the estimate reach zero.
+    durations = durations[1:]
     per_step = max((durations[1] - durations[0]) / (long - short), durations[1] / long / 10)
     return StepTime(per_step=per_step, fixed=max(0.0, durations[1] - long * per_step))
 
@@ -112,7 +116,14 @@ def main(argv: list[str] | None = None) -> int:
         f"-> {steps} steps (warm-up {warmup})",
         flush=True,
     )
-    config = apply_overrides(config, [f"run.max_steps={steps}", f"optimizer.warmup_steps={warmup}"])
+    # The loop starts after the fixed start-up; past half the margin it stops, leaving the rest for the end.
+    limit_minutes = max(remaining * (1 - args.margin / 2) - timing.fixed, 1.0) / 60
+    overrides = [
+        f"run.max_steps={steps}",
+        f"optimizer.warmup_steps={warmup}",
+        f"run.time_limit_minutes={limit_minutes:.3f}",
+    ]
+    config = apply_overrides(config, overrides)
     from training.train import train
 
     _fresh_accelerate()

@@ -212,11 +212,16 @@ class RunConfig(_Section):
     resume: bool | str = False  # True = latest checkpoint in output_dir; a string = that checkpoint
     export: bool = True  # write the final (EMA if any) model as a diffusers folder at the end
     record_data_order: bool = False  # write each step's image indices per process (data_order.rank<N>.txt)
+    # A wall-clock safety net for budgeted runs (scripts/train_for.py sets it): past this many minutes of the
+    # loop, stop at the next log step with the usual validation, checkpoint and export. The schedule still
+    # assumes max_steps, so a run stopped this way has not annealed; None = no limit.
+    time_limit_minutes: float | None = None
 
     def validate(self) -> None:
         counts = ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every", "checkpoints_to_keep")
         self._require(lambda v: v >= 1, "must be at least 1", *counts, "validate_every", "log_every")
         self._require(lambda v: v >= 0, "must be >= 0", "seed")
+        self._require(lambda v: v is None or v > 0, "must be > 0 (or null for no limit)", "time_limit_minutes")
 
 
 SECTIONS = dict(model=ModelConfig, data=DataConfig, loss=LossConfig, optimizer=OptimizerConfig, run=RunConfig)

@@ -159,6 +159,9 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
         num_workers=config.data.num_workers,
         collate_fn=collate_indexed,
         generator=generator,
+        # Workers that outlive the epoch: an epoch of the GPU recipe is about 60 steps, and starting 8 workers
+        # afresh each time would stall the GPU once a minute (ImageDataset.set_epoch reaches them).
+        persistent_workers=config.data.num_workers > 0,
     )
     val_loader = DataLoader(val_images, batch_size=run.batch_size, collate_fn=_collate_val)
 
@@ -189,13 +192,16 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
     latent_shape = unwrapped.vae.config.latent_shape(resolution, resolution)
     progress = _progress(accelerator, run.max_steps, state.step)
     start = time.perf_counter()
+    # Skipped images are summed across processes only at log steps: a per-step reduce (or loss.item()) would
+    # make the CPU wait for the GPU every step instead of queueing the next one.
+    pending_skipped = 0
     while state.step < run.max_steps:
         train_images.set_epoch(state.epoch)
         train_loader.set_epoch(state.epoch)
         batches = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
         for batch in batches:
             state.batches_in_epoch += 1
-            state.skipped_images += int(accelerator.reduce(torch.tensor(batch["skipped"], device=accelerator.device)))
+            pending_skipped += batch["skipped"]
             pixels = batch["pixels"]
             if pixels is None:
                 continue
@@ -247,18 +253,28 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
             state.step += 1
             if ema is not None:
                 ema.update(unwrapped.vae)
-            _after_step(accelerator, config, state, logs, loss, progress, start)
-            if state.step % run.validate_every == 0 or state.step == run.max_steps:
+            progress.update(1)
+            last = state.step == run.max_steps
+            if state.step % run.log_every == 0 or last or state.step % run.checkpoint_every == 0:
+                state.skipped_images += _sum_over_processes(accelerator, pending_skipped)
+                pending_skipped = 0
+                _log_step(accelerator, state, logs, loss, progress, start)
+                if not last and _out_of_time(accelerator, run.time_limit_minutes, start):
+                    log.warning("run.time_limit_minutes reached at step %d of %d: stopping", state.step, run.max_steps)
+                    last = True
+            if state.step % run.validate_every == 0 or last:
                 _validate(
                     accelerator, unwrapped.vae, ema, val_loader, pixel_loss, lpips_loss, kl_loss, state, output_dir
                 )
-            if state.step % run.checkpoint_every == 0 or state.step == run.max_steps:
+            if state.step % run.checkpoint_every == 0 or last:
                 _checkpoint(accelerator, output_dir, state, run.checkpoints_to_keep)
-            if state.step >= run.max_steps:
+            if last:
                 break
         else:
             state.epoch += 1
             state.batches_in_epoch = 0
+            continue
+        break  # the inner loop's break: the last step, or out of time
     progress.close()
     if run.export and accelerator.is_main_process:
         _export(unwrapped.vae, ema, output_dir / "final")
@@ -286,15 +302,25 @@ def _progress(accelerator, total: int, initial: int):
     return tqdm(total=total, initial=initial, disable=not accelerator.is_main_process, desc="train", unit="step")
 
 
-def _after_step(accelerator, config: TrainConfig, state: LoopState, logs: dict, loss, progress, start) -> None:
-    progress.update(1)
-    progress.set_postfix(loss=f"{loss.item():.4f}", skipped=state.skipped_images)
-    if state.step % config.run.log_every == 0 or state.step == config.run.max_steps:
-        logs = {f"train/{key}": value for key, value in logs.items()}
-        logs["train/loss"] = loss.item()
-        logs["train/skipped_images"] = state.skipped_images
-        logs["train/steps_per_second"] = progress.n / max(time.perf_counter() - start, 1e-9)
-        accelerator.log(logs, step=state.step)
+def _sum_over_processes(accelerator, value: int) -> int:
+    return int(accelerator.reduce(torch.tensor(value, device=accelerator.device), reduction="sum"))
+
+
+def _out_of_time(accelerator, limit_minutes: float | None, start: float) -> bool:
+    """Whether any process has run past the limit: decided together, or one process would stop alone and hang."""
+    if limit_minutes is None:
+        return False
+    return _sum_over_processes(accelerator, int(time.perf_counter() - start > 60 * limit_minutes)) > 0
+
+
+def _log_step(accelerator, state: LoopState, logs: dict, loss, progress, start) -> None:
+    loss_value = loss.item()
+    progress.set_postfix(loss=f"{loss_value:.4f}", skipped=state.skipped_images)
+    logs = {f"train/{key}": value for key, value in logs.items()}
+    logs["train/loss"] = loss_value
+    logs["train/skipped_images"] = state.skipped_images
+    logs["train/steps_per_second"] = progress.n / max(time.perf_counter() - start, 1e-9)
+    accelerator.log(logs, step=state.step)
 
 
 def _validate(accelerator, vae, ema, loader, pixel_loss, lpips_loss, kl_loss, state, output_dir) -> None:

@@ -55,6 +55,7 @@ def test_a_budgeted_run_records_its_steps_and_exports(tmp_path, capsys):
     assert recorded["optimizer"]["warmup_steps"] == warmup == min(50, steps // 10)
     assert (out / "final" / "diffusion_pytorch_model.safetensors").is_file()
     assert (out / "checkpoints" / f"step-{steps:07d}").is_dir()
+    assert 0 < recorded["run"]["time_limit_minutes"] < budget_s / 60  # the safety net, inside the budget
     # The point of the script; loose, since a loaded machine's step time wanders between trial and run.
     assert elapsed < 2 * budget_s
 

@@ -60,6 +60,16 @@ def test_stopped_and_resumed_run_ends_with_the_same_weights(tmp_path):
     assert any(not torch.equal(a[k], initial[k]) for k in a), "training changed nothing"
 
 
+def test_a_time_limit_stops_the_run_validated_checkpointed_and_exported(tmp_path):
+    out = run_training(tmp_path / "run", "run.max_steps=100000", "run.time_limit_minutes=0.001", "run.log_every=2")
+    checkpoints = sorted((out / "checkpoints").iterdir())
+    assert len(checkpoints) == 1
+    stopped_at = int(checkpoints[0].name.removeprefix("step-"))
+    assert 0 < stopped_at < 100000 and stopped_at % 2 == 0  # at a log step, long before max_steps
+    assert f"step {stopped_at}:" in (out / "validation.log").read_text()
+    assert (out / "final" / "diffusion_pytorch_model.safetensors").is_file()
+
+
 def test_decoder_only_leaves_the_encoder_bit_identical(tmp_path):
     torch.manual_seed(3)
     start = codec.AutoencoderKL(codec.preset("tiny"))
