@@ -33,9 +33,14 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         weight = 1.0 - self.current_decay()
-        for name, param in model.named_parameters():
-            if name in self.shadow:
-                self.shadow[name].lerp_(param.detach().float(), weight)
+        pairs = [(name, param) for name, param in model.named_parameters() if name in self.shadow]
+        for name, param in pairs:
+            # The average lives where the model does: it was built (or loaded) before prepare() moved the model
+            # to its GPU, and a lerp across devices fails.
+            if self.shadow[name].device != param.device:
+                self.shadow[name] = self.shadow[name].to(param.device)
+        shadows, params = [self.shadow[name] for name, _ in pairs], [param.detach().float() for _, param in pairs]
+        torch._foreach_lerp_(shadows, params, weight)  # one launch for all tensors, not one per tensor on a GPU
         self.updates += 1
 
     @torch.no_grad()

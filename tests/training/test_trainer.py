@@ -197,3 +197,14 @@ def test_ema_warms_up_instead_of_averaging_the_random_start():
     restored = EMA(model, decay=0.5)
     restored.load_state_dict(ema.state_dict())
     assert restored.updates == ema.updates and restored.decay == 0.999
+
+
+def test_ema_follows_the_model_to_its_device():
+    """The EMA is built before prepare() moves the model (to a GPU in real runs; "meta" stands in for it here)."""
+    from training.state import EMA
+
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, decay=0.9)
+    model.to("meta")
+    ema.update(model)
+    assert all(shadow.device.type == "meta" for shadow in ema.shadow.values())
