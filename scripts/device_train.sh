@@ -7,6 +7,10 @@
 #   python scripts/prepare_training_data.py && python scripts/pack_images.py data/train data/val --out .device
 #   (cd .device && ls val | sort | tail -n +65 | sed 's|^|val/|' | xargs rm  # the 64 validation_images read
 #    && python3 -m zipfile -c images.zip train val && rm -r train val)
+# The call carries the working tree too: since builtin v3 (18.8 MB) the repository's files are 20 MB, and with the
+# 54 MB zip that is over the 64 MiB. Training needs no builtin weights, so move them aside for the call and put
+# them back after it (`git status` shows them deleted meanwhile):
+#   mv codec/assets/builtin/diffusion_pytorch_model.safetensors /tmp/   # ... the run ..., then move it back
 # On the device (the `device` tool's run; its image has torch, accelerate, Pillow, PyYAML and tensorboard):
 #   run(command="bash scripts/device_train.sh 6", carry=[".device"], timeout_s=600)
 # Back here, with the files the call returned in FILES:

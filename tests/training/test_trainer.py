@@ -70,6 +70,19 @@ def test_a_time_limit_stops_the_run_validated_checkpointed_and_exported(tmp_path
     assert (out / "final" / "diffusion_pytorch_model.safetensors").is_file()
 
 
+def test_unreadable_images_are_counted_though_summed_only_at_log_and_checkpoint_steps(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("camera.png", "chelsea.png", "astronaut.jpg"):
+        (photos / name).write_bytes((REPO / "tests" / "data" / "photos" / name).read_bytes())
+    (photos / "broken.png").write_bytes(b"not a png")
+    # 4 files, batches of 2, so every epoch reads all four: one skip per 2 steps. Logged at step 3, saved at 4.
+    overrides = [f"data.train={photos}", "run.max_steps=4", "run.log_every=3", "run.checkpoint_every=4"]
+    out = run_training(tmp_path / "run", *overrides)
+    state = torch.load(out / "checkpoints" / "step-0000004" / "custom_checkpoint_0.pkl", weights_only=False)
+    assert (state["step"], state["skipped_images"]) == (4, 2)
+
+
 def test_decoder_only_leaves_the_encoder_bit_identical(tmp_path):
     torch.manual_seed(3)
     start = codec.AutoencoderKL(codec.preset("tiny"))
