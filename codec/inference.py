@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from codec import memory, streaming, tiling
 from codec.groupnorm import GroupNorm
+from codec.layers import preferred_memory_format
 
 log = logging.getLogger(__name__)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -151,9 +152,10 @@ def _run(vae, x: torch.Tensor, *, encode: bool) -> torch.Tensor:
     if torch.is_grad_enabled():
         return network(vae, x)
 
-    # Channels-last activations let oneDNN (CPU) and cuDNN (tensor cores) run the convolutions without
-    # reordering every input; the format carries through the network, and the result goes back to the default.
-    x = x.contiguous(memory_format=torch.channels_last)
+    # The device's layout (channels-last on a CPU, where oneDNN runs the convolutions without reordering every
+    # input; NCHW on a GPU, where GroupNorm wants it): it carries through the network, and the result goes back
+    # to the default.
+    x = x.contiguous(memory_format=preferred_memory_format(x.device))
     batch, _, h, w = x.shape
     budget = _budget(vae)
     use_tiling = vae.use_tiling if vae.use_tiling is not None else cost(h, w) > budget

@@ -15,6 +15,17 @@ from codec.groupnorm import GroupNorm
 EPS = 1e-6  # the GroupNorm epsilon of every norm in the SD VAE
 
 
+def preferred_memory_format(device: torch.device) -> torch.memory_format:
+    """The layout for activations and convolution weights on `device`.
+
+    Channels-last on a CPU, where oneDNN's convolutions and ATen's GroupNorm both work in NHWC. NCHW elsewhere:
+    ATen's group_norm makes its input NCHW-contiguous on every device but the CPU, so on a GPU NHWC activations
+    would be transposed before each of an SD decoder's ~30 GroupNorms and back for the convolution after it (on an
+    H200, channels-last throughout left ours 1.05-1.34x diffusers' NCHW time in eager mode).
+    """
+    return torch.channels_last if device.type == "cpu" else torch.contiguous_format
+
+
 def activation(name: str) -> nn.Module:
     if name in ("silu", "swish"):
         return nn.SiLU()

@@ -20,6 +20,7 @@ from torch import nn
 
 from codec.config import AutoencoderKLConfig
 from codec.distributions import DiagonalGaussianDistribution
+from codec.layers import preferred_memory_format
 from codec.networks import Decoder, Encoder
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
@@ -56,10 +57,30 @@ class AutoencoderKL(nn.Module):
         self.memory_budget: int | None = None  # bytes; None: chosen from the device (codec.inference)
         self.tile_latent_size: int | None = None  # latent side of a tile; None: the largest that fits the budget
         self.compile_mode: str | None = None  # torch.compile mode for untiled inference; None: eager
-        # Convolution weights in channels-last layout, the one inference feeds them activations in: otherwise
-        # every call reorders every weight (0.8% of an SD decode at 256x256 on a CPU, by the profiler). Values and
-        # keys are unchanged, and the savers write contiguous copies; training converts its model the same way.
-        self.to(memory_format=torch.channels_last)
+        # Convolution weights in the layout inference feeds activations in on their device (channels-last on a
+        # CPU, codec.layers.preferred_memory_format): otherwise every call reorders every weight (0.8% of an SD
+        # decode at 256x256 on a CPU, by the profiler). Values and keys are unchanged; the savers write
+        # contiguous copies. Moving the model to another kind of device re-picks the layout (_apply).
+        self._layout_device: str | None = None
+        self._match_layout_to_device()
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        self._match_layout_to_device()
+        return self
+
+    def _match_layout_to_device(self) -> None:
+        """Give the conv weights their device's preferred layout when the model lands on a new kind of device;
+        on the same device an explicit `.to(memory_format=...)` is left as the caller set it."""
+        weights = [p for p in self.parameters() if p.dim() == 4]
+        device = weights[0].device if weights else None
+        if device is None or device.type == self._layout_device:
+            return
+        fmt = preferred_memory_format(device)
+        for weight in weights:
+            if not weight.is_contiguous(memory_format=fmt):
+                weight.data = weight.data.contiguous(memory_format=fmt)
+        self._layout_device = device.type
 
     # ---- properties ---------------------------------------------------------------------------
 

@@ -83,6 +83,23 @@ def test_conv_weights_stay_channels_last_through_save_and_load(ours, tmp_path):
     assert all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights(loaded))
 
 
+def test_conv_weight_layout_follows_the_kind_of_device(ours):
+    """Channels-last on a CPU; NCHW on other devices ("meta" stands in for a GPU here), where GroupNorm would
+    transpose NHWC activations; an explicit layout on the same device is left as set."""
+
+    def conv_weights(model):  # 3x3 ones: a 1x1 kernel's strides are both layouts at once
+        return [p for p in model.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+
+    model = copy.deepcopy(ours).to("meta")
+    assert all(
+        w.is_contiguous() and not w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights(model)
+    )
+    model = copy.deepcopy(ours).to(memory_format=torch.contiguous_format)  # on the CPU: the caller's choice
+    assert all(not w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights(model))
+    model = model.to("meta").to_empty(device="cpu")  # back on a CPU: channels-last again
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights(model))
+
+
 # ---- diffusers -> ours -------------------------------------------------------------------------
 
 

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from codec.distributed import make_accelerator, shutdown
 from codec.distributions import DiagonalGaussianDistribution
+from codec.layers import preferred_memory_format
 from training.config import TrainConfig, save_config
 from training.data import ImageDataset, open_image_source, split_train_validation
 from training.discriminator import PatchGANDiscriminator, discriminator_step_loss, generator_step_loss
@@ -128,10 +129,11 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
         save_config(config, output_dir / "config.yaml")
 
     vae = build_autoencoder(config.model)
-    # channels_last: oneDNN's convolutions (CPU) and tensor cores (GPU) both run faster on NHWC; measured here,
-    # an fp32 training step of the builtin config took 15 s instead of 18 s (and bf16 autocast 33 s: on this CPU
-    # the bf16 convolution backward is slow, so the builtin config trains in fp32).
-    model = TrainingAutoencoder(vae).to(memory_format=torch.channels_last)
+    # The model keeps its conv weights in its device's layout (codec.layers.preferred_memory_format), and the
+    # batches below follow: channels-last on a CPU, where an fp32 training step of the builtin config took 15 s
+    # instead of 18 s (bf16 autocast 33 s: this CPU's bf16 convolution backward is slow, so the builtin config
+    # trains in fp32); NCHW on a GPU, where ATen's GroupNorm would otherwise transpose around every norm.
+    model = TrainingAutoencoder(vae)
     resolution = config.data.resolution
     pixel_loss = PixelLoss(loss_config.pixel, loss_config.pixel_weight)
     lpips_loss = None
@@ -205,7 +207,7 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
             pixels = batch["pixels"]
             if pixels is None:
                 continue
-            pixels = pixels.contiguous(memory_format=torch.channels_last)
+            pixels = pixels.contiguous(memory_format=preferred_memory_format(pixels.device))
             if run.record_data_order:
                 with open(output_dir / f"data_order.rank{accelerator.process_index}.txt", "a") as handle:
                     handle.write(f"{state.step} {' '.join(map(str, batch['indices'].tolist()))}\n")
