@@ -13,9 +13,11 @@
 #   mv codec/assets/builtin/diffusion_pytorch_model.safetensors /tmp/   # ... the run ..., then move it back
 # On the device (the `device` tool's run; its image has torch, accelerate, Pillow, PyYAML and tensorboard):
 #   run(command="bash scripts/device_train.sh 6", carry=[".device"], timeout_s=600)
-# Back here, with the files the call returned in FILES:
-#   python scripts/safetensors_parts.py join FILES/*.part-*.safetensors -o NEW/diffusion_pytorch_model.safetensors
-#   cp FILES/config.json NEW/, then `codec stats` and `codec bench` as codec/assets/builtin/ABOUT.md says.
+# Back here, with the files the call returned in FILES (EMA weights; trained.part-* for the trained ones):
+#   python scripts/safetensors_parts.py join FILES/diffusion_pytorch_model.part-*.safetensors \
+#       -o NEW/diffusion_pytorch_model.safetensors
+#   tar xzf FILES/run-files.tgz -C RUN && cp RUN/config.json NEW/, then `codec stats` and `codec bench` as
+#   codec/assets/builtin/ABOUT.md says.
 set -euo pipefail
 minutes=${1:-6}
 out=${OUT:-runs/device-out}
@@ -30,15 +32,23 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 python3 -c "import accelerate, huggingface_hub, PIL, safetensors, tqdm, yaml, codec, training.train"
 
 # 200 timed steps (about 10 s on an H100), so that start-up jitter cannot swamp the step time.
-python3 scripts/train_for.py --minutes "$minutes" --config builtin-large --trial-steps 10 210 \
+# shellcheck disable=SC2086  # TRIAL_STEPS is two numbers (a CPU check of this script sets smaller ones)
+python3 scripts/train_for.py --minutes "$minutes" --config builtin-large --trial-steps ${TRIAL_STEPS:-10 210} \
     data.train=.device/train data.validation=.device/val run.output_dir="$run" run.log_with=null "${@:2}" 2>&1 | tee "$out/train.log"
 
 checkpoint=$(ls -d "$run"/checkpoints/step-* | sort | tail -1)
+# Both the EMA and the trained weights come back (validation.log's psnr and trained_psnr say which is better),
+# each in parts; the small files travel as one archive, since a call returns at most 8 files.
 python3 -m training.export "$checkpoint" /tmp/export --fp16
+python3 -m training.export "$checkpoint" /tmp/export-trained --fp16 --no-ema
 python3 scripts/safetensors_parts.py split /tmp/export/diffusion_pytorch_model.safetensors "$out" --max-mb 15
-cp /tmp/export/config.json "$out/config.json"
-cp "$run/config.yaml" "$out/run-config.yaml"
-cp "$run/validation.log" "$out/validation.log"
+cp /tmp/export-trained/diffusion_pytorch_model.safetensors /tmp/trained.safetensors
+python3 scripts/safetensors_parts.py split /tmp/trained.safetensors "$out" --max-mb 15
+mkdir -p /tmp/run-files
+cp /tmp/export/config.json "$run/config.yaml" "$run/validation.log" /tmp/run-files/
+cp "$out/train.log" /tmp/run-files/ && rm "$out/train.log"
 samples=$(ls "$run"/samples/*.png 2>/dev/null | sort | tail -1 || true)
-[ -n "$samples" ] && cp "$samples" "$out/last-samples.png"
+[ -n "$samples" ] && cp "$samples" /tmp/run-files/last-samples.png
+tar czf "$out/run-files.tgz" -C /tmp/run-files .
+cat /tmp/run-files/validation.log
 ls -l "$out"

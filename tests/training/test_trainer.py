@@ -61,12 +61,14 @@ def test_stopped_and_resumed_run_ends_with_the_same_weights(tmp_path):
 
 
 def test_a_time_limit_stops_the_run_validated_checkpointed_and_exported(tmp_path):
-    out = run_training(tmp_path / "run", "run.max_steps=100000", "run.time_limit_minutes=0.001", "run.log_every=2")
+    limit = ["run.max_steps=100000", "run.time_limit_minutes=0.001", "run.log_every=2", "optimizer.ema_decay=0.9"]
+    out = run_training(tmp_path / "run", *limit)
     checkpoints = sorted((out / "checkpoints").iterdir())
     assert len(checkpoints) == 1
     stopped_at = int(checkpoints[0].name.removeprefix("step-"))
     assert 0 < stopped_at < 100000 and stopped_at % 2 == 0  # at a log step, long before max_steps
-    assert f"step {stopped_at}:" in (out / "validation.log").read_text()
+    validation = (out / "validation.log").read_text()
+    assert f"step {stopped_at}:" in validation and "trained_psnr" in validation  # with an EMA, both are validated
     assert (out / "final" / "diffusion_pytorch_model.safetensors").is_file()
 
 
