@@ -230,3 +230,19 @@ def test_file_list_keys_are_its_lines_and_a_hub_name_offline_fails_plainly(tmp_p
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, _, stderr = cli(["cache", "nobody/no-such-dataset", "-o", tmp_path / "o3", "--model", model_dir])
     assert code == 2 and "cannot load the dataset 'nobody/no-such-dataset'" in stderr
+
+
+def test_images_smaller_than_their_bucket_are_counted_and_the_cli_warns(tmp_path, model_dir):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    Image.fromarray(smooth_image(1, 16, 40)).save(folder / "short.png")  # 16 tall: enlarged to cover 32x32
+    Image.fromarray(smooth_image(2, 48, 40)).save(folder / "large.png")  # covers 32x32 when scaled down
+    common = ["--model", model_dir, "--resolution", 32, "--num-workers", 0, "--device", "cpu"]
+    code, stdout, stderr = cli(["cache", folder, "-o", tmp_path / "out", *common])
+    assert code == 0, stderr
+    assert "warning: 1 of 2 images were smaller than their bucket" in stdout
+    code, stdout, stderr = cli(["stats", folder, *common])
+    assert code == 0, stderr
+    assert "warning: 1 of 2 images were smaller" in stdout
+    code, stdout, _ = cli(["cache", folder, "-o", tmp_path / "at16", *common[:2], "--resolution", 16, *common[4:]])
+    assert code == 0 and "warning" not in stdout

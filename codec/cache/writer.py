@@ -44,6 +44,7 @@ class Summary:
     shards: int = 0
     reused: int = 0  # shards found done, on this process
     written: int = 0  # shards encoded, by this process
+    upscaled: int = 0  # rows whose image was smaller than its bucket on a side, so it was enlarged to cover it
     seconds: float = 0.0
 
 
@@ -107,6 +108,11 @@ def _encode(vae, items: list[_Loaded], flip: bool) -> list[tuple[torch.Tensor, .
     return list(zip(mean, logvar, strict=True))
 
 
+def _upscaled(row: shards.Row) -> bool:
+    """Whether the image had to be enlarged to cover its bucket (a blurrier input than the resolution suggests)."""
+    return row.original_size[0] < row.bucket[0] or row.original_size[1] < row.bucket[1]
+
+
 class _ShardBuilder:
     """One shard's images as they arrive: batched per bucket, encoded, collected as rows in key order."""
 
@@ -168,6 +174,7 @@ class _ShardBuilder:
             "count": len(self.keys),
             "rows": len(self.rows),
             "skipped": sorted(self.skipped, key=lambda s: s["key"]),
+            "upscaled": sum(1 for row in self.rows if _upscaled(row)),
             "written_by": rank,
         }
         shards.write_shard(out, self.index, table, meta)
@@ -289,6 +296,7 @@ def build_cache(
         report = "".join(json.dumps(entry) + "\n" for entry in skipped)
         shards.atomic_write(out / shards.SKIPPED, lambda tmp: tmp.write_text(report))
         summary.rows, summary.skipped = sum(m["rows"] for m in metas), len(skipped)
+        summary.upscaled = sum(m.get("upscaled", 0) for m in metas)  # shards written before it was counted: 0
         manifest.write_manifest(out, manifest.build_manifest(*args, metas=metas))
     summary.seconds = time.perf_counter() - started
     return summary

@@ -144,7 +144,16 @@ def run_cache(args: argparse.Namespace) -> int:
         )
         if summary.skipped:
             print(f"skipped {summary.skipped} unreadable images; reasons in {args.output / 'skipped.jsonl'}")
+        _warn_upscaled(summary, args.resolution)
     return 0
+
+
+def _warn_upscaled(summary, resolution: int) -> None:
+    if summary.upscaled:
+        print(
+            f"warning: {summary.upscaled} of {summary.rows} images were smaller than their bucket (about "
+            f"{resolution}x{resolution}) and were enlarged to fill it: is --resolution right for this data?"
+        )
 
 
 def run_verify(args: argparse.Namespace) -> int:
@@ -185,7 +194,9 @@ def run_stats(args: argparse.Namespace) -> int:
                 source, tmp, vae, identities, _settings(args), model_name=str(args.model or "builtin")
             )
             result = cache_stats(tmp, args.posterior)
-        result.update(cache=None, source=str(args.source), skipped=summary.skipped)
+        result.update(cache=None, source=str(args.source), skipped=summary.skipped, upscaled=summary.upscaled)
+        if not args.json:
+            _warn_upscaled(summary, args.resolution)
     if args.write_config:
         from codec.cache.identity import model_identities
         from codec.model import AutoencoderKL
