@@ -3,28 +3,16 @@ every section, the timings are real numbers, and the tiling difference picture i
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
-from pathlib import Path
 
 import pytest
+from script_loading import load_script
 
 pytest.importorskip("diffusers")
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_speed.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_speed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_quick_run_prints_all_sections_and_writes_the_difference_picture(tmp_path, capsys):
-    script = load_script()
+    script = load_script("bench_speed")
     assert script.main(["--quick", "--no-write", "--out", str(tmp_path)]) == 0
     report = capsys.readouterr().out
     speed_rows = [
@@ -43,7 +31,7 @@ def test_quick_run_prints_all_sections_and_writes_the_difference_picture(tmp_pat
 def test_alternating_timer_runs_each_callable_after_a_warm_up():
     import torch
 
-    script = load_script()
+    script = load_script("bench_speed")
     calls = []
     timings = script.time_alternating(
         {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3, torch.device("cpu")

@@ -3,30 +3,19 @@ apt, no network), at a small crop size so the whole run stays within a few secon
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
+from script_loading import load_script
 
 pytest.importorskip("skimage")
 pytest.importorskip("sklearn")
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "prepare_training_data.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("prepare_training_data", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_crops_manifest_split_and_rerun(tmp_path: Path) -> None:
-    script = load_script()
+    script = load_script("prepare_training_data")
     args = ["--out", str(tmp_path / "train"), "--skip-debian", "--crop", "64", "--crops-per-image", "2"]
     args += ["--scales", "1,0.25", "--generated", "2", "--validation-fraction", "0.2", "--cache", str(tmp_path / "c")]
     assert script.main(args) == 0

@@ -3,27 +3,18 @@ ordinary one (config.yaml records the chosen steps, the export is there)."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+from script_loading import load_script
 
 from training.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = ["data.resolution=32", "run.batch_size=2", "loss.lpips_weight=0.0", "run.checkpoint_every=1000"]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_for", REPO / "scripts" / "train_for.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +23,7 @@ def _in_repo(monkeypatch):
 
 
 def test_steps_fill_the_budget_less_start_up_margin_and_validation():
-    script = load_script()
+    script = load_script("train_for")
     config = load_config("tiny", ["run.batch_size=8", "data.validation_images=24", "run.validate_every=100"])
     timing = script.StepTime(per_step=0.5, fixed=20.0)
     # (600 * 0.9 - 20) s at 0.5 s per step, each step carrying 1% of a validation (24 / (3 * 8) / 100).
@@ -41,7 +32,7 @@ def test_steps_fill_the_budget_less_start_up_margin_and_validation():
 
 
 def test_a_budgeted_run_records_its_steps_and_exports(tmp_path, capsys):
-    script = load_script()
+    script = load_script("train_for")
     out = tmp_path / "run"
     budget_s = 20
     start = time.perf_counter()
@@ -61,6 +52,6 @@ def test_a_budgeted_run_records_its_steps_and_exports(tmp_path, capsys):
 
 
 def test_a_resumed_budgeted_run_is_refused():
-    script = load_script()
+    script = load_script("train_for")
     with pytest.raises(SystemExit):
         script.main(["--minutes", "1", "--config", "tiny", "run.resume=true"])
