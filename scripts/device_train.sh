@@ -14,10 +14,7 @@
 # On the device (the `device` tool's run; its image has torch, accelerate, Pillow, PyYAML and tensorboard):
 #   run(command="bash scripts/device_train.sh 6", carry=[".device"], timeout_s=600)
 # Back here, with the files the call returned in FILES (EMA weights; trained.part-* for the trained ones):
-#   python scripts/safetensors_parts.py join FILES/diffusion_pytorch_model.part-*.safetensors \
-#       -o NEW/diffusion_pytorch_model.safetensors
-#   tar xzf FILES/run-files.tgz -C RUN && cp RUN/config.json NEW/, then `codec stats` and `codec bench` as
-#   codec/assets/builtin/ABOUT.md says.
+#   bash scripts/evaluate_device_run.sh FILES     # joins both, writes their latent statistics, benches on Kodak
 set -euo pipefail
 minutes=${1:-6}
 out=${OUT:-runs/device-out}
