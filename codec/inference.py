@@ -1,5 +1,6 @@
 """What `AutoencoderKL.encode`/`decode` do around the network: input checks, padding to the downsampling
-factor, batch slicing and tiling within a memory budget, and the fp32 retry for half-precision overflow.
+factor, batch slicing and tiling within a memory budget, the fp32 retry for half-precision overflow, and fp32
+compute for half-precision weights on a CPU that would emulate them (codec.precision).
 
 With gradients enabled (training) only the checks and padding apply: tiling and slicing are inference tools,
 and a training step must see exactly the network it optimises.
@@ -15,7 +16,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from codec import memory, streaming, tiling
+from codec import memory, precision, streaming, tiling
 from codec.groupnorm import GroupNorm
 from codec.layers import preferred_memory_format
 
@@ -136,6 +137,8 @@ def _decode_tiled(vae, z: torch.Tensor, tile: int, guarded: _Fp32Fallback) -> to
 
 def _run(vae, x: torch.Tensor, *, encode: bool) -> torch.Tensor:
     """Encode (images -> moments) or decode (latents -> images), sliced and tiled to fit the memory budget."""
+    if not torch.is_grad_enabled() and precision.emulated_on_cpu(vae.dtype, x.device):
+        return _run(precision.fp32_copy(vae), x.float(), encode=encode).to(x.dtype)
     config = vae.config
     f = config.downsample_factor
     itemsize = torch.finfo(vae.dtype).bits // 8

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from codec.groupnorm import GroupNorm, group_stats
+from codec.precision import cpu_has_native_bf16
 
 Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]  # keyed by each norm's qualified name
 
@@ -165,13 +166,6 @@ def statistics_autocast(x: torch.Tensor) -> contextlib.AbstractContextManager:
     if x.device.type == "cpu" and cpu_has_native_bf16():
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU runs bf16 natively (AVX512-BF16 or AMX); without, torch emulates it, far slower than fp32."""
-    # Private helpers of torch.cpu (used by inductor); a torch without them is treated as having no fast bf16.
-    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
-    return any(check is not None and check() for check in checks)
 
 
 def downscale_to_fit(x: torch.Tensor, max_side: int, align: int) -> torch.Tensor:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from codec import AutoencoderKL, preset, tiling
+from codec import AutoencoderKL, precision, preset
 from codec.bench.measure import Meter
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -191,10 +191,11 @@ def speed_rows(ours, theirs, args, device: torch.device, peaks: dict[str, float]
                 f"{size}x{size}",
                 str(batch),
                 dtype_name + (" compiled" if compiled else ""),
-                f"{ours_t.median:.3f}",
-                f"{theirs_t.median:.3f}",
-                f"{ours_t.median / theirs_t.median:.2f}",
-                f"{ours_t.median / baseline:.2f}" if baseline else "-",
+                # Significant digits, not decimals: GPU rows take milliseconds, and a ratio can be 0.03.
+                f"{ours_t.median:.4g}",
+                f"{theirs_t.median:.4g}",
+                f"{ours_t.median / theirs_t.median:.3g}",
+                f"{ours_t.median / baseline:.3g}" if baseline else "-",
                 f"{flops / ours_t.median / 1e9:.0f} ({100 * flops / ours_t.median / peaks[dtype_name]:.0f}%)",
                 f"{flops / theirs_t.median / 1e9:.0f}",
                 f"{batch / ours_t.median:.1f}",
@@ -392,8 +393,13 @@ def main(argv: list[str] | None = None) -> int:
     size = 256 if args.quick else 2048
     peaks = {name: matmul_peak(DTYPES[name], device, n=size) for name in {*args.dtypes, *args.compile_dtypes}}
     print("matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()), flush=True)
-    emulated = "bf16" in args.dtypes and device.type == "cpu" and not tiling.cpu_has_native_bf16()
-    bf16_note = " This CPU has no native bf16 (AVX512-BF16 or AMX): its bf16 rows are emulated." if emulated else ""
+    emulated = [name for name in args.dtypes if precision.emulated_on_cpu(DTYPES[name], device)]
+    bf16_note = (
+        f" This CPU would emulate {' and '.join(emulated)}: there ours computes with an fp32 copy of the model "
+        "(codec.precision) and returns the dtype asked for, diffusers emulates."
+        if emulated
+        else ""
+    )
     ours, theirs = build_pair(args.config, 0, device)
     speed = speed_rows(ours, theirs, args, device, peaks)
     tiled = tiled_rows(ours, theirs, args.tiled_sizes, args.tile, args.tiled_repeats, device)
