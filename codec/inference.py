@@ -8,7 +8,6 @@ and a training step must see exactly the network it optimises.
 
 from __future__ import annotations
 
-import copy
 import functools
 import logging
 from collections.abc import Callable
@@ -32,7 +31,8 @@ STATS_FRACTION = 3 / 8
 
 
 class _Fp32Fallback:
-    """Recompute a half-precision result that came out non-finite with an fp32 copy of the model, made once."""
+    """Recompute a half-precision result that came out non-finite with the model's fp32 copy (codec.precision:
+    made once per model, remade when its weights change)."""
 
     def __init__(self, vae: torch.nn.Module) -> None:
         self.vae = vae
@@ -44,12 +44,19 @@ class _Fp32Fallback:
             return y
         if self._fp32 is None:
             log.warning("%s result was not finite; recomputing in float32 (force_upcast)", y.dtype)
-            self._fp32 = copy.deepcopy(self.vae).float()
-        # Tiling may have installed shared-statistics hooks on the original's norms since the copy was made.
-        for source, target in zip(self.vae.modules(), self._fp32.modules(), strict=True):
-            if isinstance(source, GroupNorm):
-                target.stats_hook, target.stats_key = source.stats_hook, getattr(source, "stats_key", None)
-        return run(self._fp32, x.float()).to(y.dtype)
+            self._fp32 = precision.fp32_copy(self.vae)
+        # Tiling may have installed shared-statistics hooks on the original's norms: the copy uses them for this
+        # recomputation only (the copy is shared, see codec.precision).
+        pairs = [
+            (s, t) for s, t in zip(self.vae.modules(), self._fp32.modules(), strict=True) if isinstance(s, GroupNorm)
+        ]
+        for source, target in pairs:
+            target.stats_hook, target.stats_key = source.stats_hook, getattr(source, "stats_key", None)
+        try:
+            return run(self._fp32, x.float()).to(y.dtype)
+        finally:
+            for _, target in pairs:
+                target.stats_hook = None
 
 
 def _check_input(x: torch.Tensor, channels: int, what: str) -> None:

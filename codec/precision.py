@@ -1,4 +1,5 @@
-"""Which precision a model actually computes in on a CPU, and the fp32 copy used where half would be emulated.
+"""Which precision a model actually computes in on a CPU, and the fp32 copy used where half would be emulated
+(and to recompute a half-precision result that overflowed, codec.inference).
 
 torch runs bf16 and fp16 convolutions on a CPU through emulation unless the CPU has the instructions for them
 (AVX512-BF16 or AMX for bf16, AMX-FP16 for fp16). Emulated, an SD decode at 256x256 took 46 s in bf16 and 41 s in
@@ -60,8 +61,7 @@ def fp32_copy(model: nn.Module) -> nn.Module:
         key = None
     cached = _copies.get(model)
     if cached is None or key is None or cached[0] != key:
-        if cached is None:
-            log.info("%s weights on a CPU that emulates them: computing with a float32 copy", model.dtype)
+        log.debug("making a float32 copy of a %s model", model.dtype)
         cached = (key, copy.deepcopy(model).float())
         _copies[model] = cached
     replica = cached[1]
