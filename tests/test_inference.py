@@ -144,6 +144,23 @@ def test_half_precision_overflow_is_recomputed_in_fp32(vae, caplog, monkeypatch)
     assert "recomputing in float32" in caplog.text
 
 
+def test_half_precision_overflow_in_a_tiled_decode_is_recomputed_with_the_shared_statistics(vae, monkeypatch):
+    from codec import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_fp16", lambda: True)  # fp16 arithmetic, not the fp32 copy
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        vae.decoder.up_blocks[1].resnets[0].conv1.weight.mul_(1e6)  # overflows fp16 inside the streamed tail
+        vae.enable_tiling(4)
+        reference = vae.decode(z).sample  # fp32, tiled the same way
+        half = vae.half()
+        assert not torch.isfinite(half.decode_raw(z.half())).all(), "the test needs an input that overflows in fp16"
+        out = half.decode(z).sample
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    assert (out.float() - reference).abs().max() < 2e-2
+    assert all(m.stats_hook is None for m in precision.fp32_copy(half).modules() if hasattr(m, "stats_hook"))
+
+
 def test_bad_inputs_name_the_problem(vae):
     with pytest.raises(ValueError, match=r"shape \(batch, 3, height, width\)"):
         vae.encode(torch.rand(3, 32, 32))
