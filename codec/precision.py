@@ -19,9 +19,6 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-# Inference settings that a copy must follow from its original at each call (see AutoencoderKL.__init__).
-INFERENCE_SETTINGS = ("use_tiling", "use_slicing", "memory_budget", "tile_latent_size", "compile_mode")
-
 _copies: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]] = weakref.WeakKeyDictionary()
 
 
@@ -65,7 +62,10 @@ def fp32_copy(model: nn.Module) -> nn.Module:
         cached = (key, copy.deepcopy(model).float())
         _copies[model] = cached
     replica = cached[1]
-    for name in INFERENCE_SETTINGS:
-        if hasattr(model, name):
-            setattr(replica, name, getattr(model, name))
+    # The original's plain settings as they are now (tiling, slicing, memory budget, compile mode, ...), derived
+    # rather than listed so that a new setting cannot be forgotten here; `training` is nn.Module's own, per module.
+    for name, value in vars(model).items():
+        plain = isinstance(value, (bool, int, float, str, type(None)))
+        if plain and not name.startswith("_") and name != "training":
+            setattr(replica, name, value)
     return replica

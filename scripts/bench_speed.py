@@ -166,10 +166,12 @@ def speed_rows(ours, theirs, args, device: torch.device, peaks: dict[str, float]
     f = ours.config.downsample_factor
     plans = [(name, size, batch, False) for name in args.dtypes for size in args.sizes for batch in args.batches]
     plans += [(name, max(args.sizes), max(args.batches), True) for name in args.compile_dtypes]
+    converted = {torch.float32: (untiled(ours), theirs)}  # one copy of each model per dtype, made when first needed
     for dtype_name, size, batch, compiled in plans:
         dtype = DTYPES[dtype_name]
-        ours_d = untiled(ours if dtype == torch.float32 and not compiled else as_dtype(ours, dtype))
-        theirs_d = theirs if dtype == torch.float32 else as_dtype(theirs, dtype)
+        if dtype not in converted:
+            converted[dtype] = (untiled(as_dtype(ours, dtype)), as_dtype(theirs, dtype))
+        ours_d, theirs_d = converted[dtype]
         x = torch.rand(batch, 3, size, size, generator=generator).mul(2).sub(1).to(device, dtype)
         z = torch.randn(batch, ours.config.latent_channels, size // f, size // f, generator=generator)
         z = z.to(device, dtype)
