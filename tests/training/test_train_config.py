@@ -24,7 +24,7 @@ from training.config import (
 )
 
 MINIMAL = ("model.preset=tiny", "data.train=photos")
-SHIPPED = ("builtin", "builtin-large", "finetune-sd-decoder", "tiny", "train-kl-f8")
+SHIPPED = ("builtin", "builtin-continue", "builtin-large", "finetune-sd-decoder", "tiny", "train-kl-f8")
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -67,6 +67,16 @@ def test_builtin_large_keeps_the_builtin_recipe_on_a_model_that_fits_the_package
     vae = build_autoencoder(large.model)
     assert vae.config.latent_channels == 4 and vae.config.downsample_factor == 8
     assert 2 * sum(p.numel() for p in vae.parameters()) <= 20e6  # fp16 bytes, under issue 5's 20 MB
+
+
+def test_builtin_continue_resumes_builtin_large_from_weights_with_a_gentler_restart():
+    large, continued = load_config("builtin-large"), load_config("builtin-continue")
+    assert continued.model.init and continued.model.config is None and continued.model.init_logvar is None
+    assert not continued.model.decoder_only  # the encoder trains too: the scaling factor is measured again
+    assert (continued.data, continued.loss) == (large.data, large.loss)
+    assert (continued.run.batch_size, continued.run.mixed_precision) == (large.run.batch_size, "bf16")
+    assert continued.optimizer.schedule == "cosine" and continued.optimizer.warmup_steps > 0
+    assert continued.optimizer.lr < large.optimizer.lr and continued.run.seed != large.run.seed
 
 
 def test_finetune_sd_decoder_is_the_ft_mse_recipe():
