@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from cache_testing import build, image_folder, perturbed_copy, tiny_model_dir
+from PIL import Image, ImageOps
 
 import codec
 from codec.cache.preprocess import Preprocessing, to_model_input
@@ -89,6 +90,30 @@ def test_samples_are_seeded_per_epoch_and_flips_are_the_mirrored_images_latents(
         assert means[i]["flipped"] == flipped
         if flipped:
             assert not torch.allclose(means[i]["latents"], plain[i]["latents"], atol=1e-2)
+
+
+def test_a_flipped_items_crop_is_where_the_crop_lies_in_the_mirrored_image(cache, model_dir):
+    out, folder = cache
+    vae = codec.AutoencoderKL.load(model_dir)
+    flipping, plain = codec.LatentDataset(out, codec=vae, seed=3), codec.LatentDataset(out, codec=vae, flip=False)
+    flipped = [i for i in range(len(plain)) if flipping[i]["flipped"]]
+    assert flipped
+    for i in flipped:
+        item, original = flipping[i], plain[i]
+        height, width = original["original_size"].tolist()
+        (bucket_h, bucket_w), (left, top, right, bottom) = original["bucket"].tolist(), original["crop_box"].tolist()
+        assert item["crop_box"].tolist() == pytest.approx([width - right, top, width - left, bottom])
+        # The mirrored image, cut at the mirrored box, is the mirror of the pixels that were encoded.
+        image = load_image(folder / item["key"])
+        mirrored = np.asarray(
+            ImageOps.mirror(image).resize((bucket_w, bucket_h), Image.BICUBIC, box=item["crop_box"].tolist())
+        )
+        cropped = np.asarray(image.resize((bucket_w, bucket_h), Image.BICUBIC, box=(left, top, right, bottom)))
+        assert np.abs(mirrored.astype(int) - cropped[:, ::-1].astype(int)).max() <= 1
+        scale = max(bucket_w / width, bucket_h / height)  # as Preprocessing resizes to cover the bucket
+        covered_width = max(bucket_w, round(width * scale))
+        crop_top, crop_left = original["crop_top_left"].tolist()
+        assert item["crop_top_left"].tolist() == [crop_top, covered_width - bucket_w - crop_left]
 
 
 def test_bucket_batches_are_single_bucket_seeded_and_split_disjointly_across_ranks(cache, model_dir):

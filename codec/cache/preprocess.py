@@ -58,6 +58,10 @@ class Preprocessing:
     bucket_list: tuple[tuple[int, int], ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
+        # One type per setting: the record is hashed as JSON, where 2 and 2.0 differ although they compare equal,
+        # and a cache made through the Python API must be the same cache when the CLI (floats) resumes it.
+        for name, kind in (("resolution", int), ("bucket_step", int), ("max_pixels", int), ("max_aspect", float)):
+            object.__setattr__(self, name, kind(getattr(self, name)))
         if self.resolution < 1:
             raise ValueError(f"--resolution must be positive, got {self.resolution}")
         if self.max_pixels < 1:

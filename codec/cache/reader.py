@@ -194,6 +194,8 @@ class LatentDataset(torch.utils.data.Dataset):
         }
         item.update({name: torch.from_numpy(values[index].copy()) for name, values in self._meta.items()})
         item.update({name: values[index] for name, values in self._carried.items()})
+        if flipped and "crop_box" in item:
+            _mirror_crop(item)
         return item
 
     @staticmethod
@@ -286,3 +288,15 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return len(self._all_batches()[self.rank :: self.world_size])
+
+
+def _mirror_crop(item: dict) -> None:
+    """The crop as it lies in the mirrored image, which is what a flipped latent encodes: SDXL conditions on
+    crop_top_left, and a crop's left margin becomes its right one when the image is mirrored."""
+    width = float(item["original_size"][1])
+    left, top, right, bottom = item["crop_box"].tolist()
+    item["crop_box"] = torch.tensor([width - right, top, width - left, bottom], dtype=item["crop_box"].dtype)
+    bucket_width = float(item["bucket"][1])
+    scale = bucket_width / (right - left)  # original pixels -> pixels of the image resized to cover the bucket
+    crop_top, _ = item["crop_top_left"].tolist()
+    item["crop_top_left"] = torch.tensor([crop_top, round((width - right) * scale)], dtype=item["crop_top_left"].dtype)

@@ -35,8 +35,10 @@ MANIFEST = "manifest.json"
 SKIPPED = "skipped.jsonl"
 META_KEY = b"latent_codec"
 LATENT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# The shard's own columns, and the names the reader gives an item (a carried column must not replace them).
 RESERVED_COLUMNS = (
     "key", "mean", "logvar", "shape", "flip_mean", "flip_logvar", "bucket", "original_size", "crop_top_left", "crop_box",
+    "latents", "flipped",
 )  # fmt: skip
 
 

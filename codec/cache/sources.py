@@ -19,6 +19,7 @@ from typing import Any
 from PIL import Image
 
 from codec import sources
+from codec.images import ImageError
 from codec.sources import SourceError, decode_image
 
 __all__ = ["DatasetSource", "FileSource", "SampleSource", "SourceError", "decode_image", "open_source"]
@@ -46,20 +47,18 @@ class FileSource:
         path = self.paths[index]
         carried = {}
         if self.carried_columns:
-            sidecar = path.with_suffix(".txt")
-            carried["caption"] = sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else None
+            carried["caption"] = _read_caption(path.with_suffix(".txt"))
         # The reason alone: the writer records it beside the key and describe(), which name the file already.
         return decode_image(path, max_pixels), carried
 
     def fingerprint(self, indices: range) -> str:
-        """Names, sizes and modification times: an edited, replaced or deleted file makes its shard stale."""
+        """Names, sizes and modification times: an edited, replaced or deleted file (or caption, when captions
+        are carried) makes its shard stale."""
         digest = hashlib.sha256()
         for index in indices:
-            try:
-                stat = self.paths[index].stat()
-                digest.update(f"{self.keys[index]}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-            except OSError:
-                digest.update(f"{self.keys[index]}\0missing\n".encode())
+            path = self.paths[index]
+            files = [path, path.with_suffix(".txt")] if self.carried_columns else [path]
+            digest.update(f"{self.keys[index]}\0{_stat_record(files)}\n".encode())
         return digest.hexdigest()
 
     def descriptor(self) -> dict:
@@ -101,8 +100,29 @@ class DatasetSource:
         return decode_image(item, max_pixels, name=sources.item_path(item)), carried
 
     def fingerprint(self, indices: range) -> str:
-        # datasets fingerprints a dataset from its files and transforms: new content, new fingerprint.
-        return hashlib.sha256(f"{self._fingerprint}\0{indices.start}\0{indices.stop}".encode()).hexdigest()
+        # datasets fingerprints a dataset from its files and transforms: new content, new fingerprint. Rows that
+        # hold a path rather than the image's bytes point outside it, so those files are checked as a folder's are.
+        digest = hashlib.sha256(f"{self._fingerprint}\0{indices.start}\0{indices.stop}".encode())
+        for row, path in enumerate(self._referenced_files(indices)):
+            if path:  # rows with embedded bytes add nothing: caches made before this check stay valid
+                digest.update(f"{row}\0{_stat_record([Path(path)])}\n".encode())
+        return digest.hexdigest()
+
+    def _referenced_files(self, indices: range) -> list[str | None]:
+        """Per row, the file its image is read from, or None where the row holds the bytes themselves."""
+        import pyarrow as pa
+
+        rows = self._images.dataset.with_format("arrow")[indices.start : indices.stop]
+        column = rows.column(self._images.column)
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            return column.to_pylist()
+        if not pa.types.is_struct(column.type):
+            return []  # encoded bytes
+        paths = []
+        for chunk in column.chunks:  # an Image column read undecoded, {"bytes", "path"}: the bytes are not copied
+            embedded, where = chunk.field("bytes").is_valid().to_pylist(), chunk.field("path").to_pylist()
+            paths += [None if has_bytes else path for has_bytes, path in zip(embedded, where, strict=True)]
+        return paths
 
     def descriptor(self) -> dict:
         return {
@@ -125,10 +145,38 @@ def open_source(
         name = str(path.resolve()) if path.exists() else str(source)
         return DatasetSource(opened.dataset, name, split, image_column, columns)
     name = str(opened.path.resolve())
+    captions = opened.kind == "folder" and opened.captioned
+    if columns is not None:  # a folder has one column to carry, its captions; a list has none
+        unknown = [c for c in columns if not (captions and c == "caption")]
+        if unknown:
+            has = "['caption'] (from NAME.txt beside each image)" if captions else "none"
+            raise SourceError(f"{name}: cannot carry column(s) {unknown}; the columns it has: {has}")
+        captions = "caption" in columns
     if opened.kind == "folder":
         keys = [image.relative_to(opened.path).as_posix() for image in opened.paths]
-        return FileSource(name, "folder", keys, opened.paths, opened.captioned)
+        return FileSource(name, "folder", keys, opened.paths, captions)
     return FileSource(name, "list", _list_keys(opened), opened.paths, captions=False)
+
+
+def _stat_record(files: list[Path]) -> str:
+    parts = []
+    for file in files:
+        try:
+            stat = file.stat()
+            parts.append(f"{stat.st_size}\0{stat.st_mtime_ns}")
+        except OSError:
+            parts.append("missing")
+    return "\0".join(parts)
+
+
+def _read_caption(sidecar: Path) -> str | None:
+    if not sidecar.is_file():
+        return None
+    try:
+        return sidecar.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as error:
+        # Raised as the image's reason (the item is skipped and reported): say it was the caption that failed.
+        raise ImageError(f"its caption {sidecar} cannot be read: {error}") from None
 
 
 def _list_keys(opened: sources.ImageFiles) -> list[str]:

@@ -254,11 +254,15 @@ def build_cache(
         meta = shards.read_shard_meta(shards.shard_path(out, index))
         if meta is not None and meta.get("compat") != chash:
             shards.check_compatible(meta.get("record", {}), compat, shards.shard_path(out, index))
-        if meta is not None and meta.get("fingerprint") == fingerprint and meta.get("count") == len(keys):
+        # Reused only under this run's exact record: one that compares equal but hashes otherwise (written by an
+        # older version) is encoded again, or the final check below would count it as missing.
+        current = meta is not None and meta.get("compat") == chash
+        if current and meta.get("fingerprint") == fingerprint and meta.get("count") == len(keys):
             summary.reused += 1
             continue
         if meta is not None:
-            log.info("%s is stale (its source files changed); encoding it again", shards.shard_path(out, index))
+            why = "its source files changed" if current else "its settings were recorded differently"
+            log.info("%s is stale (%s); encoding it again", shards.shard_path(out, index), why)
         todo.append(_ShardBuilder(index, keys, fingerprint))
 
     positions = [i for builder in todo for i in builder.keys]
