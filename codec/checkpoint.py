@@ -15,7 +15,7 @@ class CheckpointError(ValueError):
 
 def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of a `.safetensors` file, or of a pickled `.ckpt`/`.bin`/`.pt` read with `weights_only=True`."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     if path.stat().st_size == 0:
@@ -30,20 +30,72 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise CheckpointError(
                 f"{path}: not a readable safetensors file, perhaps truncated or corrupt ({error})"
             ) from None
-    try:
-        # weights_only refuses arbitrary pickled code: a checkpoint from the internet must not run programs.
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
-    # Garbage bytes reach the unpickler in many ways (UnpicklingError, EOFError, IndexError, KeyError, ...): any
-    # failure here means the file is not a checkpoint we can read.
-    except Exception as error:
-        raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint, perhaps truncated or corrupt ({error})"
-        ) from None
+    data = _load_pickle(path)
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]  # Lightning/LDM .ckpt files wrap the weights
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(data).__name__}")
     return {key: value for key, value in data.items() if isinstance(value, torch.Tensor)}
+
+
+# What old checkpoints pickle beside their tensors that safe loading refuses by default, yet is only data: the
+# classes PyTorch Lightning keys its `callbacks` entry by (LDM's and SD 1.x's .ckpt files), and numpy scalars and
+# arrays (`global_step`, metrics). Lightning's classes are stood in for by empty classes of the same name: nothing
+# of Lightning is imported or run.
+_NUMPY_DATA = {
+    "numpy.dtype", "numpy.ndarray", "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar",
+    "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
+}  # fmt: skip
+_STAND_IN_PREFIXES = ("pytorch_lightning.", "lightning.")
+
+
+def _load_pickle(path: Path):
+    # weights_only refuses arbitrary pickled code: a checkpoint from the internet must not run programs.
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as error:
+        first_error = error
+    try:
+        refused = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:
+        refused = []
+    if not refused:
+        # Garbage bytes reach the unpickler in many ways (UnpicklingError, EOFError, IndexError, KeyError, ...):
+        # any failure here means the file is not a checkpoint we can read.
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint, perhaps truncated or corrupt ({first_error})"
+        ) from None
+    unsafe = [name for name in refused if _harmless(name) is None]
+    if unsafe:
+        raise CheckpointError(
+            f"{path}: holds pickled objects that safe loading refuses to build, since they could run code: "
+            f"{', '.join(unsafe)}. Convert it to .safetensors where you trust it, or load the weights elsewhere."
+        )
+    allowed = [_harmless(name) for name in refused]
+    if "numpy.dtype" in refused:  # a dtype unpickles as an instance of its class in numpy.dtypes
+        import numpy
+
+        allowed += [getattr(numpy.dtypes, n) for n in dir(numpy.dtypes) if n.endswith("DType")]
+    with torch.serialization.safe_globals(allowed):
+        try:
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({error})") from None
+
+
+def _harmless(name: str):
+    """The object to unpickle `name` as, if it is only data (see _NUMPY_DATA); None otherwise."""
+    module, _, qualname = name.rpartition(".")
+    if name in _NUMPY_DATA:
+        import importlib
+
+        try:
+            return getattr(importlib.import_module(module), qualname)
+        except (ImportError, AttributeError):
+            return None
+    if name.startswith(_STAND_IN_PREFIXES):
+        return type(qualname, (), {"__module__": module, "__qualname__": qualname})
+    return None
 
 
 def _listing(title: str, items: list[str], limit: int = 12) -> str:

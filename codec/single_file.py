@@ -21,6 +21,24 @@ from codec.keys import diffusers_to_ldm, is_ldm_layout, ldm_to_diffusers, upgrad
 
 log = logging.getLogger(__name__)
 PREFIXES = ("first_stage_model.", "vae.", "model.")
+# A whole pipeline checkpoint says which model it is by the rest of its keys (as diffusers' single-file loader
+# tells them apart): SDXL's and SD 1.x's VAEs have the same shapes but different scaling factors, as have SD3's and
+# FLUX's. A bare VAE file carries no such keys, and gets the family its shapes suggest, with a warning.
+FAMILY_MARKERS = (
+    ("conditioner.embedders.", "sdxl"),  # SDXL base and refiner (both scale by 0.13025)
+    ("joint_blocks.", "sd3"),  # SD3 / SD3.5 MMDiT
+    ("double_blocks.", "flux"),  # FLUX
+    ("cond_stage_model.", "sd"),  # SD 1.x / 2.x
+)
+
+
+def checkpoint_family(keys) -> str | None:
+    """The preset whose scaling factors a whole checkpoint's VAE uses, or None for a bare VAE file."""
+    keys = list(keys)
+    for marker, family in FAMILY_MARKERS:
+        if any(marker in key for key in keys):
+            return family
+    return None
 
 
 def extract_vae_tensors(tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
@@ -41,8 +59,9 @@ def _is_vae_key(key: str) -> bool:
     return key.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))
 
 
-def infer_config(tensors: dict[str, torch.Tensor], source: str) -> AutoencoderKLConfig:
-    """Architecture from the shapes of diffusers-layout tensors; scaling and shift from the matching family."""
+def infer_config(tensors: dict[str, torch.Tensor], source: str, family: str | None = None) -> AutoencoderKLConfig:
+    """Architecture from the shapes of diffusers-layout tensors; scaling and shift from `family` (the checkpoint's,
+    see checkpoint_family) or else from the family the shapes suggest."""
     try:
         levels = 1 + max(int(m.group(1)) for k in tensors if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", k)))
         channels = tuple(tensors[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(levels))
@@ -53,8 +72,12 @@ def infer_config(tensors: dict[str, torch.Tensor], source: str) -> AutoencoderKL
     except (KeyError, ValueError) as error:
         raise CheckpointError(f"{source}: cannot infer the VAE architecture from its keys (missing {error})") from None
     has_quant = "quant_conv.weight" in tensors
-    family = preset("sd") if latent == 4 else preset("flux") if latent == 16 else AutoencoderKLConfig()
-    if (latent, has_quant) in ((4, True), (16, False)):
+    known = preset(family) if family is not None else None
+    if known is not None and known.latent_channels == latent:
+        family = known
+    else:
+        family = preset("sd") if latent == 4 else preset("flux") if latent == 16 else AutoencoderKLConfig()
+    if known is None and (latent, has_quant) in ((4, True), (16, False)):
         log.warning(
             "%s: the file does not record its scaling factor; assuming %s (%s). Pass config='sdxl' for SDXL's "
             "VAE or config='sd3' for SD3's.",
@@ -83,9 +106,11 @@ def infer_config(tensors: dict[str, torch.Tensor], source: str) -> AutoencoderKL
         raise CheckpointError(f"{source}: inferred an invalid config ({error})") from None
 
 
-def resolve_config(config, tensors: dict[str, torch.Tensor], source: str) -> AutoencoderKLConfig:
+def resolve_config(
+    config, tensors: dict[str, torch.Tensor], source: str, family: str | None = None
+) -> AutoencoderKLConfig:
     if config is None:
-        return infer_config(tensors, source)
+        return infer_config(tensors, source, family)
     if isinstance(config, AutoencoderKLConfig):
         return config
     text = str(config)
@@ -95,9 +120,12 @@ def resolve_config(config, tensors: dict[str, torch.Tensor], source: str) -> Aut
 
 
 def load_single_file(cls, path: str | os.PathLike, config=None, torch_dtype: torch.dtype | None = None):
+    path = Path(path).expanduser()
     source = str(path)
-    tensors = extract_vae_tensors(read_tensors(path), source)
-    model = cls(resolve_config(config, tensors, source))
+    everything = read_tensors(path)
+    family = checkpoint_family(everything)
+    tensors = extract_vae_tensors(everything, source)
+    model = cls(resolve_config(config, tensors, source, family))
     load_checked(model, tensors, source)
     if torch_dtype is not None:
         model.to(torch_dtype)

@@ -107,7 +107,7 @@ def _hub_unreachable(repo_id: str, error: Exception) -> CheckpointError:
 
 def load_pretrained(cls, path_or_hub_id, subfolder=None, variant=None, torch_dtype=None):
     name = str(path_or_hub_id)
-    path = Path(name)
+    path = Path(name).expanduser()  # `--model=~/vae`: the shell leaves a ~ after = alone
     if subfolder:
         path = path / subfolder
     if path.is_dir():

@@ -205,3 +205,89 @@ def test_sixteen_channels_without_quant_convs_round_trip(tiny_config, tmp_path, 
     assert_same_tensors(loaded.state_dict(), model.state_dict())
     with torch.no_grad():
         assert torch.equal(loaded(x).sample, model(x).sample)
+
+
+@pytest.mark.parametrize(
+    ("marker", "family", "latent_channels"),
+    [
+        ("cond_stage_model.transformer.text_model.final_layer_norm.weight", "sd", 4),
+        ("conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_fc.weight", "sdxl", 4),
+        ("model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias", "sd3", 16),
+        ("model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale", "flux", 16),
+    ],
+)
+def test_a_whole_checkpoint_names_its_family_and_so_its_scaling_factor(
+    marker, family, latent_channels, tiny_config, tmp_path, caplog
+):
+    # SDXL's VAE has SD 1.x's shapes, SD3's has FLUX's: only the rest of a whole checkpoint tells them apart.
+    config = dataclasses.replace(
+        tiny_config,
+        latent_channels=latent_channels,
+        use_quant_conv=latent_channels == 4,
+        use_post_quant_conv=latent_channels == 4,
+    )
+    bare = tmp_path / "bare.safetensors"
+    codec.AutoencoderKL(config).save_single_file(bare)
+    whole = {f"first_stage_model.{key}": value for key, value in load_file(bare).items()}
+    whole[marker] = torch.zeros(2)
+    path = tmp_path / "whole.safetensors"
+    save_file(whole, str(path))
+    with caplog.at_level("WARNING"):
+        loaded = codec.AutoencoderKL.from_single_file(path)
+    expected = codec.preset(family)
+    assert (loaded.config.scaling_factor, loaded.config.shift_factor) == (
+        expected.scaling_factor,
+        expected.shift_factor,
+    )
+    assert "does not record its scaling factor" not in caplog.text
+    with caplog.at_level("WARNING"):
+        codec.AutoencoderKL.from_single_file(bare)  # a bare VAE file: a guess, and it says so
+    assert "does not record its scaling factor" in caplog.text
+
+
+def _stand_in_class(module: str, name: str, monkeypatch) -> type:
+    """A class pickled under `module.name` as though that package were installed, then forgotten."""
+    import sys
+    import types
+
+    cls = type(name, (), {"__module__": module, "__qualname__": name})
+    parts = module.split(".")
+    for i in range(1, len(parts) + 1):
+        monkeypatch.setitem(sys.modules, ".".join(parts[:i]), types.ModuleType(".".join(parts[:i])))
+    setattr(sys.modules[module], name, cls)
+    return cls
+
+
+def test_lightning_checkpoints_load_and_a_pickle_that_could_run_code_is_refused(
+    single_file, ours, tmp_path, monkeypatch
+):
+    np = pytest.importorskip("numpy")
+    import sys
+
+    state = load_file(single_file)
+    checkpoint_class = _stand_in_class("pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint", monkeypatch)
+    lightning = tmp_path / "lightning.ckpt"  # as LDM's and SD 1.x's training saved them
+    torch.save(
+        {"state_dict": state, "global_step": np.int64(470000), "callbacks": {checkpoint_class: {"best": None}}},
+        lightning,
+    )
+    payload = _stand_in_class("someone.payload", "Runner", monkeypatch)
+    hostile = tmp_path / "hostile.ckpt"
+    torch.save({"state_dict": state, "extra": payload()}, hostile)
+    for module in [m for m in sys.modules if m.startswith(("pytorch_lightning", "someone"))]:
+        monkeypatch.delitem(sys.modules, module)  # loading must not need them
+
+    loaded = codec.AutoencoderKL.from_single_file(lightning)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in ours.state_dict().items())
+    with pytest.raises(CheckpointError, match=r"hostile\.ckpt: holds pickled objects .* someone\.payload\.Runner"):
+        codec.AutoencoderKL.from_single_file(hostile)
+
+
+def test_a_path_starting_with_a_tilde_is_the_home_folder(ours, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    ours.save_pretrained(tmp_path / "vae-folder")
+    ours.save_single_file(tmp_path / "vae.safetensors")
+    for spec in ("~/vae-folder", "~/vae.safetensors"):
+        assert torch.equal(codec.AutoencoderKL.load(spec).encoder.conv_in.weight, ours.encoder.conv_in.weight), spec
+    assert codec.AutoencoderKL.from_pretrained("~/vae-folder").config == ours.config
+    assert codec.AutoencoderKL.from_single_file("~/vae.safetensors").config.block_out_channels == (32, 64, 64, 64)
