@@ -23,9 +23,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"training: error: {error}", file=sys.stderr)
         return 2
+    from training.state import CheckpointConflict
     from training.train import train
 
-    print(f"training: output in {train(config)}")
+    try:
+        print(f"training: output in {train(config)}")
+    except CheckpointConflict as error:
+        print(f"training: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

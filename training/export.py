@@ -13,18 +13,27 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from codec import AutoencoderKL, AutoencoderKLConfig
 from codec.checkpoint import load_checked
 from training.config import load_config
 from training.model import build_autoencoder
 
+# The architecture (and scaling factors) of the run's model, written by train.py when the run starts.
+MODEL_CONFIG = "model-config.json"
 # train.py registers the loop state first and the EMA second, so accelerate names their files in that order.
 EMA_FILE = "custom_checkpoint_1.pkl"
 
 
 def export_checkpoint(checkpoint: Path, out: Path, use_ema: bool = True, dtype: torch.dtype | None = None):
     checkpoint = Path(checkpoint)
-    config = load_config(checkpoint.parent.parent / "config.yaml")
-    vae = build_autoencoder(config.model).eval()
+    run_dir = checkpoint.parent.parent
+    architecture = run_dir / MODEL_CONFIG
+    if architecture.is_file():
+        # The checkpoint holds every weight: the run's model.init (a folder that may have moved, a hub id offline)
+        # is not read again.
+        vae = AutoencoderKL(AutoencoderKLConfig.from_json(architecture)).eval()
+    else:  # a run from before MODEL_CONFIG was written
+        vae = build_autoencoder(load_config(run_dir / "config.yaml").model).eval()
     trained = load_file(str(checkpoint / "model.safetensors"))
     # The checkpoint holds TrainingAutoencoder's state: the autoencoder's keys under `vae.`.
     load_checked(vae, {k.removeprefix("vae."): v for k, v in trained.items()}, str(checkpoint / "model.safetensors"))

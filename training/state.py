@@ -88,19 +88,49 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
+class CheckpointConflict(ValueError):
+    """Checkpoints in the output folder that this run would mix with its own."""
+
+
 def resolve_resume(resume: bool | str, output_dir: Path) -> Path | None:
-    """The checkpoint to resume from: the latest in output_dir for `True`, a given folder for a string."""
+    """The checkpoint to resume from: the latest in output_dir for `True`, a given folder for a string.
+
+    Refuses what would mix two runs in one folder, where rotation keeps the highest step numbers and `--resume`
+    takes the highest: a fresh run over an earlier run's checkpoints, or a resume from a checkpoint of this folder
+    that later ones follow (they belong to the run being abandoned)."""
+    existing = list_checkpoints(output_dir)
     if resume is False:
+        if existing:
+            raise CheckpointConflict(
+                f"{output_dir} already holds checkpoints of a run (latest {existing[-1].name}): resume it with "
+                "--resume (run.resume=true), or set another run.output_dir"
+            )
         return None
     if resume is True:
-        checkpoints = list_checkpoints(output_dir)
-        return checkpoints[-1] if checkpoints else None
+        return existing[-1] if existing else None
     path = Path(resume)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such checkpoint folder to resume from")
+    later = (
+        [c for c in existing if _step(c) > _step(path)]
+        if path.parent.resolve() == (output_dir / "checkpoints").resolve()
+        else []
+    )
+    if later:
+        raise CheckpointConflict(
+            f"{path}: later checkpoints of the same folder follow it ({', '.join(c.name for c in later)}); they would "
+            "outrank this run's own. Move them elsewhere first, or resume into another run.output_dir"
+        )
     return path
 
 
-def prune_checkpoints(output_dir: Path, keep: int) -> None:
-    for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+def _step(checkpoint: Path) -> int:
+    match = CHECKPOINT_PATTERN.match(checkpoint.name)
+    return int(match.group(1)) if match else -1
+
+
+def prune_checkpoints(output_dir: Path, keep: int, current: Path) -> None:
+    """Keep the `keep` latest checkpoints up to `current` (just written, so never removed); nothing above it."""
+    older = [c for c in list_checkpoints(output_dir) if _step(c) < _step(current)]
+    for old in older[: max(0, len(older) - (keep - 1))] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)

@@ -9,6 +9,7 @@ with gloo, on CPU-only machines.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import time
@@ -23,10 +24,11 @@ from codec.layers import preferred_memory_format
 from training.config import TrainConfig, save_config
 from training.data import ImageDataset, open_image_source, split_train_validation
 from training.discriminator import PatchGANDiscriminator, discriminator_step_loss, generator_step_loss
+from training.export import MODEL_CONFIG
 from training.losses import KLLoss, LPIPSLoss, PixelLoss
 from training.model import TrainingAutoencoder, build_autoencoder
 from training.state import EMA, LoopState, checkpoint_dir, prune_checkpoints, resolve_resume
-from training.validation import save_grid, validate
+from training.validation import collate_validation, save_grid, validate
 
 log = logging.getLogger("training")
 
@@ -110,6 +112,9 @@ def train(config: TrainConfig, lpips_pretrained: bool = True) -> Path:
         log_with=run.log_with,
         project_dir=str(output_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # The schedule counts optimizer steps (run.max_steps); a prepared scheduler would otherwise step once per
+        # process at each of them, and N processes would run the warm-up and the cosine N times too fast.
+        step_scheduler_with_optimizer=False,
     )
     try:
         return _train(accelerator, config, output_dir, lpips_pretrained, set_seed)
@@ -124,11 +129,14 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
     # convolution algorithms pays for itself within the first steps.
     if accelerator.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    resume_from = resolve_resume(run.resume, output_dir)  # first: a refused run must not touch the folder
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, output_dir / "config.yaml")
 
     vae = build_autoencoder(config.model)
+    if accelerator.is_main_process:
+        vae.config.to_json(output_dir / MODEL_CONFIG)  # what training.export rebuilds, without model.init
     # The model keeps its conv weights in its device's layout (codec.layers.preferred_memory_format), and the
     # batches below follow: channels-last on a CPU, where an fp32 training step of the builtin config took 15 s
     # instead of 18 s (bf16 autocast 33 s: this CPU's bf16 convolution backward is slow, so the builtin config
@@ -165,7 +173,9 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
         # afresh each time would stall the GPU once a minute (ImageDataset.set_epoch reaches them).
         persistent_workers=config.data.num_workers > 0,
     )
-    val_loader = DataLoader(val_images, batch_size=run.batch_size, collate_fn=_collate_val)
+    val_loader = DataLoader(
+        val_images, batch_size=run.batch_size, collate_fn=functools.partial(collate_validation, resolution=resolution)
+    )
 
     prepared = [model, optimizer, train_loader, val_loader, scheduler]
     if use_disc:
@@ -182,7 +192,6 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
     accelerator.register_for_checkpointing(state)
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
-    resume_from = resolve_resume(run.resume, output_dir)
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         log.info("resumed from %s at step %d", resume_from, state.step)
@@ -200,19 +209,29 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
     while state.step < run.max_steps:
         train_images.set_epoch(state.epoch)
         train_loader.set_epoch(state.epoch)
-        batches = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
+        # skip_first_batches makes a new loader (and new workers) even for 0: only a resumed epoch needs it.
+        batches = train_loader
+        if state.batches_in_epoch:
+            batches = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
         for batch in batches:
             state.batches_in_epoch += 1
             pending_skipped += batch["skipped"]
-            pixels = batch["pixels"]
-            if pixels is None:
-                continue
+            pixels, indices = batch["pixels"], batch["indices"]
+            # Every image of this process's batch unreadable: the step still runs, on a blank stand-in whose loss
+            # counts for nothing, since a process that skipped alone would leave the others waiting in the
+            # gradient all-reduce (and count its steps apart from theirs).
+            blank = pixels is None
+            if blank:
+                pixels = torch.zeros(1, 3, resolution, resolution, device=accelerator.device)
+                indices = torch.zeros(1, dtype=torch.int64)
             pixels = pixels.contiguous(memory_format=preferred_memory_format(pixels.device))
             if run.record_data_order:
                 with open(output_dir / f"data_order.rank{accelerator.process_index}.txt", "a") as handle:
                     handle.write(f"{state.step} {' '.join(map(str, batch['indices'].tolist()))}\n")
-            noise = posterior_noise(batch["indices"], latent_shape, run.seed, state.step).to(pixels.device)
-            with accelerator.accumulate(model):
+            noise = posterior_noise(indices, latent_shape, run.seed, state.step).to(pixels.device)
+            # One accumulate() for both models: each call advances Accelerate's micro-batch count, so a second
+            # one for the discriminator made every micro-batch look like a step.
+            with accelerator.accumulate(*([model, discriminator] if use_disc else [model])):
                 model.train()
                 reconstruction, moments = model(pixels, noise)
                 posterior = DiagonalGaussianDistribution(moments)
@@ -234,19 +253,19 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
                         loss_config.adaptive_disc_weight,
                     )
                     loss, logs = loss + adversarial, {**logs, **g_logs}
-                accelerator.backward(loss)
+                accelerator.backward(loss * 0.0 if blank else loss)
                 if accelerator.sync_gradients and opt_config.max_grad_norm:
                     accelerator.clip_grad_norm_(trainable, opt_config.max_grad_norm)
                 optimizer.step()
-                scheduler.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            if use_disc:
-                with accelerator.accumulate(discriminator):
+                if use_disc:
                     d_loss, d_logs = discriminator_step_loss(
                         discriminator, pixels, reconstruction, state.step, loss_config.disc_start
                     )
                     if d_loss.requires_grad:
-                        accelerator.backward(d_loss)
+                        accelerator.backward(d_loss * 0.0 if blank else d_loss)
                         disc_optimizer.step()
                         disc_optimizer.zero_grad(set_to_none=True)
                     logs = {**logs, **d_logs}
@@ -281,11 +300,6 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
     if run.export and accelerator.is_main_process:
         _export(unwrapped.vae, ema, output_dir / "final")
     return output_dir
-
-
-def _collate_val(batch):
-    good = [pixels for pixels in batch if pixels is not None]
-    return {"pixels": torch.stack(good) if good else None}
 
 
 def _flat(config: TrainConfig) -> dict:
@@ -336,7 +350,8 @@ def _validate(accelerator, vae, ema, loader, pixel_loss, lpips_loss, kl_loss, st
         # fast (the GPU recipe gained 1 dB in its last 700 steps), the trained weights themselves can be the
         # better model. Their PSNR beside the average's says which export (EMA or --no-ema) to keep.
         trained, _ = validate(accelerator, vae, loader, pixel_loss, lpips_loss, kl_loss)
-        metrics["trained_psnr"] = trained["psnr"]
+        if "psnr" in trained:
+            metrics["trained_psnr"] = trained["psnr"]
     vae.train()
     accelerator.log({f"val/{key}": value for key, value in metrics.items()}, step=state.step)
     if accelerator.is_main_process:
@@ -359,7 +374,7 @@ def _checkpoint(accelerator, output_dir: Path, state: LoopState, keep: int) -> N
 
             shutil.rmtree(final)
         partial.rename(final)
-        prune_checkpoints(output_dir, keep)
+        prune_checkpoints(output_dir, keep, final)
     accelerator.wait_for_everyone()
 
 

@@ -23,10 +23,12 @@ def validate(accelerator, vae, loader, pixel_loss, lpips_loss, kl_loss) -> tuple
     if lpips_loss is not None:
         totals["lpips"] = []
     samples = []
+    valid_rows = []
     for batch in loader:
-        pixels = batch["pixels"]
-        if pixels is None:
-            continue
+        # Unreadable images are blank rows with valid=False rather than dropped: every process gathers batches of
+        # one shape, and a process with nothing to gather would leave the others waiting.
+        pixels, valid = batch["pixels"], batch["valid"]
+        valid_rows.append(accelerator.gather_for_metrics(valid.to(pixels.device)))
         moments = vae.encode_moments(pixels)
         posterior = DiagonalGaussianDistribution(moments)
         reconstruction = vae.decode_raw(posterior.mode()).clamp(-1, 1)
@@ -42,9 +44,22 @@ def validate(accelerator, vae, loader, pixel_loss, lpips_loss, kl_loss) -> tuple
         for key, value in values.items():
             totals[key].append(accelerator.gather_for_metrics(value.to(pixels.device).float()))
         if len(samples) < GRID_IMAGES:
-            samples.extend(zip(pixels.cpu(), reconstruction.cpu(), strict=True))
-    metrics = {key: torch.cat(parts).mean().item() for key, parts in totals.items() if parts}
+            keep = valid.cpu()
+            samples.extend(zip(pixels.cpu()[keep], reconstruction.cpu()[keep], strict=True))
+    if not valid_rows:
+        return {}, []
+    valid = torch.cat(valid_rows).bool()
+    metrics = {key: torch.cat(parts)[valid].mean().item() for key, parts in totals.items() if parts and valid.any()}
     return metrics, samples[:GRID_IMAGES]
+
+
+def collate_validation(batch: list[torch.Tensor | None], resolution: int) -> dict[str, torch.Tensor]:
+    """{"pixels": (B, 3, R, R) with unreadable images blank, "valid": (B,) bool}."""
+    blank = torch.zeros(3, resolution, resolution)
+    return {
+        "pixels": torch.stack([blank if pixels is None else pixels for pixels in batch]),
+        "valid": torch.tensor([pixels is not None for pixels in batch]),
+    }
 
 
 def save_grid(samples: list, path: Path, title: str) -> None:

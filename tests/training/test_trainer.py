@@ -195,6 +195,20 @@ def test_a_checkpoint_exports_like_the_end_of_the_run(tmp_path):
     assert any(not torch.equal(raw[k], final[k]) for k in final), "with decay 0.5 the EMA differs from the weights"
 
 
+def test_a_checkpoint_exports_after_the_runs_initial_weights_are_gone(tmp_path):
+    from training.export import export_checkpoint
+
+    start = tmp_path / "start"
+    codec.AutoencoderKL.load("preset:tiny").save_pretrained(start)
+    out = run_training(
+        tmp_path / "run", "model.preset=null", f"model.init={start}", "run.max_steps=1", "run.checkpoint_every=1"
+    )
+    start.rename(tmp_path / "moved")  # or a hub id, offline: the checkpoint alone must be enough
+    exported = export_checkpoint(out / "checkpoints" / "step-0000001", tmp_path / "exported").state_dict()
+    final = final_weights(out)
+    assert all(torch.equal(exported[k], final[k]) for k in final)
+
+
 def test_ema_warms_up_instead_of_averaging_the_random_start():
     from training.state import EMA
 

@@ -1,0 +1,101 @@
+"""What counts as a step: gradient accumulation beside a discriminator, the schedule on several processes, a
+process whose whole batch is unreadable, and checkpoints of two runs in one folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_trainer import FAST, REPO, final_weights, run_training
+
+from training.state import CheckpointConflict, prune_checkpoints
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(monkeypatch):
+    monkeypatch.chdir(REPO)  # tiny.yaml names its data relative to the repository root
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _optimizer_steps(checkpoint: Path, name: str = "optimizer.bin") -> int:
+    state = torch.load(checkpoint / name, weights_only=False)["state"]
+    return int(state[0]["step"])
+
+
+def test_accumulation_beside_a_discriminator_counts_micro_batches_once(tmp_path):
+    common = ["run.max_steps=2", "run.checkpoint_every=2", "run.gradient_accumulation_steps=2"]
+    plain = run_training(tmp_path / "plain", *common)
+    # A discriminator that has not started yet changes nothing in the autoencoder's updates.
+    with_disc = run_training(tmp_path / "disc", *common, "loss.disc_start=1000")
+    checkpoint = with_disc / "checkpoints" / "step-0000002"
+    assert _optimizer_steps(checkpoint) == 2
+    state = torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=False)
+    # Step 1 is micro-batches 1 and 2; step 2 is micro-batch 3, the epoch's last (Accelerate syncs at an epoch's
+    # end). Counted per micro-batch, the run had stopped after 2 of them.
+    assert (state["step"], state["epoch"], state["batches_in_epoch"]) == (2, 0, 3)
+    a, b = final_weights(plain), final_weights(with_disc)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def _launch(args: list[str], processes: int, timeout: float) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    accelerate = Path(sys.executable).with_name("accelerate")
+    command = [str(accelerate), "launch", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command += ["--multi_gpu", "--num_processes", str(processes)]
+    return subprocess.run(
+        [*command, "-m", "training", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_two_processes_keep_the_schedule_and_survive_a_batch_of_unreadable_images(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("camera.png", "chelsea.png", "astronaut.jpg"):
+        (photos / name).write_bytes((REPO / "tests" / "data" / "photos" / name).read_bytes())
+    (photos / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "run"
+    # Batches of one per process, so each epoch one process's whole batch is the broken file; validation reads
+    # it too. Cosine with warm-up: the schedule must count the 4 optimizer steps, not 4 per process.
+    args = ["--config", "tiny", *FAST, "run.batch_size=1", f"data.train={photos}", f"data.validation={photos}"]
+    args += ["run.max_steps=4", "run.checkpoint_every=4", "run.validate_every=2", f"run.output_dir={out}"]
+    args += ["optimizer.schedule=cosine", "optimizer.warmup_steps=2"]
+    try:
+        result = _launch(args, processes=2, timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the two processes waited on each other: one skipped a step the other took")
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = out / "checkpoints" / "step-0000004"
+    assert _optimizer_steps(checkpoint) == 4
+    scheduler = torch.load(checkpoint / "scheduler.bin", weights_only=False)
+    assert scheduler["last_epoch"] == 4 and scheduler["_last_lr"][0] == pytest.approx(0.0, abs=1e-12)
+    validation = (out / "validation.log").read_text().splitlines()
+    assert [line.split(":")[0] for line in validation] == ["step 2", "step 4"]
+
+
+def test_a_fresh_run_refuses_a_folder_holding_another_runs_checkpoints(tmp_path):
+    from training.__main__ import main
+
+    out = run_training(tmp_path / "run", "run.max_steps=2", "run.checkpoint_every=1", "run.checkpoints_to_keep=2")
+    config_before = (out / "config.yaml").read_text()
+    with pytest.raises(CheckpointConflict, match=r"already holds checkpoints .*latest step-0000002.*--resume"):
+        run_training(out, "run.max_steps=1", "run.seed=1")
+    assert (out / "config.yaml").read_text() == config_before  # refused before writing anything
+    code = main(["--config", "tiny", f"run.output_dir={out}", "run.max_steps=1"])
+    assert code == 2
+    with pytest.raises(CheckpointConflict, match=r"step-0000001: later checkpoints .*step-0000002"):
+        run_training(out, "run.max_steps=3", f"run.resume={out / 'checkpoints' / 'step-0000001'}")
+    run_training(out, "run.max_steps=3", "run.resume=true")  # continuing the run itself is what it is for
+
+
+def test_rotation_never_removes_the_checkpoint_just_written(tmp_path):
+    folder = tmp_path / "checkpoints"
+    for step in (2, 3, 4, 6):
+        (folder / f"step-{step:07d}").mkdir(parents=True)
+    prune_checkpoints(tmp_path, keep=2, current=folder / "step-0000004")
+    assert sorted(p.name for p in folder.iterdir()) == ["step-0000003", "step-0000004", "step-0000006"]
+    prune_checkpoints(tmp_path, keep=1, current=folder / "step-0000003")
+    assert sorted(p.name for p in folder.iterdir()) == ["step-0000003", "step-0000004", "step-0000006"]
