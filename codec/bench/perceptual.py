@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 NETS = ("alex", "vgg")
+# The smallest side each trunk's pooling leaves a feature map for (measured: AlexNet fails at 30, VGG at 15).
+MIN_SIDE = {"alex": 31, "vgg": 16}
 _WEIGHTS = {"alex": "AlexNet_Weights", "vgg": "VGG16_Weights"}
 
 
@@ -31,8 +33,8 @@ class LPIPSMetric:
 
     @torch.no_grad()
     def __call__(self, reference: np.ndarray, reconstruction: np.ndarray) -> float | None:
-        """LPIPS between two (H, W, 3) uint8 images; None when unavailable."""
-        if self.model is None:
+        """LPIPS between two (H, W, 3) uint8 images; None when unavailable or the images are too small for it."""
+        if self.model is None or min(reference.shape[:2]) < MIN_SIDE[self.net]:
             return None
         device = next(self.model.parameters()).device
         a = torch.from_numpy(reference).permute(2, 0, 1)[None].float().div(127.5).sub(1.0)

@@ -13,20 +13,29 @@ import numpy as np
 
 from codec.atomic import atomic_write_text
 from codec.bench.fid import fid_from_features
+from codec.bench.perceptual import MIN_SIDE as LPIPS_MIN_SIDE
 from codec.bench.perceptual import NETS
 from codec.bench.runner import BenchOptions, Shard
-from codec.bench.scoring import MS_SSIM_MIN_SIDE, REFERENCE
+from codec.bench.scoring import MS_SSIM_MIN_SIDE, REFERENCE, SSIM_MIN_SIDE
 
 CSV_COLUMNS = (
     "image", "model", "kind", "width", "height", "bpp", "psnr", "ssim", "ms_ssim",
     "lpips_alex", "lpips_vgg", "target_bpp", "quality", "rate_met",
 )  # fmt: skip
+# A lossless image has infinite PSNR; averaged as it is, one would make any mean infinite, and left out (as
+# before) it made a codec that got it exactly right score below one that merely came close.
+PSNR_CEILING = 100.0
 FID_RELIABLE_IMAGES = 5000  # the model cards' count; below a few thousand rFID is biased upwards
 
 
 def _mean(values: list) -> float | None:
     values = [v for v in values if v is not None]
     return float(np.mean(values)) if values else None
+
+
+def _mean_of_all(values: list) -> float | None:
+    """The mean only where every image has the metric: a mean over some images would not compare with others'."""
+    return None if any(v is None for v in values) else _mean(values)
 
 
 def _finite(value: Any) -> Any:
@@ -61,14 +70,12 @@ def summarize(shards: list[Shard], options: BenchOptions, device: str, world: in
         row["memory_method"] = first["memory_method"]
         row.update(
             bpp=_mean([record["bpp"] for record in mine]),
-            psnr=math.inf
-            if psnrs and all(math.isinf(p) for p in psnrs)
-            else _mean([p for p in psnrs if math.isfinite(p)]),
-            ssim=_mean([record["ssim"] for record in mine]),
-            ms_ssim=None if any(record["ms_ssim"] is None for record in mine) else _mean([r["ms_ssim"] for r in mine]),
+            psnr=_mean([min(p, PSNR_CEILING) for p in psnrs]),
+            ssim=_mean_of_all([record["ssim"] for record in mine]),
+            ms_ssim=_mean_of_all([record["ms_ssim"] for record in mine]),
         )
         for net in NETS:
-            row[f"lpips_{net}"] = _mean([record.get(f"lpips_{net}") for record in mine])
+            row[f"lpips_{net}"] = _mean_of_all([record.get(f"lpips_{net}") for record in mine])
         row["rfid"] = None
         if REFERENCE in features and len(features.get(name, [])) >= 2:
             row["rfid"] = fid_from_features(np.stack(features[REFERENCE]), np.stack(features[name]))
@@ -80,8 +87,22 @@ def summarize(shards: list[Shard], options: BenchOptions, device: str, world: in
             row["rate_met_fraction"] = _mean([float(record["rate_met"]) for record in mine])
         rows.append(row)
     sizes = sorted({(record["width"], record["height"]) for record in records})
+    lossless = sum(1 for record in records if math.isinf(record["psnr"]))
+    notes["psnr"] = "mean of per-image PSNRs (8-bit RGB, peak 255)" + (
+        f"; {lossless} lossless reconstruction(s) counted at {PSNR_CEILING:g} dB (inf in per_image.csv)"
+        if lossless
+        else ""
+    )
+    if any(min(size) < SSIM_MIN_SIDE for size in sizes):
+        notes["ssim"] = f"SSIM skipped: some images are smaller than {SSIM_MIN_SIDE} pixels a side"
     if any(min(size) < MS_SSIM_MIN_SIDE for size in sizes):
         notes["ms_ssim"] = f"MS-SSIM skipped: some images are smaller than {MS_SSIM_MIN_SIDE} pixels a side"
+    for net in NETS:
+        available = f"lpips_{net}" not in notes  # the runner notes why a trunk is unavailable
+        if options.lpips and available and any(min(size) < LPIPS_MIN_SIDE[net] for size in sizes):
+            notes[f"lpips_{net}"] = (
+                f"LPIPS ({net}) skipped: some images are smaller than {LPIPS_MIN_SIDE[net]} pixels a side"
+            )
     if not options.lpips:
         notes.update({f"lpips_{net}": "skipped (--no-lpips)" for net in NETS})
     if not options.fid:

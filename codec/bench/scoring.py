@@ -19,6 +19,7 @@ from codec.bench.perceptual import LPIPSMetric
 from codec.metrics import ms_ssim, psnr, ssim
 
 MS_SSIM_MIN_SIDE = 176  # five scales of an 11-pixel window
+SSIM_MIN_SIDE = 11  # one 11-pixel window
 REFERENCE = "reference"  # the feature key, and folder, of the original images
 
 
@@ -45,15 +46,17 @@ def single_thread() -> Iterator[None]:
 
 
 def image_metrics(reference: np.ndarray, reconstruction: np.ndarray) -> dict[str, float | None]:
-    """PSNR (dB), SSIM and MS-SSIM (None for images under 176 pixels a side) of one uint8 pair."""
+    """PSNR (dB), SSIM (None under 11 pixels a side) and MS-SSIM (None under 176) of one uint8 pair."""
     if reference.shape != reconstruction.shape:
         raise ValueError(f"reconstruction shape {reconstruction.shape} differs from the image's {reference.shape}")
     with single_thread():
         result: dict[str, float | None] = {
             "psnr": float(psnr(reference, reconstruction)[0]),
-            "ssim": float(ssim(reference, reconstruction)[0]),
+            "ssim": None,
             "ms_ssim": None,
         }
+        if min(reference.shape[:2]) >= SSIM_MIN_SIDE:
+            result["ssim"] = float(ssim(reference, reconstruction)[0])
         if min(reference.shape[:2]) >= MS_SSIM_MIN_SIDE:
             result["ms_ssim"] = float(ms_ssim(reference, reconstruction)[0])
     return result
@@ -91,8 +94,11 @@ class Scorer:
     def score(self, key: str, folder: str, image: str, reference: np.ndarray, recon: np.ndarray) -> dict:
         """Save `recon` as reconstructions/FOLDER/IMAGE.png and return its metrics."""
         save_png(recon, self.reconstruction_path(folder, image))
-        record = image_metrics(reference, recon)
-        for metric in self.lpips_metrics:
-            record[f"lpips_{metric.net}"] = metric(reference, recon)
+        try:
+            record = image_metrics(reference, recon)
+            for metric in self.lpips_metrics:
+                record[f"lpips_{metric.net}"] = metric(reference, recon)
+        except (ValueError, RuntimeError) as error:  # say which image, not only what went wrong
+            raise ValueError(f"{image} ({folder}): scoring failed: {error}") from error
         self.add_features(key, recon)
         return record

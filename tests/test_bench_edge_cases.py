@@ -1,0 +1,67 @@
+"""`codec bench` on awkward sets: images too small for a metric's window, lossless reconstructions, and a
+scoring failure, which must name the image."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from codec.bench.perceptual import load_lpips
+from codec.bench.scoring import Scorer
+from codec.cli import main
+
+
+def _noisy(seed: int, height: int, width: int) -> np.ndarray:
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 / width, y * 255 / height, np.full_like(x, 40 * seed)], axis=2)
+    return np.clip(base + np.random.default_rng(seed).normal(0, 15, base.shape), 0, 255).astype(np.uint8)
+
+
+def _bench(data: Path, output: Path) -> tuple[dict, list[dict]]:
+    args = ["bench", "--model", "bicubic", "--data", str(data), "--protocol", "full", "--no-fid", "--no-lpips"]
+    assert main([*args, "--classic", "none", "--device", "cpu", "-o", str(output)]) == 0
+    with (output / "per_image.csv").open() as file:
+        return json.loads((output / "summary.json").read_text()), list(csv.DictReader(file))
+
+
+def test_images_under_the_ssim_window_are_reported_not_fatal(tmp_path):
+    data = tmp_path / "small"
+    data.mkdir()
+    for name, (height, width) in {"a.png": (64, 64), "b.png": (8, 10), "c.png": (20, 20)}.items():
+        Image.fromarray(_noisy(len(name), height, width)).save(data / name)
+    summary, rows = _bench(data, tmp_path / "out")
+    ssim = {row["image"]: row["ssim"] for row in rows}
+    assert ssim["b"] == "" and float(ssim["a"]) > 0 and float(ssim["c"]) > 0
+    (row,) = summary["rows"]
+    assert row["ssim"] is None and math.isfinite(row["psnr"])  # a mean over some images would not compare
+    assert "11 pixels" in summary["notes"]["ssim"]
+
+
+def test_a_lossless_image_counts_at_the_ceiling_not_left_out(tmp_path):
+    data = tmp_path / "flat"
+    data.mkdir()
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(data / "a_flat.png")  # bicubic gives it back exactly
+    Image.fromarray(_noisy(1, 64, 64)).save(data / "b.png")
+    summary, rows = _bench(data, tmp_path / "out")
+    psnr = {row["image"]: float(row["psnr"]) for row in rows}
+    assert math.isinf(psnr["a_flat"]) and math.isfinite(psnr["b"])
+    (row,) = summary["rows"]
+    assert row["psnr"] == pytest.approx((100.0 + psnr["b"]) / 2)
+    assert "1 lossless" in summary["notes"]["psnr"] and "per-image" in summary["notes"]["psnr"]
+
+
+def test_lpips_skips_images_its_trunk_cannot_see_and_scoring_errors_name_the_image(tmp_path):
+    pytest.importorskip("lpips")
+    small = _noisy(1, 24, 24)
+    alex, vgg = load_lpips("alex", "cpu", random_trunk=True), load_lpips("vgg", "cpu", random_trunk=True)
+    assert alex(small, small) is None  # AlexNet's pooling needs 31 pixels a side
+    assert vgg(small, small) == pytest.approx(0.0, abs=1e-6)
+    scorer = Scorer(tmp_path, [], None)
+    with pytest.raises(ValueError, match=r"kodim07 \(bicubic\): scoring failed: .*differs"):
+        scorer.score("bicubic", "bicubic", "kodim07", _noisy(1, 32, 32), _noisy(1, 32, 40))
