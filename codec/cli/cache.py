@@ -125,7 +125,15 @@ def run_cache(args: argparse.Namespace) -> int:
     from codec.cache.writer import Group, build_cache
     from codec.distributed import launched_world_size, make_accelerator, shutdown
 
-    accelerator = make_accelerator() if launched_world_size() > 1 else None
+    accelerator = None
+    if launched_world_size() > 1:
+        from datetime import timedelta
+
+        from accelerate.utils import InitProcessGroupKwargs
+
+        # A resumed cache gives its processes uneven work (only some shards are stale): those done early wait at
+        # the closing barrier for the others, longer than the process group's default 10 minutes allows.
+        accelerator = make_accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=12))])
     device = accelerator.device if accelerator is not None and args.device == "auto" else None
     vae, identities = _load(args, device)
     columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
