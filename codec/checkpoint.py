@@ -20,7 +20,7 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: the file is empty")
-    if path.suffix == ".safetensors":
+    if is_safetensors(path):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -36,6 +36,19 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(data).__name__}")
     return {key: value for key, value in data.items() if isinstance(value, torch.Tensor)}
+
+
+def is_safetensors(path: Path) -> bool:
+    """By content, not name: FLUX's autoencoder shipped as `ae.sft`, and suffixes get upper-cased or dropped. A
+    safetensors file opens with its JSON header's length (8 bytes, little-endian) and then the header's `{`."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(9)
+    except OSError:
+        return path.suffix.lower() == ".safetensors"
+    if len(head) == 9 and head[8:9] == b"{":
+        return 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
+    return path.suffix.lower() == ".safetensors"  # a damaged one: let the safetensors reader say what is wrong
 
 
 # What old checkpoints pickle beside their tensors that safe loading refuses by default, yet is only data: the

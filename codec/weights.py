@@ -17,7 +17,7 @@ from codec.keys import upgrade_legacy_attention_keys
 
 log = logging.getLogger(__name__)
 WEIGHTS_STEM = "diffusion_pytorch_model"
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")  # .sft: FLUX's ae.sft
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
@@ -148,7 +148,7 @@ def load_any(cls, spec: str | os.PathLike, torch_dtype: torch.dtype | None = Non
         return model.to(torch_dtype) if torch_dtype is not None else model
     path = Path(text).expanduser()
     if path.is_file():
-        if path.suffix not in SINGLE_FILE_SUFFIXES:
+        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
             raise CheckpointError(f"{path}: not a checkpoint; expected one of {', '.join(SINGLE_FILE_SUFFIXES)}")
         return cls.from_single_file(path, torch_dtype=torch_dtype)
     return load_pretrained(cls, text, torch_dtype=torch_dtype)

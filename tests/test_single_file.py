@@ -291,3 +291,11 @@ def test_a_path_starting_with_a_tilde_is_the_home_folder(ours, tmp_path, monkeyp
         assert torch.equal(codec.AutoencoderKL.load(spec).encoder.conv_in.weight, ours.encoder.conv_in.weight), spec
     assert codec.AutoencoderKL.from_pretrained("~/vae-folder").config == ours.config
     assert codec.AutoencoderKL.from_single_file("~/vae.safetensors").config.block_out_channels == (32, 64, 64, 64)
+
+
+def test_a_safetensors_file_is_known_by_its_content_not_its_name(single_file, ours, tmp_path):
+    for name in ("ae.sft", "VAE.SAFETENSORS"):  # FLUX's autoencoder shipped as ae.sft
+        path = tmp_path / name
+        path.write_bytes(single_file.read_bytes())
+        loaded = codec.AutoencoderKL.load(path)
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in ours.state_dict().items()), name
