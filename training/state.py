@@ -53,7 +53,7 @@ class EMA:
         return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
 
     def load_state_dict(self, state: dict) -> None:
-        self.decay = state["decay"]
+        # The decay stays as configured: a resumed run may change optimizer.ema_decay, like any other setting.
         self.updates = int(state.get("updates", 0))  # checkpoints from before the warm-up start it afresh
         self.shadow = {name: tensor.float() for name, tensor in state["shadow"].items()}
 

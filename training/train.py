@@ -130,6 +130,8 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
     if accelerator.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     resume_from = resolve_resume(run.resume, output_dir)  # first: a refused run must not touch the folder
+    if resume_from is not None and accelerator.is_main_process:
+        _log_changed_settings(output_dir / "config.yaml", config)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, output_dir / "config.yaml")
@@ -194,6 +196,7 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
         accelerator.register_for_checkpointing(ema)
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
+        _apply_configured_rates(scheduler.scheduler, lr, disc_optimizer, disc_lr)
         log.info("resumed from %s at step %d", resume_from, state.step)
     if run.log_with:
         accelerator.init_trackers("latent-codec", config={"resolution": resolution, "lr": lr, **_flat(config)})
@@ -300,6 +303,35 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
     if run.export and accelerator.is_main_process:
         _export(unwrapped.vae, ema, output_dir / "final")
     return output_dir
+
+
+def _apply_configured_rates(scheduler, lr: float, disc_optimizer, disc_lr: float | None) -> None:
+    """A checkpoint restores the learning rates it was saved with; a resumed run uses the configured ones (the
+    schedule's shape comes from the config already, the lambda not being saved)."""
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"], group["lr"] = lr, lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+    if disc_optimizer is not None:
+        for group in disc_optimizer.param_groups:
+            group["lr"] = disc_lr
+
+
+def _log_changed_settings(saved: Path, config: TrainConfig) -> None:
+    """Say which settings a resumed run changes, before config.yaml is rewritten with them."""
+    from training.config import load_config
+
+    try:
+        before = _flat(load_config(saved))
+    except Exception:  # a missing or unreadable record only loses the message
+        return
+    changed = [
+        f"{key} {before.get(key)} -> {value}"
+        for key, value in _flat(config).items()
+        if key != "run.resume" and before.get(key) != value
+    ]
+    if changed:
+        log.warning("resuming with changed settings (they apply from here on): %s", "; ".join(changed))
 
 
 def _flat(config: TrainConfig) -> dict:

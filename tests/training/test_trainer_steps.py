@@ -99,3 +99,16 @@ def test_rotation_never_removes_the_checkpoint_just_written(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["step-0000003", "step-0000004", "step-0000006"]
     prune_checkpoints(tmp_path, keep=1, current=folder / "step-0000003")
     assert sorted(p.name for p in folder.iterdir()) == ["step-0000003", "step-0000004", "step-0000006"]
+
+
+def test_a_resumed_run_uses_the_configured_learning_rate_and_ema_decay(tmp_path, caplog):
+    out = tmp_path / "run"
+    common = ["run.checkpoint_every=2", "optimizer.schedule=constant", "optimizer.warmup_steps=0"]
+    run_training(out, *common, "run.max_steps=2", "optimizer.lr=1e-3", "optimizer.ema_decay=0.9")
+    with caplog.at_level("WARNING"):
+        run_training(out, *common, "run.max_steps=4", "optimizer.lr=1e-4", "optimizer.ema_decay=0.5", "run.resume=true")
+    assert "optimizer.lr 0.001 -> 0.0001" in caplog.text and "run.max_steps 2 -> 4" in caplog.text
+    checkpoint = out / "checkpoints" / "step-0000004"
+    groups = torch.load(checkpoint / "optimizer.bin", weights_only=False)["param_groups"]
+    assert [group["lr"] for group in groups] == [pytest.approx(1e-4)]
+    assert torch.load(checkpoint / "custom_checkpoint_1.pkl", weights_only=False)["decay"] == 0.5
