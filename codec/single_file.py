@@ -7,6 +7,8 @@ factor is not in the file, so it comes from `config` or from the family the shap
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import re
@@ -30,6 +32,32 @@ FAMILY_MARKERS = (
     ("double_blocks.", "flux"),  # FLUX
     ("cond_stage_model.", "sd"),  # SD 1.x / 2.x
 )
+
+
+# What the shapes cannot tell, recorded in the metadata of the .safetensors files we write (other tools ignore it),
+# so that an SDXL or SD3 VAE exported here comes back with its own scaling factor.
+METADATA_KEY = "latent_codec_settings"
+RECORDED_SETTINGS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std", "force_upcast", "sample_size")
+
+
+def _recorded_settings(path: Path) -> dict:
+    from codec.checkpoint import is_safetensors
+
+    if not is_safetensors(path):
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as file:
+        text = (file.metadata() or {}).get(METADATA_KEY)
+    try:
+        settings = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    settings = {name: value for name, value in settings.items() if name in RECORDED_SETTINGS}
+    for name in ("latents_mean", "latents_std"):
+        if isinstance(settings.get(name), list):
+            settings[name] = tuple(settings[name])
+    return settings
 
 
 def checkpoint_family(keys) -> str | None:
@@ -59,7 +87,9 @@ def _is_vae_key(key: str) -> bool:
     return key.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))
 
 
-def infer_config(tensors: dict[str, torch.Tensor], source: str, family: str | None = None) -> AutoencoderKLConfig:
+def infer_config(
+    tensors: dict[str, torch.Tensor], source: str, family: str | None = None, quiet: bool = False
+) -> AutoencoderKLConfig:
     """Architecture from the shapes of diffusers-layout tensors; scaling and shift from `family` (the checkpoint's,
     see checkpoint_family) or else from the family the shapes suggest."""
     try:
@@ -77,7 +107,7 @@ def infer_config(tensors: dict[str, torch.Tensor], source: str, family: str | No
         family = known
     else:
         family = preset("sd") if latent == 4 else preset("flux") if latent == 16 else AutoencoderKLConfig()
-    if known is None and (latent, has_quant) in ((4, True), (16, False)):
+    if not quiet and known is None and (latent, has_quant) in ((4, True), (16, False)):
         log.warning(
             "%s: the file does not record its scaling factor; assuming %s (%s). Pass config='sdxl' for SDXL's "
             "VAE or config='sd3' for SD3's.",
@@ -107,10 +137,10 @@ def infer_config(tensors: dict[str, torch.Tensor], source: str, family: str | No
 
 
 def resolve_config(
-    config, tensors: dict[str, torch.Tensor], source: str, family: str | None = None
+    config, tensors: dict[str, torch.Tensor], source: str, family: str | None = None, quiet: bool = False
 ) -> AutoencoderKLConfig:
     if config is None:
-        return infer_config(tensors, source, family)
+        return infer_config(tensors, source, family, quiet)
     if isinstance(config, AutoencoderKLConfig):
         return config
     text = str(config)
@@ -123,9 +153,11 @@ def load_single_file(cls, path: str | os.PathLike, config=None, torch_dtype: tor
     path = Path(path).expanduser()
     source = str(path)
     everything = read_tensors(path)
-    family = checkpoint_family(everything)
+    recorded = _recorded_settings(path) if config is None else {}
+    family = checkpoint_family(everything) if not recorded else None
     tensors = extract_vae_tensors(everything, source)
-    model = cls(resolve_config(config, tensors, source, family))
+    resolved = resolve_config(config, tensors, source, family, quiet=bool(recorded))
+    model = cls(dataclasses.replace(resolved, **recorded))
     load_checked(model, tensors, source)
     if torch_dtype is not None:
         model.to(torch_dtype)
@@ -141,7 +173,8 @@ def save_single_file(model, path: str | os.PathLike) -> None:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
-            save_file(state, str(tmp), metadata={"format": "pt"})
+            settings = {name: getattr(model.config, name) for name in RECORDED_SETTINGS}
+            save_file(state, str(tmp), metadata={"format": "pt", METADATA_KEY: json.dumps(settings)})
         elif path.suffix in (".ckpt", ".pt", ".pth"):
             torch.save({"state_dict": state}, str(tmp))
         else:

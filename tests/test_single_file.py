@@ -226,8 +226,10 @@ def test_a_whole_checkpoint_names_its_family_and_so_its_scaling_factor(
         use_quant_conv=latent_channels == 4,
         use_post_quant_conv=latent_channels == 4,
     )
-    bare = tmp_path / "bare.safetensors"
-    codec.AutoencoderKL(config).save_single_file(bare)
+    ours_file = tmp_path / "ours.safetensors"
+    codec.AutoencoderKL(config).save_single_file(ours_file)
+    bare = tmp_path / "bare.safetensors"  # as other tools write a VAE: tensors, no record of its settings
+    save_file(load_file(ours_file), str(bare))
     whole = {f"first_stage_model.{key}": value for key, value in load_file(bare).items()}
     whole[marker] = torch.zeros(2)
     path = tmp_path / "whole.safetensors"
@@ -299,3 +301,18 @@ def test_a_safetensors_file_is_known_by_its_content_not_its_name(single_file, ou
         path.write_bytes(single_file.read_bytes())
         loaded = codec.AutoencoderKL.load(path)
         assert all(torch.equal(loaded.state_dict()[k], v) for k, v in ours.state_dict().items()), name
+
+
+def test_our_single_files_keep_the_settings_shapes_cannot_tell(tiny_config, tmp_path, caplog):
+    config = dataclasses.replace(tiny_config, scaling_factor=0.13025, latents_mean=(0.1, 0.2, 0.3, 0.4), sample_size=96)
+    path = tmp_path / "sdxl-like.safetensors"
+    codec.AutoencoderKL(config).save_single_file(path)
+    with caplog.at_level("WARNING"):
+        loaded = codec.AutoencoderKL.from_single_file(path)
+    assert "does not record" not in caplog.text
+    assert (loaded.config.scaling_factor, loaded.config.latents_mean, loaded.config.sample_size) == (
+        0.13025,
+        (0.1, 0.2, 0.3, 0.4),
+        96,
+    )
+    # diffusers reads these files as before: test_loads_in_diffusers_from_single_file uses one of them.
