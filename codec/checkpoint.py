@@ -15,6 +15,11 @@ class CheckpointError(ValueError):
 
 def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of a `.safetensors` file, or of a pickled `.ckpt`/`.bin`/`.pt` read with `weights_only=True`."""
+    return read_checkpoint(path)[0]
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Its tensors, and its text metadata: a safetensors header's, or a pickled checkpoint's top-level strings."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
@@ -25,17 +30,22 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path))
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as file:
+                metadata = dict(file.metadata() or {})
+            return load_file(str(path)), metadata
         except (SafetensorError, OSError, ValueError) as error:
             raise CheckpointError(
                 f"{path}: not a readable safetensors file, perhaps truncated or corrupt ({error})"
             ) from None
     data = _load_pickle(path)
+    metadata = {k: v for k, v in data.items() if isinstance(v, str)} if isinstance(data, dict) else {}
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]  # Lightning/LDM .ckpt files wrap the weights
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(data).__name__}")
-    return {key: value for key, value in data.items() if isinstance(value, torch.Tensor)}
+    return {key: value for key, value in data.items() if isinstance(value, torch.Tensor)}, metadata
 
 
 def is_safetensors(path: Path) -> bool:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from codec.atomic import atomic_path
-from codec.checkpoint import CheckpointError, load_checked, read_tensors
+from codec.checkpoint import CheckpointError, load_checked, read_checkpoint
 from codec.config import AutoencoderKLConfig, ConfigError, preset
 from codec.keys import diffusers_to_ldm, is_ldm_layout, ldm_to_diffusers, upgrade_legacy_attention_keys
 
@@ -37,18 +37,16 @@ FAMILY_MARKERS = (
 # What the shapes cannot tell, recorded in the metadata of the .safetensors files we write (other tools ignore it),
 # so that an SDXL or SD3 VAE exported here comes back with its own scaling factor.
 METADATA_KEY = "latent_codec_settings"
-RECORDED_SETTINGS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std", "force_upcast", "sample_size")
+# The GroupNorm group count is among them: per-channel norm weights do not show it, and a model with 8 groups read
+# as 32 runs without error, and badly.
+RECORDED_SETTINGS = (
+    "norm_num_groups", "act_fn", "scaling_factor", "shift_factor", "latents_mean", "latents_std", "force_upcast",
+    "sample_size",
+)  # fmt: skip
 
 
-def _recorded_settings(path: Path) -> dict:
-    from codec.checkpoint import is_safetensors
-
-    if not is_safetensors(path):
-        return {}
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as file:
-        text = (file.metadata() or {}).get(METADATA_KEY)
+def _recorded_settings(metadata: dict[str, str]) -> dict:
+    text = metadata.get(METADATA_KEY)
     try:
         settings = json.loads(text) if text else {}
     except ValueError:
@@ -152,8 +150,8 @@ def resolve_config(
 def load_single_file(cls, path: str | os.PathLike, config=None, torch_dtype: torch.dtype | None = None):
     path = Path(path).expanduser()
     source = str(path)
-    everything = read_tensors(path)
-    recorded = _recorded_settings(path) if config is None else {}
+    everything, metadata = read_checkpoint(path)
+    recorded = _recorded_settings(metadata) if config is None else {}
     family = checkpoint_family(everything) if not recorded else None
     tensors = extract_vae_tensors(everything, source)
     resolved = resolve_config(config, tensors, source, family, quiet=bool(recorded))
@@ -169,13 +167,20 @@ def save_single_file(model, path: str | os.PathLike) -> None:
     path = Path(path)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     state = diffusers_to_ldm(state, len(model.config.block_out_channels))
+    settings = json.dumps({name: getattr(model.config, name) for name in RECORDED_SETTINGS})
+    if model.config.norm_num_groups != 32:
+        log.warning(
+            "%s: this model normalises in %d groups; the file records it for this package, but A1111, ComfyUI and "
+            "diffusers' from_single_file assume 32 unless given its config.json",
+            path,
+            model.config.norm_num_groups,
+        )
     with atomic_path(path) as tmp:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
-            settings = {name: getattr(model.config, name) for name in RECORDED_SETTINGS}
-            save_file(state, str(tmp), metadata={"format": "pt", METADATA_KEY: json.dumps(settings)})
+            save_file(state, str(tmp), metadata={"format": "pt", METADATA_KEY: settings})
         elif path.suffix in (".ckpt", ".pt", ".pth"):
-            torch.save({"state_dict": state}, str(tmp))
+            torch.save({"state_dict": state, METADATA_KEY: settings}, str(tmp))
         else:
             raise CheckpointError(f"{path}: unknown single-file format; use .safetensors or .ckpt")

@@ -316,3 +316,19 @@ def test_our_single_files_keep_the_settings_shapes_cannot_tell(tiny_config, tmp_
         96,
     )
     # diffusers reads these files as before: test_loads_in_diffusers_from_single_file uses one of them.
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_a_model_with_other_than_32_groups_survives_a_single_file(suffix, tiny_config, tmp_path, x, caplog):
+    # The embedded codec normalises in 8 groups: read back as 32, it ran without error and lost 7 dB.
+    config = dataclasses.replace(tiny_config, norm_num_groups=8, scaling_factor=0.377)
+    torch.manual_seed(0)
+    model = codec.AutoencoderKL(config).eval()
+    path = tmp_path / f"eight-groups{suffix}"
+    with caplog.at_level("WARNING"):
+        model.save_single_file(path)
+    assert "assume 32" in caplog.text  # other tools will not read the record
+    loaded = codec.AutoencoderKL.from_single_file(path)
+    assert (loaded.config.norm_num_groups, loaded.config.scaling_factor) == (8, 0.377)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).sample, model(x).sample)
