@@ -22,6 +22,7 @@ from codec.config import AutoencoderKLConfig
 from codec.distributions import DiagonalGaussianDistribution
 from codec.layers import preferred_memory_format
 from codec.networks import Decoder, Encoder
+from codec.precision import forget_fp32_copy
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
@@ -63,11 +64,21 @@ class AutoencoderKL(nn.Module):
         # contiguous copies. Moving the model to another kind of device re-picks the layout (_apply).
         self._layout_device: str | None = None
         self._match_layout_to_device()
+        self._register_state_dict_hook(AutoencoderKL._contiguous_state)
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
         self._match_layout_to_device()
+        forget_fp32_copy(self)
         return self
+
+    @staticmethod
+    def _contiguous_state(module, state_dict, prefix, local_metadata) -> None:
+        # Channels-last weights (on a CPU) are not contiguous, and safetensors' save_file refuses those: a state
+        # dict is for saving and copying, so it holds the standard layout.
+        for key, value in state_dict.items():
+            if key.startswith(prefix) and isinstance(value, torch.Tensor) and not value.is_contiguous():
+                state_dict[key] = value.contiguous()
 
     def _match_layout_to_device(self) -> None:
         """Give the conv weights their device's preferred layout when the model lands on a new kind of device;

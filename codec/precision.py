@@ -5,7 +5,7 @@ torch runs bf16 and fp16 convolutions on a CPU through emulation unless the CPU 
 (AVX512-BF16 or AMX for bf16, AMX-FP16 for fp16). Emulated, an SD decode at 256x256 took 46 s in bf16 and 41 s in
 fp16 against 4.6 s in fp32 (AMD EPYC, AVX2 only, 2 threads). So inference with half-precision weights on such a
 CPU computes with an fp32 copy of the model and returns its result in the model's dtype: ten times faster, and
-more accurate. The copy is made once per model and remade when any weight changes.
+more accurate. The copy is made once per model, and its weights refreshed at each use.
 """
 
 from __future__ import annotations
@@ -50,17 +50,20 @@ def emulated_on_cpu(dtype: torch.dtype, device: torch.device) -> bool:
 
 
 def fp32_copy(model: nn.Module) -> nn.Module:
-    """An fp32 copy of `model` with its current inference settings; made once, remade when a weight changes
-    (replaced, or modified in place: each parameter's storage and version counter are compared)."""
-    try:
-        key = tuple((p.data_ptr(), p._version) for p in model.parameters())
-    except RuntimeError:  # inference-mode tensors keep no version counter: then nothing tells a change, so no reuse
-        key = None
+    """An fp32 copy of `model` with its current weights and inference settings. The module is made once per
+    model (again if its parameters change shape or number); its weights are copied from the original at every
+    call, since no cheap check sees every way a weight can change (a write through `param.data`, as diffusers'
+    EMAModel.copy_to does, leaves the version counter alone) and the copy costs little next to a forward pass."""
+    key = tuple((tuple(p.shape), p.device) for p in model.parameters())
     cached = _copies.get(model)
-    if cached is None or key is None or cached[0] != key:
+    if cached is None or cached[0] != key:
         log.debug("making a float32 copy of a %s model", model.dtype)
         cached = (key, copy.deepcopy(model).float())
         _copies[model] = cached
+    else:
+        with torch.no_grad():
+            replica_tensors = list(cached[1].parameters()) + list(cached[1].buffers())
+            torch._foreach_copy_(replica_tensors, list(model.parameters()) + list(model.buffers()))
     replica = cached[1]
     # The original's plain settings as they are now (tiling, slicing, memory budget, compile mode, ...), derived
     # rather than listed so that a new setting cannot be forgotten here; `training` is nn.Module's own, per module.
@@ -69,3 +72,8 @@ def fp32_copy(model: nn.Module) -> nn.Module:
         if plain and not name.startswith("_") and name != "training":
             setattr(replica, name, value)
     return replica
+
+
+def forget_fp32_copy(model: nn.Module) -> None:
+    """Drop the model's cached copy (it moved to another device or dtype): it would hold memory for nothing."""
+    _copies.pop(model, None)

@@ -46,8 +46,25 @@ def test_the_fp32_copy_follows_weight_changes_and_settings(bf16_model, monkeypat
     second = _decode(bf16_model, z)
     assert not torch.equal(first, second)
     assert torch.equal(second, _decode(copy.deepcopy(bf16_model).float(), z).to(torch.bfloat16))
+    with torch.no_grad():  # through .data, as diffusers' EMAModel.copy_to writes: no version counter moves
+        bf16_model.decoder.conv_out.weight.data = bf16_model.decoder.conv_out.weight.data * 0.5
+    third = _decode(bf16_model, z)
+    assert torch.equal(third, _decode(copy.deepcopy(bf16_model).float(), z).to(torch.bfloat16))
+    assert not torch.equal(third, second)
     bf16_model.enable_tiling(4)
     assert precision.fp32_copy(bf16_model).use_tiling and precision.fp32_copy(bf16_model).tile_latent_size == 4
+    bf16_model.float()  # a model moved or cast lets its copy go
+    assert precision._copies.get(bf16_model) is None
+
+
+def test_a_state_dict_is_contiguous_whatever_the_layout(ours, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ours.to(memory_format=torch.channels_last)
+    assert not ours.encoder.conv_in.weight.is_contiguous()
+    save_file(ours.state_dict(), str(tmp_path / "weights.safetensors"))  # refuses non-contiguous tensors
+    saved = load_file(str(tmp_path / "weights.safetensors"))
+    assert torch.equal(saved["encoder.conv_in.weight"], ours.encoder.conv_in.weight)
 
 
 def test_only_half_precision_on_a_cpu_counts_as_emulated(monkeypatch):
