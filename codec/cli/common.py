@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
@@ -22,10 +23,45 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"--device {name}: not a device name ({error})") from None
+    if device.type == "meta":
+        raise ValueError(f"--device {name}: meta tensors hold no data; choose cpu or a GPU")
+    backend = getattr(torch, device.type, None)
+    if device.type != "cpu" and not (backend is not None and getattr(backend, "is_available", lambda: False)()):
+        raise ValueError(f"--device {name}: {device.type} is not available on this machine")
     return device
+
+
+def output_stems(names: list[str]) -> list[str]:
+    """A stem per input for the files written from it, unique where the inputs' stems are not (a.png and a.jpg
+    become a_png and a_jpg; one name from two folders becomes x-1 and x-2), so no output overwrites another."""
+    paths = [Path(name) for name in names]
+    groups: dict[str, list[int]] = {}
+    for index, path in enumerate(paths):
+        groups.setdefault(path.stem, []).append(index)
+    stems = [path.stem for path in paths]
+    for stem, members in groups.items():
+        if len(members) == 1:
+            continue
+        suffixes = [paths[i].suffix.lstrip(".").lower() for i in members]
+        distinct = len(set(suffixes)) == len(suffixes) and all(suffixes)
+        for number, index in enumerate(members, start=1):
+            stems[index] = f"{stem}_{suffixes[number - 1]}" if distinct else f"{stem}-{number}"
+    return stems
+
+
+def ssim_or_none(original, reconstruction) -> float | None:
+    """SSIM of two uint8 images, or None under its 11-pixel window (PSNR still says how close they are)."""
+    from codec.metrics import ssim
+
+    return ssim(original, reconstruction).item() if min(original.shape[:2]) >= 11 else None
+
+
+def format_ssim(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def load_model(args: argparse.Namespace):

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from codec.atomic import atomic_path, atomic_write_text
-from codec.cli.common import add_model_options, load_model
+from codec.cli.common import add_model_options, format_ssim, load_model, output_stems, ssim_or_none
 from codec.images import image_to_tensor, list_images, tensor_to_pil, tensor_to_uint8
-from codec.metrics import psnr, ssim
+from codec.metrics import psnr
 from codec.visual import error_heatmap, grid, side_by_side
 
 SAMPLES = Path(__file__).resolve().parents[1] / "assets" / "samples"
@@ -60,23 +60,25 @@ def run(args: argparse.Namespace) -> int:
     f, channels = vae.config.downsample_factor, vae.config.latent_channels
     rows, lines, latents = [], [], []
     total_start = time.perf_counter()
-    for path in paths:
+    for path, stem in zip(paths, output_stems([str(path) for path in paths]), strict=True):
         x = image_to_tensor(path).to(vae.device, vae.dtype)
         start = time.perf_counter()
         z = vae.encode(x).latent_dist.mode()
         reconstruction = vae.decode(z).sample[..., : x.shape[-2], : x.shape[-1]]
         seconds = time.perf_counter() - start
         original, recon = tensor_to_uint8(x)[0], tensor_to_uint8(reconstruction)[0]
-        image_psnr, image_ssim = psnr(original, recon).item(), ssim(original, recon).item()
-        _save(Image.fromarray(recon), out / f"{Path(path).stem}_reconstruction.png")
+        image_psnr, image_ssim = psnr(original, recon).item(), ssim_or_none(original, recon)
+        _save(Image.fromarray(recon), out / f"{stem}_reconstruction.png")
         rows.append([Image.fromarray(original), Image.fromarray(recon), error_heatmap(original, recon)])
         ratio = (3 * x.shape[-2] * x.shape[-1]) / z[0].numel()
         lines.append(
             f"| {Path(path).name} | {x.shape[-1]}x{x.shape[-2]} | {tuple(z.shape[1:])} | {ratio:.0f}x "
-            f"| {image_psnr:.2f} | {image_ssim:.4f} | {seconds:.2f} |"
+            f"| {image_psnr:.2f} | {format_ssim(image_ssim)} | {seconds:.2f} |"
         )
         latents.append(_center_square(x.float(), 256).to(vae.dtype))
-        print(f"{Path(path).name}: PSNR {image_psnr:.2f} dB, SSIM {image_ssim:.4f}, latent {tuple(z.shape[1:])}")
+        print(
+            f"{Path(path).name}: PSNR {image_psnr:.2f} dB, SSIM {format_ssim(image_ssim)}, latent {tuple(z.shape[1:])}"
+        )
     comparison = grid(rows, ["original", "reconstruction", "abs error (x8)"])
     _save(comparison, out / "comparison.png")
 

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from codec.atomic import atomic_path
-from codec.cli.common import add_model_options, load_model
+from codec.cli.common import add_model_options, load_model, output_stems
 from codec.images import image_to_tensor, tensor_to_pil
 
 
@@ -95,10 +95,11 @@ def run_decode(args: argparse.Namespace) -> int:
             f"{vae.config.shift_factor}; unscaling with the file's values"
         )
     args.output.mkdir(parents=True, exist_ok=True)
-    for latent, source, (height, width) in zip(latents, info["sources"], info["sizes"], strict=True):
+    stems = output_stems(info["sources"])
+    for latent, stem, (height, width) in zip(latents, stems, info["sizes"], strict=True):
         z = latent[None].to(vae.device, vae.dtype) / info["scaling_factor"] + info["shift_factor"]
         image = vae.decode(z).sample[..., :height, :width]
-        target = args.output / f"{Path(source).stem}.png"
+        target = args.output / f"{stem}.png"
         with atomic_path(target) as tmp:
             tensor_to_pil(image)[0].save(tmp, format="PNG")
         print(f"wrote {target}")

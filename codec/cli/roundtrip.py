@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 from codec.atomic import atomic_path, atomic_write_text
-from codec.cli.common import add_model_options, load_model
+from codec.cli.common import add_model_options, format_ssim, load_model, output_stems, ssim_or_none
 from codec.images import image_to_tensor, tensor_to_uint8
-from codec.metrics import psnr, ssim
+from codec.metrics import psnr
 from codec.visual import error_heatmap, side_by_side
 
 
@@ -41,29 +41,32 @@ def run(args: argparse.Namespace) -> int:
         vae.enable_tiling()
     args.output.mkdir(parents=True, exist_ok=True)
     rows = []
-    for path in args.images:
+    for path, stem in zip(args.images, output_stems([str(path) for path in args.images]), strict=True):
         x = image_to_tensor(path)
         start = time.perf_counter()
         reconstruction = vae(x.to(vae.device, vae.dtype)).sample
         seconds = time.perf_counter() - start
         original, recon = tensor_to_uint8(x)[0], tensor_to_uint8(reconstruction)[0]
         image_psnr = psnr(original, recon).item()
-        image_ssim = ssim(original, recon).item()
-        _save_png(Image.fromarray(recon), args.output / f"{path.stem}.png")
+        image_ssim = ssim_or_none(original, recon)
+        _save_png(Image.fromarray(recon), args.output / f"{stem}.png")
         comparison = side_by_side(
             [Image.fromarray(original), Image.fromarray(recon), error_heatmap(original, recon)],
             ["original", f"reconstruction {image_psnr:.2f} dB", "abs error (x8)"],
         )
-        _save_png(comparison, args.output / f"{path.stem}_compare.png")
+        _save_png(comparison, args.output / f"{stem}_compare.png")
         rows.append((path.name, original.shape[1], original.shape[0], image_psnr, image_ssim, seconds))
-        print(f"{path.name}: PSNR {image_psnr:.2f} dB  SSIM {image_ssim:.4f}  ({seconds:.2f} s)")
+        print(f"{path.name}: PSNR {image_psnr:.2f} dB  SSIM {format_ssim(image_ssim)}  ({seconds:.2f} s)")
     if len(rows) > 1:
         mean_psnr = sum(r[3] for r in rows) / len(rows)
-        mean_ssim = sum(r[4] for r in rows) / len(rows)
-        print(f"mean over {len(rows)} images: PSNR {mean_psnr:.2f} dB  SSIM {mean_ssim:.4f}")
+        ssims = [r[4] for r in rows if r[4] is not None]
+        mean_ssim = sum(ssims) / len(ssims) if len(ssims) == len(rows) else None  # only where every image has one
+        print(f"mean over {len(rows)} images: PSNR {mean_psnr:.2f} dB  SSIM {format_ssim(mean_ssim)}")
     table = io.StringIO()
     writer = csv.writer(table)
     writer.writerow(["image", "width", "height", "psnr_db", "ssim", "seconds"])
-    writer.writerows([r[0], r[1], r[2], f"{r[3]:.4f}", f"{r[4]:.5f}", f"{r[5]:.3f}"] for r in rows)
+    writer.writerows(
+        [r[0], r[1], r[2], f"{r[3]:.4f}", "" if r[4] is None else f"{r[4]:.5f}", f"{r[5]:.3f}"] for r in rows
+    )
     atomic_write_text(args.output / "metrics.csv", table.getvalue())
     return 0

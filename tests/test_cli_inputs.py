@@ -1,0 +1,60 @@
+"""The file commands given awkward input sets: inputs whose names clash, images too small for SSIM, and device
+names that do not exist here."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from codec.cli import main
+from codec.cli.common import output_stems
+
+
+def _image(path, height: int, width: int, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, quality=95) if path.suffix == ".jpg" else Image.fromarray(pixels).save(path)
+
+
+@pytest.fixture
+def clashing(tmp_path):
+    paths = [tmp_path / "a.png", tmp_path / "a.jpg", tmp_path / "one" / "x.png", tmp_path / "two" / "x.png"]
+    for seed, path in enumerate(paths):
+        _image(path, 32, 40 + 8 * seed, seed)
+    _image(tmp_path / "tiny.png", 8, 10, 9)
+    return [*paths, tmp_path / "tiny.png"]
+
+
+def test_output_stems_are_unique_and_stay_readable():
+    names = ["a.png", "a.jpg", "one/x.png", "two/x.png", "b.png"]
+    assert output_stems(names) == ["a_png", "a_jpg", "x-1", "x-2", "b"]
+
+
+def test_decode_and_roundtrip_write_one_file_per_input(clashing, tmp_path, capsys):
+    model = ["--model", "preset:tiny", "--device", "cpu"]
+    assert main(["roundtrip", *map(str, clashing), "-o", str(tmp_path / "rt"), *model]) == 0
+    written = sorted(p.name for p in (tmp_path / "rt").glob("*.png") if not p.name.endswith("_compare.png"))
+    assert written == ["a_jpg.png", "a_png.png", "tiny.png", "x-1.png", "x-2.png"]
+    with (tmp_path / "rt" / "metrics.csv").open() as file:
+        ssim = {row["image"]: row["ssim"] for row in csv.DictReader(file)}
+    assert ssim["tiny.png"] == "" and float(ssim["a.png"]) > -1  # under SSIM's 11-pixel window: no value
+    assert "tiny.png: PSNR" in capsys.readouterr().out
+
+    latents = tmp_path / "latents.safetensors"
+    assert main(["encode", *map(str, clashing), "-o", str(latents), *model]) == 0
+    assert main(["decode", str(latents), "-o", str(tmp_path / "decoded"), *model]) == 0
+    decoded = {p.name: Image.open(p).size for p in (tmp_path / "decoded").iterdir()}
+    assert decoded == {"a_png.png": (40, 32), "a_jpg.png": (48, 32), "x-1.png": (56, 32), "x-2.png": (64, 32),
+                       "tiny.png": (10, 8)}  # fmt: skip
+
+
+@pytest.mark.parametrize(("device", "reason"), [("foo", "not a device name"), ("meta", "hold no data"),
+                                                ("mps", "not available")])  # fmt: skip
+def test_a_device_that_cannot_be_used_is_a_plain_error(device, reason, clashing, tmp_path, capsys):
+    args = ["encode", str(clashing[0]), "-o", str(tmp_path / "z.safetensors"), "--model", "preset:tiny"]
+    assert main([*args, "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert f"--device {device}" in err and reason in err and "Traceback" not in err
