@@ -296,6 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exclude", action="append", default=[], help="glob over source ids, e.g. 'gnome-*'; repeatable")
     args = p.parse_args(argv)
     scales, val_out = [float(v) for v in args.scales.split(",")], args.val_out or args.out.parent / "val"
+    changed = _changed_crop_options(args.out / "manifest.json", vars(args))
+    if changed:
+        # A crop whose file exists is reused, so crops made with other options would stay beside the new ones.
+        p.exit(2, f"{p.prog}: error: {args.out} holds crops made with other options ({changed}); remove it and "
+                  f"{val_out}, or write elsewhere with --out/--val-out\n")  # fmt: skip
 
     if JXL:
         import pillow_jxl  # noqa: F401
@@ -341,12 +346,30 @@ def main(argv: list[str] | None = None) -> int:
     rows = [f"  {origin:20s} {n['train']:4d} / {n['val']}" for origin, n in per_origin.items()]
     print("sources per origin (train / val):", *rows, sep="\n")
     print(f"crops: {crops['train']} train in {args.out}, {crops['val']} val in {val_out}; {written} written just now")
-    expected = {name for s in sources for name in s.crops}
-    stale = [f for d in folder.values() if d.is_dir() for f in d.glob("*.png") if f.name not in expected]
+    # Per folder: a crop of a photo now in the other split must not stay where it was (validation leaking).
+    expected = {split: {name for s in sources if s.split == split for name in s.crops} for split in folder}
+    stale = [f for k, d in folder.items() if d.is_dir() for f in d.glob("*.png") if f.name not in expected[k]]
     if stale:
         print(f"note: {len(stale)} PNGs in the output folders were not made with these arguments, e.g. {stale[0]}")
     print(f"skipped {len(skipped)}:", *(f"  {path}: {reason}" for path, reason in sorted(skipped)), sep="\n")
     return 0
+
+
+# What a crop's pixels depend on besides its source; --exclude and the Debian sources only add or remove files.
+CROP_OPTIONS = ("crop", "crops_per_image", "scales", "seed", "validation_fraction", "generated")
+
+
+def _changed_crop_options(manifest: Path, options: dict) -> str:
+    """The crop options that differ from those the folder's crops were made with; empty if none (or no record)."""
+    try:
+        before = json.loads(manifest.read_text())["args"]
+    except (OSError, ValueError, KeyError):
+        return ""
+    return ", ".join(
+        f"--{k.replace('_', '-')} {before[k]} then, {options[k]} now"
+        for k in CROP_OPTIONS
+        if k in before and before[k] != options[k]
+    )
 
 
 if __name__ == "__main__":

@@ -61,3 +61,25 @@ def test_crops_manifest_split_and_rerun(tmp_path: Path) -> None:
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.png") if p != removed} == {
         p: t for p, t in before.items() if p != removed
     }
+
+    # Other crop options over the same folder are refused, since existing crops would be kept as they are.
+    with pytest.raises(SystemExit) as refused:
+        script.main([*args, "--crop", "32"])
+    assert refused.value.code == 2
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.png") if p != removed} == {
+        p: t for p, t in before.items() if p != removed
+    }
+
+
+def test_a_crop_left_in_the_other_split_is_reported(tmp_path: Path, capsys) -> None:
+    script = load_script("prepare_training_data")
+    args = ["--out", str(tmp_path / "train"), "--skip-debian", "--crop", "64", "--crops-per-image", "1"]
+    args += ["--scales", "1", "--generated", "0", "--validation-fraction", "0.2", "--cache", str(tmp_path / "c")]
+    assert script.main(args) == 0
+    val_crop = sorted((tmp_path / "val").glob("*.png"))[0]
+    (tmp_path / "train" / val_crop.name).write_bytes(val_crop.read_bytes())  # as an earlier split would leave it
+    capsys.readouterr()
+    assert script.main(args) == 0
+    assert f"note: 1 PNGs in the output folders were not made with these arguments, e.g. {tmp_path / 'train'}" in (
+        capsys.readouterr().out
+    )
