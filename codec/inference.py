@@ -37,6 +37,7 @@ class _Fp32Fallback:
     def __init__(self, vae: torch.nn.Module) -> None:
         self.vae = vae
         self._fp32: torch.nn.Module | None = None
+        self.fallbacks = 0  # stages recomputed so far
 
     def __call__(self, run: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         y = run(self.vae, x)
@@ -45,6 +46,7 @@ class _Fp32Fallback:
         if self._fp32 is None:
             log.warning("%s result was not finite; recomputing in float32 (force_upcast)", y.dtype)
             self._fp32 = precision.fp32_copy(self.vae)
+        self.fallbacks += 1
         # Tiling may have installed shared-statistics hooks on the original's norms: the copy uses them for this
         # recomputation only (the copy is shared, see codec.precision).
         pairs = [
@@ -183,10 +185,14 @@ def _run(vae, x: torch.Tensor, *, encode: bool) -> torch.Tensor:
         chunk = x[start : start + slice_size]
         if not use_tiling:
             outputs.append(guarded(untiled_network, chunk))
-        elif encode:
-            outputs.append(_encode_tiled(vae, chunk, tile, guarded))
-        else:
-            outputs.append(_decode_tiled(vae, chunk, tile, guarded))
+            continue
+        before = guarded.fallbacks
+        tiled = (_encode_tiled if encode else _decode_tiled)(vae, chunk, tile, guarded)
+        if guarded.fallbacks > before and vae.dtype in HALF_DTYPES:
+            # A stage recomputed in fp32 hands its result to the next in half precision, where values beyond
+            # fp16's range become inf that no later recomputation can undo: the whole tiled pass runs in fp32.
+            tiled = _run(precision.fp32_copy(vae), chunk.float(), encode=encode).to(chunk.dtype)
+        outputs.append(tiled)
     return (outputs[0] if len(outputs) == 1 else torch.cat(outputs)).contiguous()
 
 

@@ -161,6 +161,26 @@ def test_half_precision_overflow_in_a_tiled_decode_is_recomputed_with_the_shared
     assert all(m.stats_hook is None for m in precision.fp32_copy(half).modules() if hasattr(m, "stats_hook"))
 
 
+@pytest.mark.parametrize("encode", [False, True])
+def test_an_overflow_early_in_a_tiled_pass_is_recomputed_whole(vae, monkeypatch, encode):
+    # The first stage (decoder head, or the encoder's tiled convolutions) overflows fp16 while its fp32 output,
+    # cast back to half for the next stage, would be inf: only a whole fp32 pass gives a finite result.
+    from codec import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_fp16", lambda: True)
+    x = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        # The encoder's last convolutional block, whose output the tiled head hands to the attention tail.
+        (vae.encoder.down_blocks[3].resnets[0].conv2 if encode else vae.decoder.conv_in).weight.mul_(1e5)
+        vae.enable_tiling(8 if encode else 4)
+        reference = vae.encode(x).latent_dist.mean if encode else vae.decode(z).sample  # fp32, tiled alike
+        half = vae.half()
+        out = half.encode(x).latent_dist.mean if encode else half.decode(z).sample
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    assert (out.float() - reference).abs().max() < 2e-2 * reference.abs().max().clamp(min=1)
+
+
 def test_bad_inputs_name_the_problem(vae):
     with pytest.raises(ValueError, match=r"shape \(batch, 3, height, width\)"):
         vae.encode(torch.rand(3, 32, 32))
