@@ -24,11 +24,21 @@ class DiagonalGaussianDistribution:
             self.std = torch.exp(0.5 * self.logvar)
             self.var = torch.exp(self.logvar)
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+        """mean + std * N(0, I). A list holds one generator per image (as diffusers' randn_tensor takes), so each
+        image's draw depends on its own generator alone."""
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != self.mean.shape[0]:
+                raise ValueError(f"{len(generator)} generators for a batch of {self.mean.shape[0]}")
+            noise = torch.cat([self._noise(g, self.mean.shape[1:])[None] for g in generator])
+        else:
+            noise = self._noise(generator, self.mean.shape)
+        return self.mean + self.std * noise
+
+    def _noise(self, generator: torch.Generator | None, shape) -> torch.Tensor:
         # Drawn on the generator's device, then moved, so a CPU generator gives the same sample on any device.
         device = generator.device if generator is not None else self.mean.device
-        noise = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
-        return self.mean + self.std * noise.to(self.mean.device)
+        return torch.randn(shape, generator=generator, device=device, dtype=self.mean.dtype).to(self.mean.device)
 
     def mode(self) -> torch.Tensor:
         return self.mean

@@ -56,6 +56,17 @@ def test_sample_with_equal_seeds(posteriors):
     assert not torch.allclose(a, mine.mode())
 
 
+def test_sample_with_a_generator_per_image(posteriors):
+    mine, theirs = posteriors
+    a = mine.sample([torch.Generator().manual_seed(7), torch.Generator().manual_seed(8)])
+    b = theirs.sample(generator=[torch.Generator().manual_seed(7), torch.Generator().manual_seed(8)])
+    _assert_parity("sample per image", a, b)
+    first_alone = mine.sample([torch.Generator().manual_seed(7), torch.Generator().manual_seed(99)])
+    assert torch.equal(a[0], first_alone[0]) and not torch.equal(a[1], first_alone[1])
+    with pytest.raises(ValueError, match="3 generators for a batch of 2"):
+        mine.sample([torch.Generator()] * 3)
+
+
 def test_kl_and_nll(posteriors):
     mine, theirs = posteriors
     assert mine.kl().shape == (2,)
