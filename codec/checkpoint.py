@@ -86,7 +86,8 @@ def _load_pickle(path: Path):
         # Garbage bytes reach the unpickler in many ways (UnpicklingError, EOFError, IndexError, KeyError, ...):
         # any failure here means the file is not a checkpoint we can read.
         raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint, perhaps truncated or corrupt ({first_error})"
+            f"{path}: not a readable PyTorch checkpoint, perhaps truncated or corrupt "
+            f"({str(first_error).strip().splitlines()[0] if str(first_error).strip() else type(first_error).__name__})"
         ) from None
     unsafe = [name for name in refused if _harmless(name) is None]
     if unsafe:

@@ -58,3 +58,18 @@ def test_a_device_that_cannot_be_used_is_a_plain_error(device, reason, clashing,
     assert main([*args, "--device", device]) == 2
     err = capsys.readouterr().err
     assert f"--device {device}" in err and reason in err and "Traceback" not in err
+
+
+def test_encode_checks_every_input_and_its_output_before_encoding(clashing, tmp_path, capsys):
+    model = ["--model", "preset:tiny", "--device", "cpu"]
+    args = ["encode", str(clashing[0]), str(tmp_path / "gone.png"), str(tmp_path / "one"), *model]
+    assert main([*args, "-o", str(tmp_path / "z.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read 2 input(s)" in err and "gone.png (no such file)" in err and "one (a folder)" in err
+    assert main(["encode", str(clashing[0]), "-o", str(tmp_path), *model]) == 2
+    assert "is a folder; -o takes the .safetensors file" in capsys.readouterr().err
+    assert main(["roundtrip", str(tmp_path / "one"), "-o", str(tmp_path / "rt"), *model]) == 2
+    assert "one: is a folder, not an image file" in capsys.readouterr().err
+    assert main(["decode", str(clashing[0]), "-o", str(tmp_path / "d"), *model]) == 2  # a PNG is not latents
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "a.png" in err

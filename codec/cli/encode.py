@@ -38,6 +38,15 @@ def add_parsers(subparsers) -> None:
 def run_encode(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
+    # Before any work: a bad path late in a long list, or an output that cannot be written, would waste it all.
+    if args.output.is_dir():
+        raise ValueError(f"{args.output}: is a folder; -o takes the .safetensors file to write")
+    unusable = [
+        f"{path} ({'a folder' if path.is_dir() else 'no such file'})" for path in args.images if not path.is_file()
+    ]
+    if unusable:
+        more = f" and {len(unusable) - 5} more" if len(unusable) > 5 else ""
+        raise ValueError(f"cannot read {len(unusable)} input(s): {', '.join(unusable[:5])}{more}")
     vae = load_model(args)
     generator = torch.Generator().manual_seed(args.seed)
     tensors, sources, sizes = {}, [], []
