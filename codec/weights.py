@@ -130,6 +130,29 @@ def save_pretrained(model, directory: str | os.PathLike, variant: str | None = N
         save_file(state, str(tmp), metadata={"format": "pt"})
 
 
+def check_spec(spec: str | os.PathLike) -> None:
+    """Refuse, without loading anything, a --model that load_any could not load for a reason seen from here: an
+    unknown preset, or a local path that does not exist (a hub id is only checked for its form). Commands that
+    take several models call it for all of them first, so a typo in the last is not found after hours of work."""
+    text = str(spec)
+    if text == "builtin":
+        return
+    if text.startswith("preset:"):
+        if text.split(":", 1)[1] not in PRESETS:
+            raise CheckpointError(f"{text}: unknown preset; choose one of {', '.join(PRESETS)}")
+        return
+    path = Path(text).expanduser()
+    if path.exists():
+        return
+    looks_local = (
+        isinstance(spec, os.PathLike)
+        or text.startswith((".", "/", "~"))
+        or path.suffix.lower() in (SINGLE_FILE_SUFFIXES)
+    )
+    if looks_local or not HUB_ID.fullmatch(text):
+        raise CheckpointError(f"{text}: no such folder or file, and not a hub id of the form owner/name")
+
+
 def load_any(cls, spec: str | os.PathLike, torch_dtype: torch.dtype | None = None):
     """Resolve what a user typed after --model: 'builtin', 'preset:NAME' (random weights), a folder, a file, a hub id."""
     text = str(spec)

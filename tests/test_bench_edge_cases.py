@@ -65,3 +65,14 @@ def test_lpips_skips_images_its_trunk_cannot_see_and_scoring_errors_name_the_ima
     scorer = Scorer(tmp_path, [], None)
     with pytest.raises(ValueError, match=r"kodim07 \(bicubic\): scoring failed: .*differs"):
         scorer.score("bicubic", "bicubic", "kodim07", _noisy(1, 32, 32), _noisy(1, 32, 40))
+
+
+def test_every_model_is_checked_before_any_work(tmp_path, capsys):
+    data = tmp_path / "images"
+    data.mkdir()
+    Image.fromarray(_noisy(1, 32, 32)).save(data / "a.png")
+    for typo, reason in (("preset:tinny", "unknown preset"), (str(tmp_path / "my-vae"), "no such folder or file")):
+        args = ["bench", "--model", "bicubic", "--model", typo, "--data", str(data), "--no-fid", "--no-lpips"]
+        assert main([*args, "--classic", "none", "--device", "cpu", "-o", str(tmp_path / "out")]) == 2
+        assert reason in capsys.readouterr().err
+        assert not (tmp_path / "out" / "reference").exists()  # refused before the references were written

@@ -218,6 +218,11 @@ def _rd_points(codec_name: str, qualities: tuple[int, ...], items, scorer: Score
 
 def run_shard(options: BenchOptions, group: Group, device: torch.device, quiet: bool = False) -> Shard:
     shard = Shard(quiet=quiet)
+    from codec.weights import check_spec
+
+    for spec in options.models:  # all of them before any work: a typo in the last would surface hours later
+        if spec not in BASELINES:
+            check_spec(spec)
     items = open_source(options.data, split=options.split, column=options.column)
     if options.limit is not None:
         items = items[: options.limit]
