@@ -81,3 +81,13 @@ def test_statistics_of_a_dataset_encode_it_first(cached):
     np.testing.assert_allclose(direct["latents_std"], cache_stats(out)["latents_std"], rtol=1e-3)
     code, stdout, _ = cli([*args, "--limit", 3])
     assert json.loads(stdout)["images"] == 3
+
+
+def test_the_text_report_says_how_many_images_were_unreadable(cached, tmp_path):
+    _, folder, model_dir = cached
+    mixed = tmp_path / "mixed"
+    shutil.copytree(folder, mixed)
+    (mixed / "broken.png").write_bytes(b"not a png")
+    code, stdout, stderr = cli(["stats", mixed, "--model", model_dir, "--resolution", 32, "--num-workers", 0])
+    assert code == 0, stderr
+    assert f"{len(SIZES)} images; 1 unreadable skipped," in stdout

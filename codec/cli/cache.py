@@ -215,7 +215,11 @@ def run_stats(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{result['images']} images, {result['values_per_channel']} values per channel ({args.posterior} posterior)")
+    skipped = f"; {result['skipped']} unreadable skipped" if result.get("skipped") else ""
+    print(
+        f"{result['images']} images{skipped}, {result['values_per_channel']} values per channel "
+        f"({args.posterior} posterior)"
+    )
     for channel, (mean, std) in enumerate(zip(result["latents_mean"], result["latents_std"], strict=True)):
         print(f"  channel {channel}: mean {mean:+.5f}  std {std:.5f}")
     print(f"all channels: mean {result['mean']:+.5f}  std {result['std']:.5f}")
