@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
 
     # Interpolation: a straight line between two images' latent means, decoded. A KL-regularised latent space
     # decodes the points in between to plausible cross-fades rather than garbage.
+    print(f"interpolation: decoding {INTERPOLATION_STEPS} points between two latents ...", flush=True)
     pair = torch.cat(latents[:2]) if len(latents) > 1 else torch.cat([latents[0], latents[0].flip(-1)])
     ends = vae.encode(pair).latent_dist.mode()
     weights = torch.linspace(0, 1, INTERPOLATION_STEPS, device=ends.device, dtype=ends.dtype).view(-1, 1, 1, 1)
@@ -93,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
     # The prior: the KL term pulls every posterior towards N(0, I), so raw latents drawn from it decode to
     # image-like textures (not photos: this is an autoencoder, not a generative model).
+    print(f"prior: decoding {PRIOR_SAMPLES} latents drawn from N(0, I) ...", flush=True)
     generator = torch.Generator().manual_seed(args.seed)
     side = 256 // f
     noise = torch.randn(PRIOR_SAMPLES, channels, side, side, generator=generator).to(vae.device, vae.dtype)
