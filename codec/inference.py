@@ -146,6 +146,11 @@ def _decode_tiled(vae, z: torch.Tensor, tile: int, guarded: _Fp32Fallback) -> to
 
 def _run(vae, x: torch.Tensor, *, encode: bool) -> torch.Tensor:
     """Encode (images -> moments) or decode (latents -> images), sliced and tiled to fit the memory budget."""
+    if torch.is_grad_enabled() and not x.requires_grad and not any(p.requires_grad for p in vae.parameters()):
+        # Nothing to differentiate (a frozen VAE in a training loop): the inference path, with its tiling,
+        # slicing and fp32 fallback, rather than the plain graph-building forward.
+        with torch.no_grad():
+            return _run(vae, x, encode=encode)
     if not torch.is_grad_enabled() and precision.emulated_on_cpu(vae.dtype, x.device):
         return _run(precision.fp32_copy(vae), x.float(), encode=encode).to(x.dtype)
     config = vae.config

@@ -197,3 +197,19 @@ def test_pad_to_multiple_reflects_and_keeps_the_image():
     assert torch.equal(padded[..., :5, :7], x)
     tiny = torch.rand(1, 3, 2, 2)
     assert inference.pad_to_multiple(tiny, 8).shape == (1, 3, 8, 8)  # too small to reflect: replicated
+
+
+def test_a_frozen_model_tiles_outside_no_grad_and_a_trained_one_keeps_its_graph(vae):
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    vae.enable_tiling(4)
+    with torch.no_grad():
+        tiled = vae.decode(z).sample
+        vae.disable_tiling()
+        whole = vae.decode(z).sample
+        vae.enable_tiling(4)
+    assert not torch.equal(tiled, whole)  # the tiled path computes differently, so the two can be told apart
+    out = vae.decode(z).sample  # grad mode on, weights trainable: the plain forward, differentiable
+    assert out.requires_grad and torch.allclose(out, whole, atol=1e-5)
+    vae.requires_grad_(False)  # frozen, as in a diffusion training loop: the inference path, tiling included
+    frozen = vae.decode(z).sample
+    assert not frozen.requires_grad and torch.equal(frozen, tiled)
