@@ -7,10 +7,12 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from cache_testing import build, cli, image_folder, perturbed_copy, read_rows, tiny_model_dir
 
 import codec
 from codec.cache.identity import model_identity
+from codec.cache.shards import CacheError
 from codec.cache.stats import LatentStats, cache_stats
 
 SIZES = [(32, 32), (40, 32), (32, 48), (36, 36), (48, 40), (32, 32), (56, 32)]
@@ -62,11 +64,27 @@ def test_write_config_keeps_the_cache_valid_and_refuses_another_codec(cached, tm
     result = json.loads(stdout)
     config = json.loads((target / "config.json").read_text())
     assert config["_class_name"] == "AutoencoderKL" and config["scaling_factor"] == round(result["scaling_factor"], 6)
-    assert config["latents_mean"] == [round(v, 6) for v in result["latents_mean"]] and len(config["latents_std"]) == 4
+    # Not beside per-channel statistics: diffusers' SDXL pipelines would apply both.
+    assert config["latents_mean"] is None and config["latents_std"] is None
     vae = codec.AutoencoderKL.load(target)
     assert model_identity(vae) == before  # scaling is not part of the identity: the cache still matches
-    dataset = codec.LatentDataset(out, codec=vae, normalize="channel", posterior="mean")
-    assert dataset.scaling_factor == config["scaling_factor"]
+    assert codec.LatentDataset(out, codec=vae, posterior="mean").scaling_factor == config["scaling_factor"]
+    with pytest.raises(CacheError, match="--channel-stats"):
+        codec.LatentDataset(out, codec=vae, normalize="channel")
+
+    code, _, stderr = cli(["stats", out, "--write-config", target, "--channel-stats", "--posterior", "mean"])
+    assert code == 0, stderr
+    config = json.loads((target / "config.json").read_text())
+    assert config["scaling_factor"] == 1.0 and len(config["latents_mean"]) == 4
+    vae = codec.AutoencoderKL.load(target)
+    whitened = torch.stack([item["latents"] for item in codec.LatentDataset(out, codec=vae, normalize="channel",
+                                                                            posterior="mean", flip=False)])  # fmt: skip
+    # What diffusers' SDXL pipelines do before decoding, latents * std / scaling + mean, gives back the posterior.
+    mean, std = (torch.tensor(config[k]).view(1, -1, 1, 1) for k in ("latents_mean", "latents_std"))
+    raw = codec.LatentDataset(out, codec=vae, normalize="scaling", scaling_factor=1.0, posterior="mean", flip=False)
+    raw_latents = torch.stack([item["latents"] for item in raw])
+    torch.testing.assert_close(whitened * std / config["scaling_factor"] + mean, raw_latents, atol=1e-4, rtol=1e-4)
+    assert whitened.std(dim=(0, 2, 3)).sub(1).abs().max() < 0.05  # and the cached latents are whitened
     other = perturbed_copy(model_dir, tmp_path / "other")
     code, _, stderr = cli(["stats", out, "--write-config", other])
     assert code == 2 and "not the codec these latents were made with" in stderr

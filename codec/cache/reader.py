@@ -40,7 +40,8 @@ class LatentDataset(torch.utils.data.Dataset):
     std) with a generator seeded by (seed, epoch, index), so a run is reproducible; "mean" returns the mean. With
     `flip` and a cache made with --flip, each item is the mirrored image's latent with probability 1/2 (same seed).
     Latents are scaled as `(z - shift_factor) * scaling_factor`, taken from `codec` when it is a model, else from
-    the manifest; `normalize="channel"` uses `(z - latents_mean) / latents_std` instead (see `codec stats`).
+    the manifest; `normalize="channel"` uses `(z - latents_mean) * scaling_factor / latents_std` instead, as
+    diffusers' SDXL pipelines undo it (see `codec stats --channel-stats`).
     """
 
     def __init__(
@@ -86,7 +87,7 @@ class LatentDataset(torch.utils.data.Dataset):
             stats = config.latents_mean, config.latents_std
             if stats[0] is None or stats[1] is None:
                 raise CacheError(
-                    f"{self.root}: normalize='channel' needs latents_mean and latents_std (run `codec stats`)"
+                    f"{self.root}: normalize='channel' needs latents_mean and latents_std (`codec stats ... --write-config DIR --channel-stats`)"
                 )
             self._channel = tuple(torch.tensor(s, dtype=torch.float32).view(-1, 1, 1) for s in stats)
         self.manifest = manifest
@@ -183,7 +184,7 @@ class LatentDataset(torch.utils.data.Dataset):
             std = torch.exp(0.5 * self._tensor(arrays, prefix + "logvar", row, shape))
             z = z + std * torch.randn(z.shape, generator=generator)
         if self.normalize == "channel":
-            latents = (z - self._channel[0]) / self._channel[1]
+            latents = (z - self._channel[0]) * self.scaling_factor / self._channel[1]  # as diffusers' SDXL pipelines
         else:
             latents = (z - self.shift_factor) * self.scaling_factor
         item = {

@@ -89,11 +89,15 @@ def cache_stats(root: str | Path, posterior: str = "sample") -> dict:
     return result
 
 
-def write_config(model_dir: str | Path, result: dict) -> Path:
-    """Put latents_mean, latents_std and scaling_factor into a diffusers folder's config.json, atomically.
+def write_config(model_dir: str | Path, result: dict, channel_stats: bool = False) -> Path:
+    """Put the measured scaling into a diffusers folder's config.json, atomically: `scaling_factor = 1 / std`, or
+    with `channel_stats` per-channel `latents_mean`/`latents_std` and `scaling_factor` 1.0.
 
-    The other keys (diffusers' own included) are kept as they were. The codec's identity leaves these fields
-    out, so caches made with this model stay valid.
+    Two conventions, one per kind of pipeline, and a config may follow only one: diffusers' SD 1.x-style pipelines
+    read scaling_factor alone, its SDXL pipelines `(z - latents_mean) * scaling_factor / latents_std` whenever
+    latents_mean is set. Both fields beside a 1/std scaling factor would scale twice in the second kind, so the
+    default writes the scaling factor and clears the per-channel fields. The other keys are kept as they were;
+    the codec's identity leaves these fields out, so caches made with this model stay valid.
     """
     folder = Path(model_dir)
     if not (folder / CONFIG_NAME).is_file() and (folder / "vae" / CONFIG_NAME).is_file():
@@ -103,11 +107,14 @@ def write_config(model_dir: str | Path, result: dict) -> Path:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise ValueError(f"{path}: cannot read the config ({error})") from None
-    data.update(
-        latents_mean=[round(v, 6) for v in result["latents_mean"]],
-        latents_std=[round(v, 6) for v in result["latents_std"]],
-        scaling_factor=round(result["scaling_factor"], 6),
-    )
+    if channel_stats:
+        data.update(
+            latents_mean=[round(v, 6) for v in result["latents_mean"]],
+            latents_std=[round(v, 6) for v in result["latents_std"]],
+            scaling_factor=1.0,
+        )
+    else:
+        data.update(latents_mean=None, latents_std=None, scaling_factor=round(result["scaling_factor"], 6))
     AutoencoderKLConfig.from_dict(data, source=str(path))  # refuse to write a config that would not load
     mode = path.stat().st_mode & 0o777
     with atomic_path(path) as tmp:

@@ -73,7 +73,8 @@ def add_parsers(subparsers) -> None:
         "stats",
         help="per-channel latent mean/std and scaling factor of a cache or dataset; --write-config into a model",
         description="Latent statistics over a cache (OUT of `codec cache`) or a dataset (encoded at --resolution). "
-        "--write-config DIR puts latents_mean, latents_std and scaling_factor into DIR/config.json.",
+        "--write-config DIR puts scaling_factor = 1/std into DIR/config.json (with --channel-stats: per-channel "
+        "latents_mean/latents_std and scaling_factor 1.0, diffusers' SDXL-pipeline convention).",
     )
     parser.add_argument("source", metavar="SRC", help="a cache folder, or images/dataset as for `codec cache`")
     parser.add_argument("--limit", type=int, default=None, help="for a dataset: this many evenly spaced images")
@@ -81,6 +82,11 @@ def add_parsers(subparsers) -> None:
         "--posterior", choices=("sample", "mean"), default="sample", help="statistics of z sampled or the mean"
     )
     parser.add_argument("--write-config", type=Path, metavar="MODEL_DIR", help="diffusers folder of the same codec")
+    parser.add_argument(
+        "--channel-stats",
+        action="store_true",
+        help="with --write-config: per-channel latents_mean/std and scaling_factor 1.0 instead of 1/std",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     _add_encoding_options(parser)
     parser.set_defaults(run=run_stats)
@@ -211,7 +217,7 @@ def run_stats(args: argparse.Namespace) -> int:
 
         if result["identity"] not in model_identities(AutoencoderKL.load(args.write_config)).values():
             raise ValueError(f"{args.write_config}: not the codec these latents were made with ({result['identity']})")
-        result["wrote"] = str(write_config(args.write_config, result))
+        result["wrote"] = str(write_config(args.write_config, result, channel_stats=args.channel_stats))
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -227,5 +233,6 @@ def run_stats(args: argparse.Namespace) -> int:
         f"scaling_factor = 1 / std = {result['scaling_factor']:.5f}   (shift_factor, if used: {result['shift_factor']:.5f})"
     )
     if "wrote" in result:
-        print(f"wrote latents_mean, latents_std and scaling_factor to {result['wrote']}")
+        what = "latents_mean, latents_std and scaling_factor 1.0" if args.channel_stats else "scaling_factor"
+        print(f"wrote {what} to {result['wrote']}")
     return 0
