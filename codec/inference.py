@@ -32,7 +32,7 @@ STATS_FRACTION = 3 / 8
 
 class _Fp32Fallback:
     """Recompute a half-precision result that came out non-finite with the model's fp32 copy (codec.precision:
-    made once per model, remade when its weights change)."""
+    made once per model, its weights refreshed at each use)."""
 
     def __init__(self, vae: torch.nn.Module) -> None:
         self.vae = vae

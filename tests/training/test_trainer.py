@@ -72,12 +72,18 @@ def test_a_time_limit_stops_the_run_validated_checkpointed_and_exported(tmp_path
     assert (out / "final" / "diffusion_pytorch_model.safetensors").is_file()
 
 
-def test_unreadable_images_are_counted_though_summed_only_at_log_and_checkpoint_steps(tmp_path):
+def photos_and_a_broken_file(tmp_path: Path) -> Path:
+    """Three of the test photos and one file that is not an image, in a new folder."""
     photos = tmp_path / "photos"
     photos.mkdir()
     for name in ("camera.png", "chelsea.png", "astronaut.jpg"):
         (photos / name).write_bytes((REPO / "tests" / "data" / "photos" / name).read_bytes())
     (photos / "broken.png").write_bytes(b"not a png")
+    return photos
+
+
+def test_unreadable_images_are_counted_though_summed_only_at_log_and_checkpoint_steps(tmp_path):
+    photos = photos_and_a_broken_file(tmp_path)
     # 4 files, batches of 2, so every epoch reads all four: one skip per 2 steps. Logged at step 3, saved at 4.
     overrides = [f"data.train={photos}", "run.max_steps=4", "run.log_every=3", "run.checkpoint_every=4"]
     out = run_training(tmp_path / "run", *overrides)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_trainer import FAST, REPO, final_weights, run_training
+from test_trainer import FAST, REPO, final_weights, photos_and_a_broken_file, run_training
 
 from training.state import CheckpointConflict, prune_checkpoints
 
@@ -52,11 +52,7 @@ def _launch(args: list[str], processes: int, timeout: float) -> subprocess.Compl
 
 
 def test_two_processes_keep_the_schedule_and_survive_a_batch_of_unreadable_images(tmp_path):
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for name in ("camera.png", "chelsea.png", "astronaut.jpg"):
-        (photos / name).write_bytes((REPO / "tests" / "data" / "photos" / name).read_bytes())
-    (photos / "broken.png").write_bytes(b"not a png")
+    photos = photos_and_a_broken_file(tmp_path)
     out = tmp_path / "run"
     # Batches of one per process, so each epoch one process's whole batch is the broken file; validation reads
     # it too. Cosine with warm-up: the schedule must count the 4 optimizer steps, not 4 per process.
