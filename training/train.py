@@ -401,11 +401,14 @@ def _checkpoint(accelerator, output_dir: Path, state: LoopState, keep: int) -> N
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if final.exists():
+        replaced = final.with_name(final.name + ".replaced")
+        if final.exists():  # saved again at the same step: moved aside, never deleted before its successor is in
+            final.rename(replaced)
+        partial.rename(final)
+        if replaced.exists():
             import shutil
 
-            shutil.rmtree(final)
-        partial.rename(final)
+            shutil.rmtree(replaced)
         prune_checkpoints(output_dir, keep, final)
     accelerator.wait_for_everyone()
 

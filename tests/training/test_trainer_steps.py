@@ -108,3 +108,27 @@ def test_a_resumed_run_uses_the_configured_learning_rate_and_ema_decay(tmp_path,
     groups = torch.load(checkpoint / "optimizer.bin", weights_only=False)["param_groups"]
     assert [group["lr"] for group in groups] == [pytest.approx(1e-4)]
     assert torch.load(checkpoint / "custom_checkpoint_1.pkl", weights_only=False)["decay"] == 0.5
+
+
+def test_a_checkpoint_saved_again_at_its_step_replaces_the_old_one_only_once_complete(tmp_path):
+    from training.state import LoopState
+    from training.train import _checkpoint
+
+    class Saving:  # the part of Accelerator that _checkpoint uses
+        is_main_process = True
+
+        def save_state(self, folder: str) -> None:
+            Path(folder).mkdir(parents=True)
+            (Path(folder) / "model.safetensors").write_text("new")
+
+        def wait_for_everyone(self) -> None:
+            pass
+
+    old = tmp_path / "checkpoints" / "step-0000005"
+    old.mkdir(parents=True)
+    (old / "model.safetensors").write_text("old")
+    state = LoopState()
+    state.step = 5
+    _checkpoint(Saving(), tmp_path, state, keep=1)
+    assert (old / "model.safetensors").read_text() == "new"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000005"]
