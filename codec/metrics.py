@@ -29,7 +29,10 @@ def psnr(reference, reconstruction, data_range: float = 255.0) -> torch.Tensor:
     return 10.0 * torch.log10(data_range**2 / mse)
 
 
-def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+SSIM_MIN_SIDE = 11  # one Gaussian window
+
+
+def _gaussian_window(size: int = SSIM_MIN_SIDE, sigma: float = 1.5) -> torch.Tensor:
     coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     g = torch.exp(-coords.square() / (2 * sigma**2))
     return g / g.sum()
@@ -69,7 +72,7 @@ def _ssim_maps(a: torch.Tensor, b: torch.Tensor, data_range: float) -> tuple[tor
 def ssim(reference, reconstruction, data_range: float = 255.0) -> torch.Tensor:
     """Per-image SSIM (Wang et al. 2004; Gaussian window as scikit-image's gaussian_weights=True)."""
     a, b = _as_float_nchw(reference), _as_float_nchw(reconstruction)
-    if min(a.shape[-2:]) < 11:
+    if min(a.shape[-2:]) < SSIM_MIN_SIDE:
         raise ValueError(f"SSIM needs images of at least 11x11 pixels, got {tuple(a.shape[-2:])}")
     return _ssim_maps(a, b, data_range)[0]
 

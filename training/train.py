@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from codec.distributed import make_accelerator, shutdown
 from codec.distributions import DiagonalGaussianDistribution
 from codec.layers import preferred_memory_format
-from training.config import TrainConfig, save_config
+from training.config import TrainConfig, load_config, save_config
 from training.data import ImageDataset, open_image_source, split_train_validation
 from training.discriminator import PatchGANDiscriminator, discriminator_step_loss, generator_step_loss
 from training.export import MODEL_CONFIG
@@ -319,8 +319,6 @@ def _apply_configured_rates(scheduler, lr: float, disc_optimizer, disc_lr: float
 
 def _log_changed_settings(saved: Path, config: TrainConfig) -> None:
     """Say which settings a resumed run changes, before config.yaml is rewritten with them."""
-    from training.config import load_config
-
     try:
         before = _flat(load_config(saved))
     except Exception:  # a missing or unreadable record only loses the message

@@ -16,7 +16,8 @@ from codec.bench.fid import fid_from_features
 from codec.bench.perceptual import MIN_SIDE as LPIPS_MIN_SIDE
 from codec.bench.perceptual import NETS
 from codec.bench.runner import BenchOptions, Shard
-from codec.bench.scoring import MS_SSIM_MIN_SIDE, REFERENCE, SSIM_MIN_SIDE
+from codec.bench.scoring import MS_SSIM_MIN_SIDE, REFERENCE
+from codec.metrics import SSIM_MIN_SIDE
 
 CSV_COLUMNS = (
     "image", "model", "kind", "width", "height", "bpp", "psnr", "ssim", "ms_ssim",

@@ -16,10 +16,9 @@ from PIL import Image
 from codec.atomic import atomic_path
 from codec.bench.fid import InceptionFeatures
 from codec.bench.perceptual import LPIPSMetric
-from codec.metrics import ms_ssim, psnr, ssim
+from codec.metrics import SSIM_MIN_SIDE, ms_ssim, psnr, ssim
 
 MS_SSIM_MIN_SIDE = 176  # five scales of an 11-pixel window
-SSIM_MIN_SIDE = 11  # one 11-pixel window
 REFERENCE = "reference"  # the feature key, and folder, of the original images
 
 

@@ -55,9 +55,9 @@ def output_stems(names: list[str]) -> list[str]:
 
 def ssim_or_none(original, reconstruction) -> float | None:
     """SSIM of two uint8 images, or None under its 11-pixel window (PSNR still says how close they are)."""
-    from codec.metrics import ssim
+    from codec.metrics import SSIM_MIN_SIDE, ssim
 
-    return ssim(original, reconstruction).item() if min(original.shape[:2]) >= 11 else None
+    return ssim(original, reconstruction).item() if min(original.shape[:2]) >= SSIM_MIN_SIDE else None
 
 
 def format_ssim(value: float | None) -> str:
