@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -13,39 +16,52 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message names the file and why."""
 
 
+class Checkpoint(NamedTuple):
+    tensors: dict[str, torch.Tensor]  # those that `keep` chose, or all
+    metadata: dict[str, str]  # a safetensors header's, or a pickled checkpoint's top-level strings
+    names: list[str]  # every tensor's name in the file, read or not
+
+
 def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of a `.safetensors` file, or of a pickled `.ckpt`/`.bin`/`.pt` read with `weights_only=True`."""
-    return read_checkpoint(path)[0]
+    return read_checkpoint(path).tensors
 
 
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Its tensors, and its text metadata: a safetensors header's, or a pickled checkpoint's top-level strings."""
+def read_checkpoint(path: str | os.PathLike, keep: Callable[[str], bool] | None = None) -> Checkpoint:
+    """The tensors whose names `keep` accepts (all without it), with the file's metadata and every name in it.
+
+    Only the kept tensors are read: the VAE of a whole SDXL checkpoint is 0.17 GB of its 6.9 GB. Safetensors are
+    read tensor by tensor; pickles in torch's zip format are memory-mapped, so the rest is never paged in."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: the file is empty")
+    keep = keep or (lambda name: True)
     if is_safetensors(path):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors import SafetensorError, safe_open
 
         try:
-            from safetensors import safe_open
-
             with safe_open(str(path), framework="pt") as file:
-                metadata = dict(file.metadata() or {})
-            return load_file(str(path)), metadata
+                names = list(file.keys())
+                tensors = {name: file.get_tensor(name) for name in names if keep(name)}
+                return Checkpoint(tensors, dict(file.metadata() or {}), names)
         except (SafetensorError, OSError, ValueError) as error:
             raise CheckpointError(
                 f"{path}: not a readable safetensors file, perhaps truncated or corrupt ({error})"
             ) from None
-    data = _load_pickle(path)
+    # torch's zip format (every torch.save since 1.6) can be memory-mapped; the legacy format cannot.
+    mapped = zipfile.is_zipfile(path)
+    data = _load_pickle(path, mmap=mapped)
     metadata = {k: v for k, v in data.items() if isinstance(v, str)} if isinstance(data, dict) else {}
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]  # Lightning/LDM .ckpt files wrap the weights
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(data).__name__}")
-    return {key: value for key, value in data.items() if isinstance(value, torch.Tensor)}, metadata
+    names = [name for name, value in data.items() if isinstance(value, torch.Tensor)]
+    # Kept tensors are copied out of the memory map, so that nothing returned holds the file open.
+    tensors = {name: data[name].clone() if mapped else data[name] for name in names if keep(name)}
+    return Checkpoint(tensors, metadata, names)
 
 
 def is_safetensors(path: Path) -> bool:
@@ -72,10 +88,10 @@ _NUMPY_DATA = {
 _STAND_IN_PREFIXES = ("pytorch_lightning.", "lightning.")
 
 
-def _load_pickle(path: Path):
+def _load_pickle(path: Path, mmap: bool):
     # weights_only refuses arbitrary pickled code: a checkpoint from the internet must not run programs.
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:
         first_error = error
     try:
@@ -102,7 +118,7 @@ def _load_pickle(path: Path):
         allowed += [getattr(numpy.dtypes, n) for n in dir(numpy.dtypes) if n.endswith("DType")]
     with torch.serialization.safe_globals(allowed):
         try:
-            return torch.load(str(path), map_location="cpu", weights_only=True)
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
         except Exception as error:
             raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({error})") from None
 

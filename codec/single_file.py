@@ -85,6 +85,11 @@ def _is_vae_key(key: str) -> bool:
     return key.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))
 
 
+def _may_be_vae_key(key: str) -> bool:
+    """Whether a whole checkpoint's tensor may be its VAE's: bare or under one of PREFIXES."""
+    return _is_vae_key(key) or any(key.startswith(prefix) and _is_vae_key(key[len(prefix) :]) for prefix in PREFIXES)
+
+
 def infer_config(
     tensors: dict[str, torch.Tensor], source: str, family: str | None = None, quiet: bool = False
 ) -> AutoencoderKLConfig:
@@ -150,10 +155,10 @@ def resolve_config(
 def load_single_file(cls, path: str | os.PathLike, config=None, torch_dtype: torch.dtype | None = None):
     path = Path(path).expanduser()
     source = str(path)
-    everything, metadata = read_checkpoint(path)
-    recorded = _recorded_settings(metadata) if config is None else {}
-    family = checkpoint_family(everything) if not recorded else None
-    tensors = extract_vae_tensors(everything, source)
+    checkpoint = read_checkpoint(path, keep=_may_be_vae_key)
+    recorded = _recorded_settings(checkpoint.metadata) if config is None else {}
+    family = checkpoint_family(checkpoint.names) if not recorded else None
+    tensors = extract_vae_tensors(checkpoint.tensors, source)
     resolved = resolve_config(config, tensors, source, family, quiet=bool(recorded))
     model = cls(dataclasses.replace(resolved, **recorded))
     load_checked(model, tensors, source)

@@ -332,3 +332,41 @@ def test_a_model_with_other_than_32_groups_survives_a_single_file(suffix, tiny_c
     assert (loaded.config.norm_num_groups, loaded.config.scaling_factor) == (8, 0.377)
     with torch.no_grad():
         assert torch.equal(loaded(x).sample, model(x).sample)
+
+
+_PEAK_WHILE_LOADING = """
+import resource, sys, torch, codec
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+codec.AutoencoderKL.from_single_file(sys.argv[1])
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_only_the_vae_of_a_whole_checkpoint_is_read(suffix, single_file, ours, tmp_path, assert_same_tensors):
+    # A1111 users point at 2-7 GB model files; the VAE is a small part, and the rest must not pass through memory.
+    from codec.checkpoint import read_checkpoint
+
+    whole = {f"first_stage_model.{key}": value for key, value in load_file(single_file).items()}
+    whole["model.diffusion_model.input_blocks.0.0.weight"] = torch.ones(64, 1024, 1024)  # 256 MiB
+    whole["cond_stage_model.transformer.text_model.final_layer_norm.weight"] = torch.ones(16)
+    path = tmp_path / f"whole{suffix}"
+    if suffix == ".safetensors":
+        save_file(whole, str(path))
+    else:
+        torch.save({"state_dict": whole}, path)
+    del whole
+
+    checkpoint = read_checkpoint(path, keep=lambda name: name.startswith("first_stage_model."))
+    assert "model.diffusion_model.input_blocks.0.0.weight" in checkpoint.names
+    assert all(name.startswith("first_stage_model.") for name in checkpoint.tensors)
+    assert len(checkpoint.tensors) == len(ours.state_dict())
+    assert_same_tensors(codec.AutoencoderKL.from_single_file(path).state_dict(), ours.state_dict())
+
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", _PEAK_WHILE_LOADING, str(path)], capture_output=True, text=True, check=True
+    )
+    assert int(result.stdout.split()[-1]) < 64, f"peak rose by {result.stdout.split()[-1]} MiB while loading"
