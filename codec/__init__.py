@@ -10,7 +10,7 @@ from codec.config import PRESETS, AutoencoderKLConfig, ConfigError, preset
 from codec.distributions import DiagonalGaussianDistribution
 from codec.model import AutoencoderKL, AutoencoderKLOutput, DecoderOutput
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "PRESETS",

@@ -40,8 +40,8 @@ def tiny_model_dir(folder: Path) -> Path:
     return folder
 
 
-def build(source, out: Path, model_dir: Path, **options):
-    """build_cache with a freshly loaded model; options go to Preprocessing or Settings."""
+def build(source, out: Path, model_dir: Path, identities=model_identities, **options):
+    """build_cache with a freshly loaded model; options go to Preprocessing or Settings; `identities` names it."""
     prep_fields = {"resolution", "buckets", "bucket_step", "max_aspect", "flip", "max_pixels"}
     prep = Preprocessing(**{"resolution": 32, **{k: v for k, v in options.items() if k in prep_fields}})
     run = {k: v for k, v in options.items() if k in ("on_shard_written", "group")}
@@ -49,9 +49,7 @@ def build(source, out: Path, model_dir: Path, **options):
     settings = Settings(prep, **{"batch_size": 2, "shard_size": 3, **rest})
     vae = codec.AutoencoderKL.load(model_dir)
     source = open_source(source) if isinstance(source, (str, Path)) else source
-    return build_cache(
-        source, out, vae, model_identities(vae), settings, model_name=str(model_dir), progress=False, **run
-    )
+    return build_cache(source, out, vae, identities(vae), settings, model_name=str(model_dir), progress=False, **run)
 
 
 def read_rows(out: Path) -> list[dict]:
@@ -71,10 +69,11 @@ def cli(argv: list) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def perturbed_copy(model_dir: Path, folder: Path) -> Path:
-    """The same model with one weight nudged: another codec, as far as a cache is concerned."""
+def perturbed_copy(model_dir: Path, folder: Path, part: str = "encoder") -> Path:
+    """The same model with one weight of `part` nudged: for the encoder, another codec as far as a cache is
+    concerned; for the decoder, a decoder-only fine-tune that makes the same latents."""
     vae = codec.AutoencoderKL.load(model_dir)
     with torch.no_grad():
-        vae.encoder.conv_in.weight[0, 0, 0, 0] += 1e-3
+        getattr(vae, part).conv_in.weight[0, 0, 0, 0] += 1e-3
     vae.save_pretrained(folder)
     return folder

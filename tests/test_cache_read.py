@@ -15,6 +15,7 @@ from PIL import Image, ImageOps
 import codec
 from codec.cache.preprocess import Preprocessing, to_model_input
 from codec.cache.shards import CacheError
+from codec.cache.verify import verify_cache
 from codec.images import load_image
 
 # Tall, square and wide images, so buckets (R 32, step 16) differ: (64, 16)...(16, 64).
@@ -45,7 +46,7 @@ def test_import_codec_stays_light():
 def test_refuses_a_cache_made_with_other_weights(cache, model_dir, tmp_path):
     out, _ = cache
     other = codec.AutoencoderKL.load(perturbed_copy(model_dir, tmp_path / "other"))
-    with pytest.raises(CacheError, match=r"encoded with codec sha256:.*but the codec given is sha256:"):
+    with pytest.raises(CacheError, match=r"encoded with codec sha256-encoder:.*but the codec given is sha256-encoder:"):
         codec.LatentDataset(out, codec=other)
     with pytest.raises(CacheError, match="encoded with codec"):
         codec.LatentDataset(out, codec="sha256:0000")
@@ -54,6 +55,14 @@ def test_refuses_a_cache_made_with_other_weights(cache, model_dir, tmp_path):
     assert len(codec.LatentDataset(out, codec=identity)) == len(SIZES)
     # The same weights held in half precision by a trainer are the same codec.
     assert len(codec.LatentDataset(out, codec=codec.AutoencoderKL.load(model_dir).half())) == len(SIZES)
+
+
+def test_a_decoder_only_fine_tune_reads_the_same_cache(cache, model_dir, tmp_path):
+    # sd-vae-ft-mse is SD's VAE with only its decoder fine-tuned: it makes the same latents, bit for bit.
+    out, _ = cache
+    tuned = codec.AutoencoderKL.load(perturbed_copy(model_dir, tmp_path / "tuned", part="decoder"))
+    assert len(codec.LatentDataset(out, codec=tuned)) == len(SIZES)
+    assert verify_cache(out, tuned).ok
 
 
 def test_mean_latents_are_the_scaled_encoding_of_the_preprocessed_image(cache, model_dir):

@@ -12,6 +12,8 @@ import pytest
 from cache_testing import build, cli, image_folder, perturbed_copy, read_rows, smooth_image, tiny_model_dir
 from PIL import Image
 
+import codec
+from codec.cache import identity
 from codec.cache.shards import CacheError
 from codec.cache.verify import verify_cache
 
@@ -246,3 +248,29 @@ def test_images_smaller_than_their_bucket_are_counted_and_the_cli_warns(tmp_path
     assert "warning: 1 of 2 images were smaller" in stdout
     code, stdout, _ = cli(["cache", folder, "-o", tmp_path / "at16", *common[:2], "--resolution", 16, *common[4:]])
     assert code == 0 and "warning" not in stdout
+
+
+def _identities_before_0_2(vae) -> dict[str, str]:
+    """What model_identities recorded before 0.2: every weight, the decoder's included, hashed."""
+    state = list(vae.state_dict().items())
+    return {name: identity._hash(vae.config, state, dtype, legacy=True) for dtype, name in identity.DTYPE_NAMES.items()}
+
+
+def test_a_cache_written_before_encoder_identities_stays_valid(tmp_path, model_dir, folder):
+    out = tmp_path / "out"
+    first = build(folder, out, model_dir, identities=_identities_before_0_2)
+    recorded = json.loads((out / "manifest.json").read_text())["codec"]["identity"]
+    assert identity.is_legacy(recorded)
+    again = build(folder, out, model_dir)  # this version, the same codec: every shard stays current
+    assert (again.reused, again.written) == (first.written, 0)
+    assert json.loads((out / "manifest.json").read_text())["codec"]["identity"] == recorded
+    vae = codec.AutoencoderKL.load(model_dir)
+    assert len(codec.LatentDataset(out, codec=vae.half())) == len(SIZES)
+    assert verify_cache(out, vae).ok
+    code, stdout, _ = cli(["cache", "verify", out, "--model", model_dir])
+    assert code == 0 and "OK, 10 rows" in stdout
+    other = codec.AutoencoderKL.load(perturbed_copy(model_dir, tmp_path / "other"))
+    with pytest.raises(CacheError, match="encoded with codec sha256:"):
+        codec.LatentDataset(out, codec=other)
+    with pytest.raises(CacheError, match="codec identity"):
+        build(folder, out, tmp_path / "other")

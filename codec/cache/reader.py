@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from codec.cache.identity import identity_of
+from codec.cache.identity import identity_of, same_codec
 from codec.cache.manifest import read_manifest
 from codec.cache.shards import RESERVED_COLUMNS, CacheError, int_rows, latent_arrays
 
@@ -69,14 +69,12 @@ class LatentDataset(torch.utils.data.Dataset):
                 f"posterior must be 'sample' or 'mean', normalize 'scaling' or 'channel'; got {posterior!r}, {normalize!r}"
             )
         info = manifest["codec"]
-        if codec is not None:
-            given = identity_of(codec)
-            if given not in set(info["identities"].values()):
-                raise CacheError(
-                    f"{self.root}: encoded with codec {info['identity']} ({info['model']}), but the codec given is "
-                    f"{given}; latents of other weights would train the diffusion model on the wrong latent space. "
-                    "Cache the data again with this codec."
-                )
+        if codec is not None and not same_codec(codec, info["identities"].values()):
+            raise CacheError(
+                f"{self.root}: encoded with codec {info['identity']} ({info['model']}), but the codec given is "
+                f"{identity_of(codec)}; latents of other weights would train the diffusion model on the wrong latent space. "
+                "Cache the data again with this codec."
+            )
         # A model's config wins over the manifest: `codec stats --write-config` may have updated it since.
         config = codec.config if hasattr(codec, "config") else _Obj(info)
         self.scaling_factor = scaling_factor if scaling_factor is not None else config.scaling_factor

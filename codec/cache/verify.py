@@ -16,7 +16,7 @@ import numpy as np
 
 from codec.cache import manifest as manifests
 from codec.cache import shards
-from codec.cache.identity import identity_of
+from codec.cache.identity import identity_of, same_codec
 
 
 @dataclass
@@ -89,7 +89,7 @@ def verify_cache(root: str | Path, codec=None) -> Report:
     compat = manifest["compat"]
     if shards.compat_hash(manifest["compat_record"]) != compat:
         report.problems.append(f"{root / shards.MANIFEST}: its settings do not match their hash (edited by hand?)")
-    if codec is not None and identity_of(codec) not in set(manifest["codec"]["identities"].values()):
+    if codec is not None and not same_codec(codec, manifest["codec"]["identities"].values()):
         report.problems.append(f"{root}: made with codec {manifest['codec']['identity']}, not {identity_of(codec)}")
     listed = [root / entry["file"] for entry in manifest["shards"]]
     for extra in sorted(set((root / shards.DATA_DIR).glob("*.parquet")) - set(listed)):

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from codec.cache import manifest, shards
-from codec.cache.identity import DTYPE_NAMES
+from codec.cache.identity import DTYPE_NAMES, is_legacy, same_codec
 from codec.cache.preprocess import Prepared, Preprocessing, to_model_input
 
 log = logging.getLogger(__name__)
@@ -194,6 +194,15 @@ def _clean(out: Path, n_shards: int) -> None:
             path.unlink()
 
 
+def _identities_as_recorded(existing: dict | None, vae, identities: dict[str, str]) -> dict[str, str]:
+    """A cache written before 0.2 names its codec by the older identity (every weight hashed): a run with the same
+    codec keeps that name, so that its shards stay current rather than all being encoded again."""
+    recorded = (existing or {}).get("codec", {}).get("identities", {})
+    if recorded and all(is_legacy(i) for i in recorded.values()) and same_codec(vae, recorded.values()):
+        return dict(recorded)
+    return identities
+
+
 def build_cache(
     source,
     out: str | Path,
@@ -222,13 +231,14 @@ def build_cache(
         raise ValueError(
             f"{source.name}: column(s) {clashes} would clash with the cache's own; pick others with --columns"
         )
+    existing = manifest.read_manifest(out)
+    identities = _identities_as_recorded(existing, vae, identities)
     # The cache is named by the weights' float32 identity; the precision they ran at is recorded beside it.
     compat = shards.compat_record(
         identities["float32"], prep.to_dict(), settings.latent_dtype, DTYPE_NAMES.get(vae.dtype, str(vae.dtype)),
         settings.shard_size, source.descriptor(),
     )  # fmt: skip
     chash = shards.compat_hash(compat)
-    existing = manifest.read_manifest(out)
     if existing is not None:
         shards.check_compatible(existing.get("compat_record", {}), compat, out)  # every rank refuses alike
 

@@ -171,11 +171,10 @@ def _warn_upscaled(summary, resolution: int) -> None:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from codec.cache.identity import model_identity
     from codec.cache.verify import verify_cache
     from codec.model import AutoencoderKL
 
-    codec = model_identity(AutoencoderKL.load(args.model)) if args.model else None
+    codec = AutoencoderKL.load(args.model) if args.model else None
     report = verify_cache(args.target, codec)
     for problem in report.problems:
         print(f"problem: {problem}")
@@ -212,10 +211,10 @@ def run_stats(args: argparse.Namespace) -> int:
         if not args.json:
             _warn_upscaled(summary, args.resolution)
     if args.write_config:
-        from codec.cache.identity import model_identities
+        from codec.cache.identity import same_codec
         from codec.model import AutoencoderKL
 
-        if result["identity"] not in model_identities(AutoencoderKL.load(args.write_config)).values():
+        if not same_codec(AutoencoderKL.load(args.write_config), [result["identity"]]):
             raise ValueError(f"{args.write_config}: not the codec these latents were made with ({result['identity']})")
         result["wrote"] = str(write_config(args.write_config, result, channel_stats=args.channel_stats))
     if args.json:
