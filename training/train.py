@@ -194,6 +194,7 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
     accelerator.register_for_checkpointing(state)
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
+    disc_step = DiscriminatorStep(accelerator, disc_optimizer) if use_disc else None
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         _apply_configured_rates(scheduler.scheduler, lr, disc_optimizer, disc_lr)
@@ -258,7 +259,7 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
                     loss, logs = loss + adversarial, {**logs, **g_logs}
                 accelerator.backward(loss * 0.0 if blank else loss)
                 if accelerator.sync_gradients and opt_config.max_grad_norm:
-                    accelerator.clip_grad_norm_(trainable, opt_config.max_grad_norm)
+                    clip_autoencoder_gradients(accelerator, optimizer, trainable, opt_config.max_grad_norm)
                 optimizer.step()
                 if accelerator.sync_gradients:
                     scheduler.step()
@@ -268,9 +269,7 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
                         discriminator, pixels, reconstruction, state.step, loss_config.disc_start
                     )
                     if d_loss.requires_grad:
-                        accelerator.backward(d_loss * 0.0 if blank else d_loss)
-                        disc_optimizer.step()
-                        disc_optimizer.zero_grad(set_to_none=True)
+                        disc_step(d_loss * 0.0 if blank else d_loss)
                     logs = {**logs, **d_logs}
             if not accelerator.sync_gradients:
                 continue
@@ -303,6 +302,36 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
     if run.export and accelerator.is_main_process:
         _export(unwrapped.vae, ema, output_dir / "final")
     return output_dir
+
+
+def clip_autoencoder_gradients(accelerator, optimizer, parameters: list, max_norm: float) -> None:
+    """Clip the autoencoder's gradients, unscaling (fp16) only its optimizer's. accelerator.clip_grad_norm_
+    unscales every prepared optimizer's, and the discriminator's micro-batches accumulated so far were then
+    unscaled twice, which all but erased them."""
+    accelerator.unscale_gradients(optimizer=optimizer)
+    torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+
+class DiscriminatorStep:
+    """The discriminator's backward and optimizer step. Under fp16 it has a loss scaler of its own: sharing
+    Accelerate's one ran its update() twice per step, and an update between the discriminator's micro-batches
+    unscaled the earlier ones with a scale other than theirs (torch's amp notes: one update per scaler per step)."""
+
+    def __init__(self, accelerator, optimizer) -> None:
+        self.accelerator, self.optimizer = accelerator, optimizer
+        self.scaler = None
+        if accelerator.scaler is not None:
+            self.scaler = torch.amp.GradScaler(accelerator.device.type)
+            optimizer.scaler = self.scaler  # AcceleratedOptimizer.step steps and updates through its .scaler
+            accelerator.register_for_checkpointing(self.scaler)
+
+    def __call__(self, loss: torch.Tensor) -> None:
+        if self.scaler is None:
+            self.accelerator.backward(loss)
+        else:  # as accelerator.backward does, with this scaler
+            self.scaler.scale(loss / self.accelerator.gradient_accumulation_steps).backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
 
 def _apply_configured_rates(scheduler, lr: float, disc_optimizer, disc_lr: float | None) -> None:

@@ -132,3 +132,47 @@ def test_a_checkpoint_saved_again_at_its_step_replaces_the_old_one_only_once_com
     _checkpoint(Saving(), tmp_path, state, keep=1)
     assert (old / "model.safetensors").read_text() == "new"
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000005"]
+
+
+@pytest.mark.parametrize("growth_interval", [1, 2000])
+def test_fp16_discriminator_learns_from_every_micro_batch(growth_interval):
+    # accelerate makes no loss scaler on a CPU, so one is put in its place, as on a GPU under fp16. SGD at lr 1 on
+    # linear models: the discriminator's weights move by exactly the gradient applied, which must be the mean
+    # over both micro-batches, also when the autoencoder's scaler grows its scale at every step (growth 1).
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from training.train import DiscriminatorStep, clip_autoencoder_gradients
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        accelerator = Accelerator(mixed_precision="fp16", cpu=True, gradient_accumulation_steps=2)
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=growth_interval)
+        torch.manual_seed(0)
+        vae, disc = torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)
+        prepared = accelerator.prepare(
+            vae, torch.optim.SGD(vae.parameters(), lr=1.0), disc, torch.optim.SGD(disc.parameters(), lr=1.0)
+        )
+        vae, optimizer, disc, disc_optimizer = prepared
+        accelerator.native_amp = True  # after prepare: unscaling is live; the toy models run without autocast
+        disc_step = DiscriminatorStep(accelerator, disc_optimizer)
+        updates = []
+        accelerator.scaler.update = lambda update=accelerator.scaler.update: updates.append(update())
+        for step in range(3):
+            before = disc.weight.detach().clone()
+            inputs = [torch.full((1, 4), float(2 * step + m + 1)) for m in range(2)]
+            for x in inputs:
+                with accelerator.accumulate(vae, disc):
+                    reconstruction = vae(x)
+                    accelerator.backward(reconstruction.pow(2).mean())
+                    if accelerator.sync_gradients:
+                        clip_autoencoder_gradients(accelerator, optimizer, list(vae.parameters()), 1e9)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    disc_step(disc(reconstruction.detach() * 0 + x).sum())  # gradient w.r.t. the weight: x
+            torch.testing.assert_close(before - disc.weight.detach(), sum(inputs) / 2)
+        assert len(updates) == 3  # the autoencoder's scaler: one update per step
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
