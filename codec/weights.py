@@ -124,9 +124,11 @@ def save_pretrained(model, directory: str | os.PathLike, variant: str | None = N
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model.config.to_json(directory / CONFIG_NAME)
     state = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}
-    with atomic_path(directory / _weight_names(variant)[0]) as tmp:
+    # Both files are written in full before either replaces its old self: saving over another model, a crash or
+    # a full disk while writing leaves the old pair, never a config beside weights it does not describe.
+    with atomic_path(directory / CONFIG_NAME) as config_tmp, atomic_path(directory / _weight_names(variant)[0]) as tmp:
+        model.config.to_json(config_tmp)
         save_file(state, str(tmp), metadata={"format": "pt"})
 
 

@@ -6,6 +6,7 @@ import copy
 import json
 import random
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,6 +66,29 @@ def test_save_pretrained_round_trips_in_ours(ours, tmp_path, x, assert_same_tens
     assert_same_tensors(loaded.state_dict(), ours.state_dict())
     with torch.no_grad():
         assert torch.equal(loaded(x).sample, ours(x).sample)
+
+
+def test_saving_over_another_model_that_fails_midway_leaves_the_old_model(
+    ours, tiny_config, tmp_path, monkeypatch, assert_same_tensors
+):
+    import dataclasses
+
+    import safetensors.torch
+
+    ours.save_pretrained(tmp_path)
+    bigger = codec.AutoencoderKL(dataclasses.replace(tiny_config, latent_channels=8))
+
+    def disk_full(state, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 100)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        bigger.save_pretrained(tmp_path)
+    loaded = codec.AutoencoderKL.from_pretrained(tmp_path)
+    assert loaded.config == ours.config
+    assert_same_tensors(loaded.state_dict(), ours.state_dict())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
 
 
 def test_conv_weights_stay_channels_last_through_save_and_load(ours, tmp_path):
