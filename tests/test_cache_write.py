@@ -116,6 +116,20 @@ def test_changed_files_make_only_their_shard_stale_and_a_shrunk_source_drops_sha
     assert verify_cache(out).ok
 
 
+def test_a_rerun_clears_its_own_leftovers_but_not_another_tools_files(tmp_path, model_dir, folder):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "out"
+    build(folder, out, model_dir)
+    leftover = out / ".manifest.json.x1y2.tmp"  # a run killed while writing its manifest
+    leftover.write_text("{")
+    foreign = out / "data" / "shard-00099.parquet"
+    pq.write_table(pa.table({"a": [1]}), foreign)
+    assert build(folder, out, model_dir).written == 0
+    assert not leftover.exists() and pq.read_table(foreign).to_pylist() == [{"a": 1}]
+
+
 def _png_bomb(path: Path) -> None:
     """A tiny PNG whose header claims 30000 x 30000 pixels: opening it must refuse, not allocate 2.7 GB."""
     Image.new("RGB", (1, 1)).save(path)

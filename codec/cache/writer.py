@@ -182,6 +182,8 @@ class _ShardBuilder:
 
 def _clean(out: Path, n_shards: int) -> None:
     """Before any rank writes: drop temporary files of killed runs and shards past the end of a shrunk source."""
+    for tmp in out.glob(f".{shards.MANIFEST}.*.tmp"):
+        tmp.unlink(missing_ok=True)
     data = out / shards.DATA_DIR
     if not data.is_dir():
         return
@@ -190,6 +192,9 @@ def _clean(out: Path, n_shards: int) -> None:
     for path in data.glob("shard-*.parquet"):
         number = path.stem.removeprefix("shard-")
         if not number.isdigit() or int(number) >= n_shards:
+            if shards.read_shard_meta(path) is None:  # another tool's file, perhaps: not ours to delete
+                log.warning("%s: not a shard written by `codec cache`; left in place", path)
+                continue
             log.info("removing %s: not a shard of this plan", path)
             path.unlink()
 
