@@ -23,12 +23,23 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"training: error: {error}", file=sys.stderr)
         return 2
+    from codec.checkpoint import CheckpointError
+    from codec.config import ConfigError as ModelConfigError
+    from codec.distributed import DistributedSetupError
+    from codec.images import ImageError
+    from codec.sources import SourceError
+    from training.losses import LPIPSUnavailable
     from training.state import CheckpointConflict
     from training.train import train
 
     try:
         print(f"training: output in {train(config)}")
-    except CheckpointConflict as error:
+    except (
+        CheckpointConflict, CheckpointError, ModelConfigError, SourceError, ImageError, LPIPSUnavailable,
+        DistributedSetupError, FileNotFoundError,
+    ) as error:  # fmt: skip
+        # What a user can act on (data, weights, a model config, LPIPS' weights), said in one line; a bug in
+        # the trainer still shows its traceback.
         print(f"training: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -304,6 +304,19 @@ def apply_overrides(config: TrainConfig, overrides: Sequence[str]) -> TrainConfi
     return _build(data, sources, "config with overrides")
 
 
+# Paths in the shipped configs name files of this repository (tests/data/photos, training/configs/builtin.json,
+# data/train as scripts/prepare_training_data.py writes it): found from the repository root when the working
+# folder has no such path, so `--config tiny` runs from anywhere.
+REPOSITORY_PATHS = {("data", "train"), ("data", "validation"), ("model", "config"), ("model", "init")}
+
+
+def _from_repository_root(section: str, key: str, value):
+    if (section, key) not in REPOSITORY_PATHS or not isinstance(value, str) or Path(value).is_absolute():
+        return value
+    in_repository = SHIPPED_CONFIGS.parent.parent / value
+    return str(in_repository) if not Path(value).exists() and in_repository.exists() else value
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read a YAML config (None: start from the defaults), then apply `section.key=value` overrides in order.
 
@@ -331,6 +344,8 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Train
                 _fail(f"{path}: section {section!r} must be a mapping of key: value")
             for key, value in (values or {}).items():
                 _check_key(section, key, origin)
+                if path.resolve().parent == SHIPPED_CONFIGS.resolve():
+                    value = _from_repository_root(section, key, value)
                 data.setdefault(section, {})[key] = value
                 sources[(section, key)] = origin
     _merge_overrides(data, sources, overrides)

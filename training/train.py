@@ -109,7 +109,7 @@ def train(config: TrainConfig, lpips_pretrained: bool = True) -> Path:
     accelerator = make_accelerator(
         gradient_accumulation_steps=run.gradient_accumulation_steps,
         mixed_precision=run.mixed_precision,
-        log_with=run.log_with,
+        log_with=_available_tracker(run.log_with),
         project_dir=str(output_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         # The schedule counts optimizer steps (run.max_steps); a prepared scheduler would otherwise step once per
@@ -130,6 +130,8 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
     if accelerator.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     resume_from = resolve_resume(run.resume, output_dir)  # first: a refused run must not touch the folder
+    if run.resume is True and resume_from is None and accelerator.is_main_process:
+        log.warning("run.resume: no checkpoint in %s yet, so this is a new run from step 0", output_dir / "checkpoints")
     if resume_from is not None and accelerator.is_main_process:
         _log_changed_settings(output_dir / "config.yaml", config)
     if accelerator.is_main_process:
@@ -199,7 +201,7 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
         accelerator.load_state(str(resume_from))
         _apply_configured_rates(scheduler.scheduler, lr, disc_optimizer, disc_lr)
         log.info("resumed from %s at step %d", resume_from, state.step)
-    if run.log_with:
+    if _available_tracker(run.log_with):
         accelerator.init_trackers("latent-codec", config={"resolution": resolution, "lr": lr, **_flat(config)})
 
     unwrapped = accelerator.unwrap_model(model)
@@ -302,6 +304,20 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
     if run.export and accelerator.is_main_process:
         _export(unwrapped.vae, ema, output_dir / "final")
     return output_dir
+
+
+def _available_tracker(name: str | None) -> str | None:
+    """The tracker, if its package is installed; accelerate alone only says "no supported trackers"."""
+    import importlib.util
+
+    package = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}.get(str(name))
+    if name and package and importlib.util.find_spec(package) is None:
+        log.warning(
+            "run.log_with=%s, but %s is not installed (pip install %s): metrics go to the console and "
+            "validation.log only", name, package, package,
+        )  # fmt: skip
+        return None
+    return name
 
 
 def clip_autoencoder_gradients(accelerator, optimizer, parameters: list, max_norm: float) -> None:

@@ -1,6 +1,6 @@
 """Reading a latent cache for diffusion training: `LatentDataset` and a bucket-aware `BucketBatchSampler`.
 
-    dataset = LatentDataset("cache/", codec=vae)            # or codec="sha256:..." (manifest's codec.identity)
+    dataset = LatentDataset("cache/", codec=vae)            # or codec="sha256-encoder:..." (manifest codec.identity)
     sampler = BucketBatchSampler(dataset, batch_size=32, seed=0)  # rank and world from torch.distributed
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=LatentDataset.collate, num_workers=4)
     for epoch in range(epochs):

@@ -303,3 +303,25 @@ def test_round_trip_keeps_awkward_values(tmp_path):
     assert (config.data.train, config.data.validation, config.run.resume) == ("1e5", "null", "true")
     save_config(config, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == config
+
+
+def test_shipped_configs_find_repository_paths_from_any_folder(tmp_path, monkeypatch):
+    repository = SHIPPED_CONFIGS.parent.parent
+    monkeypatch.chdir(tmp_path)
+    assert load_config("tiny").data.train == str(repository / "tests" / "data" / "photos")
+    assert load_config("builtin").model.config == str(repository / "training" / "configs" / "builtin.json")
+    assert load_config("tiny").run.output_dir == "runs/tiny"  # outputs stay where the user is
+    (tmp_path / "tests" / "data" / "photos").mkdir(parents=True)  # a path that exists here wins
+    assert load_config("tiny").data.train == "tests/data/photos"
+    own = tmp_path / "mine.yaml"  # the user's own config: relative to the working folder, as written
+    own.write_text("model:\n  config: training/configs/builtin.json\ndata:\n  train: photos\n")
+    assert (load_config(own).model.config, load_config(own).data.train) == ("training/configs/builtin.json", "photos")
+
+
+def test_the_command_line_says_what_is_wrong_with_the_data_in_one_line(tmp_path, capsys):
+    from training.__main__ import main
+
+    code = main(["--config", "tiny", f"data.train={tmp_path / 'missing'}", f"run.output_dir={tmp_path / 'run'}"])
+    error = capsys.readouterr().err
+    assert code == 2 and error.startswith("training: error: ") and "missing" in error
+    assert "Traceback" not in error

@@ -176,3 +176,16 @@ def test_fp16_discriminator_learns_from_every_micro_batch(growth_interval):
     finally:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
+
+
+def test_resume_without_a_checkpoint_and_a_missing_tracker_are_said(tmp_path, caplog, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real_find_spec(name, *a)
+    )
+    with caplog.at_level("WARNING", logger="training"):
+        run_training(tmp_path / "run", *FAST, "run.max_steps=1", "run.resume=true", "run.log_with=tensorboard")
+    assert "no checkpoint in" in caplog.text and "new run from step 0" in caplog.text
+    assert "tensorboard is not installed (pip install tensorboard)" in caplog.text
