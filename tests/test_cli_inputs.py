@@ -7,6 +7,7 @@ import csv
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from codec.cli import main
@@ -72,4 +73,37 @@ def test_encode_checks_every_input_and_its_output_before_encoding(clashing, tmp_
     assert "one: is a folder, not an image file" in capsys.readouterr().err
     assert main(["decode", str(clashing[0]), "-o", str(tmp_path / "d"), *model]) == 2  # a PNG is not latents
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "a.png" in err
+    assert len(err.strip().splitlines()) == 1 and "a.png: not a latents file written by `codec encode`" in err
+    assert "weights_only" not in err  # torch's advice on unsafe loading is no help here
+    assert main(["encode", str(clashing[0]), "-o", str(tmp_path / "z.png"), *model]) == 2
+    assert "name the file -o NAME.safetensors" in capsys.readouterr().err
+
+
+def test_decode_uses_the_model_the_file_records_and_refuses_latents_of_another_shape(clashing, tmp_path, capsys):
+    import dataclasses
+
+    import codec
+
+    tiny = codec.AutoencoderKL.load("preset:tiny")
+    folder = tmp_path / "mine"
+    with torch.no_grad():
+        tiny.decoder.conv_out.bias += 0.5  # not the builtin, nor the preset: only this folder decodes it rightly
+    tiny.save_pretrained(folder)
+    latents = tmp_path / "z.safetensors"
+    assert main(["encode", str(clashing[0]), "-o", str(latents), "--model", str(folder), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["decode", str(latents), "-o", str(tmp_path / "recorded"), "--device", "cpu"]) == 0
+    assert f"decoding with {folder}, the model that encoded" in capsys.readouterr().out
+    assert main(["decode", str(latents), "-o", str(tmp_path / "named"), "--model", str(folder)]) == 0
+    recorded, named = (np.asarray(Image.open(tmp_path / d / "a.png")) for d in ("recorded", "named"))
+    assert np.array_equal(recorded, named)
+
+    wide = tmp_path / "wide"
+    codec.AutoencoderKL(dataclasses.replace(tiny.config, latent_channels=16, use_quant_conv=False)).save_pretrained(
+        wide
+    )
+    assert main(["decode", str(latents), "-o", str(tmp_path / "w"), "--model", str(wide), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"latents of 4 channels (encoded with {folder}), but {wide} decodes 16" in err
+    assert main(["decode", str(latents), "-o", str(latents), "--model", str(folder)]) == 2
+    assert "is a file; -o takes the folder" in capsys.readouterr().err

@@ -31,7 +31,8 @@ def add_parsers(subparsers) -> None:
     parser.add_argument("latents", type=Path)
     parser.add_argument("-o", "--output", type=Path, required=True, help="folder for the PNGs")
     add_model_options(parser)
-    parser.set_defaults(run=run_decode)
+    # Left out, --model is the one the file records (`codec encode` writes it), else builtin.
+    parser.set_defaults(run=run_decode, model=None)
 
 
 @torch.no_grad()
@@ -41,6 +42,8 @@ def run_encode(args: argparse.Namespace) -> int:
     # Before any work: a bad path late in a long list, or an output that cannot be written, would waste it all.
     if args.output.is_dir():
         raise ValueError(f"{args.output}: is a folder; -o takes the .safetensors file to write")
+    if args.output.suffix.lower() != ".safetensors":
+        raise ValueError(f"{args.output}: latents are written as safetensors; name the file -o NAME.safetensors")
     unusable = [
         f"{path} ({'a folder' if path.is_dir() else 'no such file'})" for path in args.images if not path.is_file()
     ]
@@ -74,8 +77,10 @@ def run_encode(args: argparse.Namespace) -> int:
 def read_latents_file(path: Path) -> tuple[list[torch.Tensor], dict]:
     from safetensors import safe_open
 
-    from codec.checkpoint import read_tensors
+    from codec.checkpoint import is_safetensors, read_tensors
 
+    if path.is_file() and not is_safetensors(path):
+        raise ValueError(f"{path}: not a latents file written by `codec encode` (not a safetensors file)")
     tensors = read_tensors(path)
     with safe_open(str(path), "pt") as handle:
         metadata = handle.metadata() or {}
@@ -87,16 +92,44 @@ def read_latents_file(path: Path) -> tuple[list[torch.Tensor], dict]:
             "shift_factor": float(metadata["shift_factor"]),
             "sources": json.loads(metadata["sources"]),
             "sizes": json.loads(metadata["sizes"]),
+            "model": metadata.get("model"),
         }
     except (KeyError, ValueError) as error:
         raise ValueError(f"{path}: not a latents file written by `codec encode` (missing {error})") from None
     return latents, info
 
 
+def _decoding_model(given: str | None, recorded: str | None, source: Path) -> str:
+    """--model if given (with a word where it is not the model that encoded the file), else the recorded one."""
+    from codec.weights import check_spec
+
+    if given is not None:
+        if recorded is not None and recorded != given:
+            print(f"note: {source} was encoded with {recorded}; decoding with {given} as asked")
+        return given
+    if recorded is None:
+        return "builtin"
+    try:
+        check_spec(recorded)
+    except ValueError:
+        raise ValueError(f"{source}: encoded with {recorded}, which is not found here; name it with --model") from None
+    print(f"decoding with {recorded}, the model that encoded {source}")
+    return recorded
+
+
 @torch.no_grad()
 def run_decode(args: argparse.Namespace) -> int:
+    if args.output.exists() and not args.output.is_dir():
+        raise ValueError(f"{args.output}: is a file; -o takes the folder to write the PNGs in")
     latents, info = read_latents_file(args.latents)
+    args.model = _decoding_model(args.model, info["model"], args.latents)
     vae = load_model(args)
+    channels = sorted({int(latent.shape[0]) for latent in latents})
+    if channels != [vae.config.latent_channels]:
+        raise ValueError(
+            f"{args.latents}: latents of {'/'.join(map(str, channels))} channels (encoded with {info['model']}), "
+            f"but {args.model} decodes {vae.config.latent_channels}; pass the model that encoded them with --model"
+        )
     if (info["scaling_factor"], info["shift_factor"]) != (vae.config.scaling_factor, vae.config.shift_factor or 0.0):
         print(
             f"warning: {args.latents} was scaled with scaling {info['scaling_factor']} and shift "
