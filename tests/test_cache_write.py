@@ -260,6 +260,9 @@ def test_images_smaller_than_their_bucket_are_counted_and_the_cli_warns(tmp_path
     code, stdout, stderr = cli(["stats", folder, *common])
     assert code == 0, stderr
     assert "warning: 1 of 2 images were smaller" in stdout
+    code, stdout, stderr = cli(["stats", tmp_path / "out"])  # the cache itself, as --write-config reads it
+    assert code == 0, stderr
+    assert "warning: 1 of 2 images were smaller than their bucket (about 32x32)" in stdout
     code, stdout, _ = cli(["cache", folder, "-o", tmp_path / "at16", *common[:2], "--resolution", 16, *common[4:]])
     assert code == 0 and "warning" not in stdout
 

@@ -85,7 +85,10 @@ def cache_stats(root: str | Path, posterior: str = "sample") -> dict:
             span = slice(offsets[row], offsets[row + 1])
             stats.add(means[span].reshape(shape), logvars[span].reshape(shape) if posterior == "sample" else None)
     result = stats.result()
-    result.update(posterior=posterior, cache=str(root), identity=manifest["codec"]["identity"])
+    # Enlarged images blur the statistics: their count is in the shards' footers (0 for shards that predate it).
+    upscaled = sum((shards.read_shard_meta(root / e["file"]) or {}).get("upscaled", 0) for e in manifest["shards"])
+    result.update(posterior=posterior, cache=str(root), identity=manifest["codec"]["identity"], upscaled=upscaled)
+    result.update(rows=manifest["counts"]["rows"], resolution=manifest["preprocessing"].get("resolution"))
     return result
 
 

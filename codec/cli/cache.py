@@ -158,14 +158,14 @@ def run_cache(args: argparse.Namespace) -> int:
         )
         if summary.skipped:
             print(f"skipped {summary.skipped} unreadable images; reasons in {args.output / 'skipped.jsonl'}")
-        _warn_upscaled(summary, args.resolution)
+        _warn_upscaled(summary.upscaled, summary.rows, args.resolution)
     return 0
 
 
-def _warn_upscaled(summary, resolution: int) -> None:
-    if summary.upscaled:
+def _warn_upscaled(upscaled: int, rows: int, resolution: int) -> None:
+    if upscaled:
         print(
-            f"warning: {summary.upscaled} of {summary.rows} images were smaller than their bucket (about "
+            f"warning: {upscaled} of {rows} images were smaller than their bucket (about "
             f"{resolution}x{resolution}) and were enlarged to fill it: is --resolution right for this data?"
         )
 
@@ -194,6 +194,8 @@ def run_stats(args: argparse.Namespace) -> int:
     root = Path(args.source)
     if (root / "manifest.json").is_file():
         result = cache_stats(root, args.posterior)
+        if not args.json:
+            _warn_upscaled(result["upscaled"], result["rows"], result["resolution"])
     else:
         from codec.cache.sources import SampleSource, open_source
         from codec.cache.writer import build_cache
@@ -209,7 +211,7 @@ def run_stats(args: argparse.Namespace) -> int:
             result = cache_stats(tmp, args.posterior)
         result.update(cache=None, source=str(args.source), skipped=summary.skipped, upscaled=summary.upscaled)
         if not args.json:
-            _warn_upscaled(summary, args.resolution)
+            _warn_upscaled(summary.upscaled, summary.rows, args.resolution)
     if args.write_config:
         from codec.cache.identity import same_codec
         from codec.model import AutoencoderKL
