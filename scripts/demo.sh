@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up .venv if needed, then run `codec demo` (embedded model, bundled sample photos) into out/demo.
+# Runs from any folder: relative paths given to it (-o, images) are taken from where it is called.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-scripts/setup.sh
-.venv/bin/codec demo "$@"
+root="$(cd "$(dirname "$0")/.." && pwd)"
+(cd "$root" && scripts/setup.sh)
+"$root/.venv/bin/codec" demo "$@"

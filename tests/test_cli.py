@@ -213,6 +213,15 @@ def test_convert_folder_to_file_and_back(tmp_path, model_dir, assert_same_tensor
     converted = load_file(str(back / "diffusion_pytorch_model.safetensors"))
     assert_same_tensors(original, converted)
     assert json.loads((back / "config.json").read_text()) == json.loads((model_dir / "config.json").read_text())
+    code, _, stderr = _run(["convert", model_dir, tmp_path / "vae.pt"])  # torch's other suffixes: a single file
+    assert code == 0 and (tmp_path / "vae.pt").is_file(), stderr
+
+
+def test_convert_refuses_what_it_would_do_wrong(tmp_path, model_dir):
+    code, _, stderr = _run(["convert", model_dir, tmp_path / "vae.bin"])  # would have become a folder so named
+    assert code == 2 and "vae.bin: .bin is not a format written here" in stderr and not (tmp_path / "vae.bin").exists()
+    code, _, stderr = _run(["convert", model_dir, tmp_path / "out", "--config", "sdxl"])  # would have been ignored
+    assert code == 2 and "--config sdxl: only for a single-file source" in stderr and not (tmp_path / "out").exists()
 
 
 def test_info_json(model_dir, capsys):

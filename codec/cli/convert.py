@@ -7,26 +7,40 @@ from pathlib import Path
 
 from codec.cli.common import DTYPES
 
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+# Names that look like weights but that no tool loads from us as a single file: a folder so named would mislead.
+REFUSED_SUFFIXES = (".bin", ".sft", ".safetensor", ".pkl", ".json")
+
 
 def add_parsers(subparsers) -> None:
     parser = subparsers.add_parser("convert", help="diffusers folder <-> single .safetensors/.ckpt file")
     parser.add_argument("source", help="diffusers folder, hub id, or single file")
     parser.add_argument("destination", type=Path, help="a .safetensors/.ckpt path, or a folder")
     parser.add_argument("--config", help="for a single-file source: preset name (sd, sdxl, flux, sd3) or config.json")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="store the weights in this precision")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="store the weights in this precision (default: fp32)"
+    )
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from codec.model import AutoencoderKL
 
-    source = Path(args.source)
+    source = Path(args.source).expanduser()
     dtype = DTYPES[args.dtype] if args.dtype else None
+    suffix = args.destination.suffix.lower()
+    if suffix in REFUSED_SUFFIXES:
+        raise ValueError(
+            f"{args.destination}: {suffix} is not a format written here; name a .safetensors or .ckpt file, or a "
+            "folder (a diffusers model)"
+        )
+    if args.config is not None and not source.is_file():
+        raise ValueError(f"--config {args.config}: only for a single-file source; {args.source} brings its own config")
     if source.is_file():
         vae = AutoencoderKL.from_single_file(source, config=args.config, torch_dtype=dtype)
     else:
         vae = AutoencoderKL.load(args.source, torch_dtype=dtype)
-    if args.destination.suffix in (".safetensors", ".ckpt"):
+    if suffix in SINGLE_FILE_SUFFIXES:
         vae.save_single_file(args.destination)
     else:
         vae.save_pretrained(args.destination)
