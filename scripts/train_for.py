@@ -88,7 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, required=True, help="wall-clock budget for the whole script")
     parser.add_argument("--config", required=True, help="YAML file or shipped name, as for `python -m training`")
     parser.add_argument("overrides", nargs="*", help="section.key=value, as for `python -m training`")
-    parser.add_argument("--trial-steps", type=int, nargs=2, default=(5, 25), metavar=("SHORT", "LONG"))
+    parser.add_argument(
+        "--trial-steps",
+        type=int,
+        nargs=2,
+        default=(5, 25),
+        metavar=("SHORT", "LONG"),
+        help="two timing runs of this many steps; their difference gives the time per step (default 5 25)",
+    )
     parser.add_argument("--margin", type=float, default=0.1, help="fraction of the budget kept in hand")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

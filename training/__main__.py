@@ -6,12 +6,14 @@ import argparse
 import logging
 import sys
 
-from training.config import ConfigError, load_config
+from training.config import ConfigError, load_config, shipped_config_names
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="training", description="Train or fine-tune an AutoencoderKL.")
-    parser.add_argument("--config", required=True, help="YAML file, or a shipped name: tiny, train-kl-f8, ...")
+    parser.add_argument(
+        "--config", required=True, help=f"YAML file, or a shipped config's name: {', '.join(shipped_config_names())}"
+    )
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. run.max_steps=100 loss.kl_weight=0")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint (run.resume=true)")
     args = parser.parse_args(argv)

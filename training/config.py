@@ -317,6 +317,11 @@ def _from_repository_root(section: str, key: str, value):
     return str(in_repository) if not Path(value).exists() and in_repository.exists() else value
 
 
+def shipped_config_names() -> list[str]:
+    """The configs `--config NAME` finds in training/configs/."""
+    return sorted(path.stem for path in SHIPPED_CONFIGS.glob("*.yaml"))
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read a YAML config (None: start from the defaults), then apply `section.key=value` overrides in order.
 
@@ -333,7 +338,8 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Train
         try:
             loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}
         except OSError as error:
-            _fail(f"{path}: cannot read the config: {error.strerror or error}")
+            shipped = "" if path.suffix else f" (shipped configs: {', '.join(shipped_config_names())})"
+            _fail(f"{path}: cannot read the config: {error.strerror or error}{shipped}")
         except (yaml.YAMLError, UnicodeDecodeError) as error:
             _fail(f"{path}: not valid YAML: {error}")
         if not isinstance(loaded, dict):

@@ -38,19 +38,27 @@ def add_parsers(subparsers) -> None:
         "--data", required=True, help="folder, image, .txt list, .parquet, save_to_disk folder or hub dataset"
     )
     parser.add_argument("-o", "--output", type=Path, required=True, help="folder for the outputs")
-    parser.add_argument("--protocol", choices=PROTOCOLS, default="crop256", help="crop256 (model cards) or full")
+    parser.add_argument(
+        "--protocol", choices=PROTOCOLS, default="crop256", help="crop256 (model cards; the default) or full"
+    )
     parser.add_argument("--limit", type=int, default=None, help="only the first N images of the source")
     parser.add_argument("--latent-precision", choices=PRECISIONS, default="fp16", help="latent storage (default fp16)")
     parser.add_argument(
         "--classic",
         default=",".join(CLASSIC),
-        help=f"classic codecs at the models' rate, comma-separated ({','.join(CLASSIC)}; 'none' for none)",
+        help=f"classic codecs at the models' rate, comma-separated (default {','.join(CLASSIC)}; 'none' for none)",
     )
-    parser.add_argument("--batch-size", type=int, default=8, help="images per encode/decode call (same-size ones)")
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="images per encode/decode call (same-size ones; default 8)"
+    )
     parser.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
     parser.add_argument("--no-fid", action="store_true", help="skip rFID")
-    parser.add_argument("--grid-images", type=int, default=2, help="how many best and worst images get a grid")
-    parser.add_argument("--split", default="validation", help="dataset split for `datasets` sources")
+    parser.add_argument(
+        "--grid-images", type=int, default=2, help="how many best and worst images get a grid (default 2)"
+    )
+    parser.add_argument(
+        "--split", default="validation", help="dataset split for `datasets` sources (default validation)"
+    )
     parser.add_argument("--image-column", default="image", help="image column for `datasets` sources")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="VAE inference precision")

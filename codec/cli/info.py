@@ -10,7 +10,14 @@ from codec.cli.common import add_model_options, load_model
 
 def add_parsers(subparsers) -> None:
     parser = subparsers.add_parser("info", help="config, parameter counts and latent shape of a model")
-    parser.add_argument("--size", type=positive_int, nargs=2, default=(512, 512), metavar=("HEIGHT", "WIDTH"))
+    parser.add_argument(
+        "--size",
+        type=positive_int,
+        nargs=2,
+        default=(512, 512),
+        metavar=("HEIGHT", "WIDTH"),
+        help="image size for the latent shape and compression ratio (default 512 512)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     add_model_options(parser)
     parser.set_defaults(run=run)

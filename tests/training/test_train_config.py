@@ -276,6 +276,10 @@ def test_malformed_yaml(tmp_path, text):
 def test_missing_file():
     with pytest.raises(ConfigError, match=r"no-such\.yaml: cannot read"):
         load_config("no-such.yaml")
+    with pytest.raises(
+        ConfigError, match=r"tinny: cannot read the config.*shipped configs: .*finetune-sd-decoder, tiny"
+    ):
+        load_config("tinny")  # a mistyped name: the names that exist
 
 
 @pytest.mark.parametrize("name", SHIPPED)
