@@ -33,6 +33,10 @@ def read_checkpoint(path: str | os.PathLike, keep: Callable[[str], bool] | None 
     Only the kept tensors are read: the VAE of a whole SDXL checkpoint is 0.17 GB of its 6.9 GB. Safetensors are
     read tensor by tensor; pickles in torch's zip format are memory-mapped, so the rest is never paged in."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise CheckpointError(
+            f"{path}: is a folder; this reads one .safetensors/.ckpt file (a diffusers folder loads with from_pretrained)"
+        )
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     if path.stat().st_size == 0:

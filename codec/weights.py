@@ -152,7 +152,13 @@ def check_spec(spec: str | os.PathLike) -> None:
         or path.suffix.lower() in (SINGLE_FILE_SUFFIXES)
     )
     if looks_local or not HUB_ID.fullmatch(text):
-        raise CheckpointError(f"{text}: no such folder or file, and not a hub id of the form owner/name")
+        import difflib
+
+        if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+            raise CheckpointError(f"{text}: no such file")
+        close = difflib.get_close_matches(text, ["builtin", *(f"preset:{name}" for name in PRESETS)], n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise CheckpointError(f"{text}: no such folder or file, and not a hub id of the form owner/name{hint}")
 
 
 def load_any(cls, spec: str | os.PathLike, torch_dtype: torch.dtype | None = None):
@@ -176,4 +182,5 @@ def load_any(cls, spec: str | os.PathLike, torch_dtype: torch.dtype | None = Non
         if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
             raise CheckpointError(f"{path}: not a checkpoint; expected one of {', '.join(SINGLE_FILE_SUFFIXES)}")
         return cls.from_single_file(path, torch_dtype=torch_dtype)
+    check_spec(spec)  # what cannot be found here nor on the hub, said as for any --model
     return load_pretrained(cls, text, torch_dtype=torch_dtype)

@@ -358,3 +358,12 @@ def test_load_dispatches_folders_and_files(diffusers_folder, diffusers_vae, tmp_
     assert_same_tensors(codec.AutoencoderKL.load(single).state_dict(), diffusers_vae.state_dict())
     with pytest.raises(CheckpointError, match="from_single_file"):
         codec.AutoencoderKL.from_pretrained(single)
+
+
+def test_a_model_that_is_nowhere_is_named_with_what_was_meant(tmp_path):
+    with pytest.raises(CheckpointError, match=r"bultin: no such folder or file.*\(did you mean builtin\?\)"):
+        codec.AutoencoderKL.load("bultin")
+    with pytest.raises(CheckpointError, match=r"vae\.ckpt: no such file$"):
+        codec.AutoencoderKL.load(str(tmp_path / "vae.ckpt"))
+    with pytest.raises(CheckpointError, match=r"is a folder; this reads one \.safetensors/\.ckpt file"):
+        codec.AutoencoderKL.from_single_file(tmp_path)
