@@ -166,6 +166,17 @@ def test_uint8_latents_are_quantised_before_decoding(tmp_path, model_dir, data_d
     assert np.array_equal(saved, expected)
 
 
+def test_a_rerun_into_the_same_folder_replaces_the_earlier_benchmark(tmp_path, model_dir, data_dir):
+    output = tmp_path / "out"
+    common = ["--data", str(data_dir), "--limit", "1", "--classic", "none", "--no-fid", "--no-lpips", "-o", str(output)]
+    assert main(["bench", "--model", str(model_dir), *common]) == 0
+    (output / "notes.txt").write_text("mine")
+    assert (output / "reconstructions" / model_dir.name).is_dir()
+    assert main(["bench", "--model", "bicubic", *common]) == 0
+    assert sorted(p.name for p in (output / "reconstructions").iterdir()) == ["bicubic"]
+    assert (output / "notes.txt").read_text() == "mine"  # not the benchmark's: left alone
+
+
 def test_errors_are_reported_plainly(tmp_path, data_dir, capsys):
     assert main(["bench", "--model", str(tmp_path / "nope"), "--data", str(data_dir), "-o", str(tmp_path / "o")]) == 2
     assert "nope" in capsys.readouterr().err

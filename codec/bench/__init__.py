@@ -53,6 +53,9 @@ def bench(options: BenchOptions, device: torch.device | None = None) -> dict | N
 def _bench(options: BenchOptions, group: Group, device: torch.device) -> dict | None:
     from codec.bench import grids, plots, report
 
+    if group.rank == 0:
+        _clear_previous_benchmark(options.output)
+    group.barrier()  # no rank writes a reconstruction before the old ones are gone
     options.output.mkdir(parents=True, exist_ok=True)
     shards = run_and_gather(options, group, device, quiet=group.rank != 0)
     if group.rank != 0:
@@ -63,3 +66,23 @@ def _bench(options: BenchOptions, group: Group, device: torch.device) -> dict | 
     report.write(summary, options.output)
     log.info("wrote %s", options.output)
     return summary
+
+
+# What a benchmark writes into its output folder; nothing else there is touched.
+BENCH_OUTPUTS = ("reference", "reconstructions", "grids", "plots", "summary.json", "summary.md", "per_image.csv")
+
+
+def _clear_previous_benchmark(output) -> None:
+    """A rerun into the same folder replaces the earlier benchmark: its reconstructions and grids of models not in
+    this run would otherwise sit beside the new ones as if they belonged to it."""
+    import shutil
+
+    if not (output / "summary.json").is_file():
+        return
+    log.info("%s: replacing the benchmark written there before", output)
+    for name in BENCH_OUTPUTS:
+        path = output / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
