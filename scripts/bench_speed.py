@@ -393,17 +393,21 @@ def main(argv: list[str] | None = None) -> int:
 
     # A CPU without native bf16 emulates it: a 2048^2 bf16 matmul took minutes on an AVX2-only EPYC.
     size = 256 if args.quick else 2048
-    peaks = {name: matmul_peak(DTYPES[name], device, n=size) for name in {*args.dtypes, *args.compile_dtypes}}
-    print("matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()), flush=True)
     emulated = [name for name in args.dtypes if precision.emulated_on_cpu(DTYPES[name], device)]
+    measured = {*args.dtypes, *args.compile_dtypes, *(["fp32"] if emulated else [])}
+    peaks = {name: matmul_peak(DTYPES[name], device, n=size) for name in sorted(measured)}
+    print("matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()), flush=True)
+    # Ours runs an emulated dtype in fp32, so fp32's peak is the one its GFLOP/s are a share of.
+    shares_of = {name: peaks["fp32"] if name in emulated else value for name, value in peaks.items()}
     bf16_note = (
         f" This CPU would emulate {' and '.join(emulated)}: there ours computes with an fp32 copy of the model "
-        "(codec.precision) and returns the dtype asked for, diffusers emulates."
+        "(codec.precision) and returns the dtype asked for, diffusers emulates; ours' share of the matmul peak "
+        "is then of fp32's."
         if emulated
         else ""
     )
     ours, theirs = build_pair(args.config, 0, device)
-    speed = speed_rows(ours, theirs, args, device, peaks)
+    speed = speed_rows(ours, theirs, args, device, shares_of)
     tiled = tiled_rows(ours, theirs, args.tiled_sizes, args.tile, args.tiled_repeats, device)
     del ours, theirs
     quality = quality_rows(photos, args.tile, device, args.out, args.quality_size)
