@@ -77,6 +77,10 @@ def test_encode_checks_every_input_and_its_output_before_encoding(clashing, tmp_
     assert "weights_only" not in err  # torch's advice on unsafe loading is no help here
     assert main(["encode", str(clashing[0]), "-o", str(tmp_path / "z.png"), *model]) == 2
     assert "name the file -o NAME.safetensors" in capsys.readouterr().err
+    assert main(["encode", str(clashing[0]), "-o", str(tmp_path / "z.safetensors"), "--seed", "3", *model]) == 2
+    assert "--seed seeds --sample" in capsys.readouterr().err
+    assert main(["stats", str(tmp_path / "one"), "--channel-stats", *model]) == 2
+    assert "--channel-stats says what --write-config DIR writes" in capsys.readouterr().err
 
 
 def test_decode_uses_the_model_the_file_records_and_refuses_latents_of_another_shape(clashing, tmp_path, capsys):

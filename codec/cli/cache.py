@@ -191,6 +191,8 @@ def run_verify(args: argparse.Namespace) -> int:
 def run_stats(args: argparse.Namespace) -> int:
     from codec.cache.stats import cache_stats, write_config
 
+    if args.channel_stats and not args.write_config:
+        raise ValueError("--channel-stats says what --write-config DIR writes; give both")
     root = Path(args.source)
     if (root / "manifest.json").is_file():
         result = cache_stats(root, args.posterior)

@@ -23,7 +23,7 @@ def add_parsers(subparsers) -> None:
     parser.add_argument("images", nargs="+", type=Path)
     parser.add_argument("-o", "--output", type=Path, required=True, help="latents .safetensors file to write")
     parser.add_argument("--sample", action="store_true", help="sample the posterior instead of taking its mean")
-    parser.add_argument("--seed", type=int, default=0, help="seed for --sample")
+    parser.add_argument("--seed", type=int, default=None, help="seed for --sample (default 0)")
     add_model_options(parser)
     parser.set_defaults(run=run_encode)
 
@@ -42,6 +42,8 @@ def run_encode(args: argparse.Namespace) -> int:
     # Before any work: a bad path late in a long list, or an output that cannot be written, would waste it all.
     if args.output.is_dir():
         raise ValueError(f"{args.output}: is a folder; -o takes the .safetensors file to write")
+    if args.seed is not None and not args.sample:
+        raise ValueError("--seed seeds --sample; without it the posterior's mean is taken and there is nothing to seed")
     if args.output.suffix.lower() != ".safetensors":
         raise ValueError(f"{args.output}: latents are written as safetensors; name the file -o NAME.safetensors")
     unusable = [
@@ -51,7 +53,7 @@ def run_encode(args: argparse.Namespace) -> int:
         more = f" and {len(unusable) - 5} more" if len(unusable) > 5 else ""
         raise ValueError(f"cannot read {len(unusable)} input(s): {', '.join(unusable[:5])}{more}")
     vae = load_model(args)
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed or 0)
     tensors, sources, sizes = {}, [], []
     for index, path in enumerate(tqdm(args.images, desc="encode", unit="img", disable=len(args.images) < 2)):
         x = image_to_tensor(path)
