@@ -84,17 +84,25 @@ def generator_adversarial_loss(logits_fake: torch.Tensor) -> torch.Tensor:
 
 
 def adaptive_weight(
-    nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4
+    nll_loss: torch.Tensor,
+    g_loss: torch.Tensor,
+    last_layer: torch.Tensor,
+    max_weight: float = 1e4,
+    loss_scale: float = 1.0,
 ) -> torch.Tensor:
     """LDM's balance: ||d nll / d last_layer|| / (||d g_loss / d last_layer|| + 1e-4), clamped to [0, max_weight].
 
     Scales the adversarial gradient to the reconstruction gradient's size at the decoder's last layer. Detached;
     `retain_graph=True` leaves both graphs for the trainer's backward (at the price of two extra partial backward
-    passes through the decoder's head).
+    passes through the decoder's head). Under fp16 autocast the gradients flowing back through the head are fp16,
+    and a mean over millions of pixels gives each pixel one too small for it (1/N under 6e-8 is 0): both losses
+    are multiplied by `loss_scale` (the GradScaler's scale) first, and the ratio taken in the same units. A
+    non-finite result (the scale overflowed, as the GradScaler will also find) counts as 0 for the step.
     """
-    nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
-    g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    weight = torch.norm(nll_grads.float()) / (torch.norm(g_grads.float()) + 1e-4)
+    nll_grads = torch.autograd.grad(nll_loss * loss_scale, last_layer, retain_graph=True)[0]
+    g_grads = torch.autograd.grad(g_loss * loss_scale, last_layer, retain_graph=True)[0]
+    weight = torch.norm(nll_grads.float()) / (torch.norm(g_grads.float()) + 1e-4 * loss_scale)
+    weight = torch.nan_to_num(weight, nan=0.0, posinf=0.0)
     return torch.clamp(weight, 0.0, max_weight).detach()
 
 
@@ -137,11 +145,13 @@ def generator_step_loss(
     disc_weight: float,
     adaptive: bool = True,
     max_weight: float = 1e4,
+    loss_scale: float = 1.0,
 ) -> tuple[torch.Tensor, Logs]:
     """The adversarial term of the VAE's loss: `disc_weight * adaptive_weight * -mean(D(reconstruction))`.
 
     `nll_loss` is the reconstruction loss (pixel + LPIPS, weighted) and `last_layer` the decoder's last weight
     (`vae.decoder.conv_out.weight`); both only matter when `adaptive`, otherwise the adaptive weight is 1.
+    `loss_scale`: fp16's GradScaler scale, see adaptive_weight.
     The discriminator runs with its parameters frozen, so the VAE's backward puts no gradient into them.
     Under torch.no_grad (validation) there are no gradients to compare and, as in LDM, the adaptive weight is 0.
     Before `disc_start`: exactly 0, and the discriminator is not run.
@@ -156,7 +166,7 @@ def generator_step_loss(
     elif last_layer is None:
         raise ValueError("adaptive=True needs last_layer (the decoder's last weight, vae.decoder.conv_out.weight)")
     elif torch.is_grad_enabled() and nll_loss.requires_grad and g_loss.requires_grad:
-        weight = adaptive_weight(nll_loss, g_loss, last_layer, max_weight)
+        weight = adaptive_weight(nll_loss, g_loss, last_layer, max_weight, loss_scale)
     else:
         weight = torch.zeros((), device=g_loss.device)
     loss = disc_weight * weight * g_loss

@@ -257,6 +257,7 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
                         loss_config.disc_start,
                         loss_config.disc_weight,
                         loss_config.adaptive_disc_weight,
+                        loss_scale=accelerator.scaler.get_scale() if accelerator.scaler is not None else 1.0,
                     )
                     loss, logs = loss + adversarial, {**logs, **g_logs}
                 accelerator.backward(loss * 0.0 if blank else loss)

@@ -254,3 +254,23 @@ def test_frozen_restores_flags_on_error():
         assert not any(p.requires_grad for p in layer.parameters())
         raise KeyError
     assert all(p.requires_grad for p in layer.parameters())
+
+
+def test_adaptive_weight_under_fp16_autocast_takes_the_loss_scale():
+    # A reconstruction loss whose per-pixel gradients are too small for fp16 (a mean over many pixels): the head's
+    # fp16 gradients round to a few units of 6e-8, and the ratio drifts; scaled first, it is fp32's.
+    torch.manual_seed(0)
+    x, target = torch.randn(2, 16, 64, 64), torch.randn(2, 3, 64, 64)
+    last = torch.nn.Parameter(torch.randn(3, 16, 3, 3) * 0.05)
+
+    def weight(half: bool, loss_scale: float = 1.0) -> float:
+        with torch.autocast("cpu", dtype=torch.float16, enabled=half):
+            y = torch.nn.functional.conv2d(x, last, padding=1)
+        nll = 1e-3 * (y.float() - target).abs().mean()
+        g = -y.float()[:, :, ::4, ::4].mean()
+        return adaptive_weight(nll, g, last, loss_scale=loss_scale).item()
+
+    exact = weight(half=False)
+    assert abs(weight(half=True) / exact - 1) > 0.1  # what fp16 alone gives
+    assert weight(half=True, loss_scale=2.0**16) == pytest.approx(exact, rel=1e-3)
+    assert weight(half=True, loss_scale=float("inf")) == 0.0  # an overflowed scale: no adversarial term this step
