@@ -81,7 +81,9 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
 
 
 def _budget(vae) -> int:
-    return vae.memory_budget if vae.memory_budget is not None else memory.default_budget(vae.device)
+    if vae.memory_budget is None:
+        return memory.default_budget(vae.device)
+    return int(vae.memory_budget)  # 5e6 is as good a number of bytes as 5_000_000
 
 
 def _largest_tile(cost: Callable[[int], int], budget: int, limit: int, align: int) -> int:

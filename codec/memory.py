@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -46,7 +47,13 @@ def default_budget(device: torch.device) -> int:
     """
     override = os.environ.get("CODEC_MEMORY_BUDGET_MB")
     if override:
-        return int(float(override) * (1 << 20))
+        try:
+            megabytes = float(override)
+        except ValueError:
+            megabytes = math.nan
+        if not math.isfinite(megabytes) or megabytes <= 0:
+            raise ValueError(f"CODEC_MEMORY_BUDGET_MB={override!r}: expected a positive number of megabytes, e.g. 512")
+        return int(megabytes * (1 << 20))
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free // 2

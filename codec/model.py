@@ -182,6 +182,10 @@ class AutoencoderKL(nn.Module):
     # ---- switches, named as in diffusers ------------------------------------------------------
 
     def enable_tiling(self, tile_latent_size: int | None = None) -> None:
+        """Tile encode and decode; `tile_latent_size`: the tile's side in latent pixels (None: the largest that
+        fits the memory budget, at least 16). Under 16 the shared statistics are estimated from few pixels."""
+        if tile_latent_size is not None and (not isinstance(tile_latent_size, int) or tile_latent_size < 2):
+            raise ValueError(f"tile_latent_size must be a whole number of latent pixels >= 2, got {tile_latent_size!r}")
         self.use_tiling = True
         self.tile_latent_size = tile_latent_size
 

@@ -58,7 +58,10 @@ def fp32_copy(model: nn.Module) -> nn.Module:
     cached = _copies.get(model)
     if cached is None or cached[0] != key:
         log.debug("making a float32 copy of a %s model", model.dtype)
-        cached = (key, copy.deepcopy(model).float())
+        # Made outside inference mode even when called inside it: its weights are refreshed in place at later
+        # calls, which torch refuses for inference tensors outside inference mode.
+        with torch.inference_mode(False), torch.no_grad():
+            cached = (key, copy.deepcopy(model).float())
         _copies[model] = cached
     else:
         with torch.no_grad():

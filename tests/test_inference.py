@@ -213,3 +213,20 @@ def test_a_frozen_model_tiles_outside_no_grad_and_a_trained_one_keeps_its_graph(
     vae.requires_grad_(False)  # frozen, as in a diffusion training loop: the inference path, tiling included
     frozen = vae.decode(z).sample
     assert not frozen.requires_grad and torch.equal(frozen, tiled)
+
+
+def test_settings_are_checked_where_they_are_given(vae, monkeypatch):
+    x = torch.rand(8, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        expected = vae.encode(x).latent_dist.mean
+        vae.memory_budget = 5e6  # a float number of bytes: batch slicing had passed it to range()
+        assert torch.allclose(vae.encode(x).latent_dist.mean, expected, atol=1e-5)
+    for bad in (1, 0, -3, 2.5):
+        with pytest.raises(ValueError, match="tile_latent_size must be a whole number"):
+            vae.enable_tiling(bad)
+    vae.memory_budget = None
+    for bad in ("garbage", "64MB", "nan", "inf", "-5", "0"):
+        monkeypatch.setenv("CODEC_MEMORY_BUDGET_MB", bad)
+        message = f"CODEC_MEMORY_BUDGET_MB='{bad}': expected a positive number"
+        with pytest.raises(ValueError, match=message), torch.no_grad():
+            vae.decode(torch.randn(1, 4, 4, 4))

@@ -85,3 +85,12 @@ def test_training_keeps_half_precision_arithmetic(bf16_model, monkeypatch):
     moments = bf16_model.encode_moments(x)
     assert moments.requires_grad and moments.dtype == torch.bfloat16
     assert bf16_model not in precision._copies  # no fp32 copy was made or used
+
+
+def test_a_copy_made_under_inference_mode_serves_later_no_grad_calls(bf16_model, monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    z = _latent(bf16_model).to(torch.bfloat16)
+    with torch.inference_mode():
+        first = bf16_model.decode(z).sample
+    with torch.no_grad():  # refreshing the copy's weights in place had raised on its inference tensors
+        assert torch.equal(bf16_model.decode(z).sample, first)
