@@ -65,6 +65,23 @@ def test_a_decoder_only_fine_tune_reads_the_same_cache(cache, model_dir, tmp_pat
     assert verify_cache(out, tuned).ok
 
 
+def test_what_a_trainer_may_pass_or_get_wrong(cache, model_dir, tmp_path):
+    import diffusers
+
+    out, _ = cache
+    theirs = diffusers.AutoencoderKL.from_pretrained(model_dir)  # diffusers' own model: the same codec
+    dataset = codec.LatentDataset(out, codec=theirs, columns="caption")  # one column, named as a string
+    assert len(dataset) == len(SIZES) and dataset[2]["caption"] == "two"
+    with pytest.raises(ValueError, match=r"codec='builtin': a string here is an identity.*AutoencoderKL\.load"):
+        codec.LatentDataset(out, codec="builtin")
+    with pytest.raises(CacheError, match="no such cache folder"):
+        codec.LatentDataset(tmp_path / "nowhere", codec=theirs)
+    items = [dataset[i] for i in range(len(SIZES))]
+    mixed = [items[0], next(item for item in items if item["latents"].shape != items[0]["latents"].shape)]
+    with pytest.raises(CacheError, match=r"a batch mixes latent shapes.*accelerator\.prepare"):
+        codec.LatentDataset.collate(mixed)
+
+
 def test_mean_latents_are_the_scaled_encoding_of_the_preprocessed_image(cache, model_dir):
     out, folder = cache
     vae = codec.AutoencoderKL.load(model_dir)

@@ -5,8 +5,9 @@ do not change what the encoder outputs. The decoder is left out, as are its conf
 fine-tune (sd-vae-ft-mse is one of SD's VAE) decodes the same latents and may train on the same cache. Scaling
 (`scaling_factor`, `shift_factor`, `latents_mean`, `latents_std`) is left out too: a cache stores raw posteriors
 and scales them when read, so `codec stats --write-config` does not orphan the cache it was computed from;
-`force_upcast` and `sample_size` are hints. The hash takes the config as sorted JSON, then, in state-dict key
-order, each tensor's name, dtype, shape and bytes.
+`force_upcast` and `sample_size` are hints. The hash takes the config as sorted JSON, then, in the order of
+their names, each tensor's name, dtype, shape and bytes; so ours and diffusers' AutoencoderKL with the same
+weights have the same identity.
 
 Caches written before 0.2 record the older identity ("sha256:..."), which hashed every weight, decoder included;
 `same_codec` and the cache writer compare a model against those in that scheme, so such caches stay valid.
@@ -36,6 +37,10 @@ DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat1
 
 
 def _config_bytes(config, legacy: bool) -> bytes:
+    if not hasattr(config, "to_dict"):  # diffusers' AutoencoderKL: a FrozenDict of config.json's fields
+        from codec.config import AutoencoderKLConfig
+
+        config = AutoencoderKLConfig.from_dict(dict(config))
     left_out = IGNORED_CONFIG_FIELDS + (() if legacy else DECODER_CONFIG_FIELDS)
     data = {key: value for key, value in config.to_dict().items() if key not in left_out}
     return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
@@ -54,13 +59,15 @@ def _hash(config, tensors, dtype: torch.dtype | None, legacy: bool) -> str:
 def _state(vae, legacy: bool) -> list[tuple[str, torch.Tensor]]:
     if legacy:
         return list(vae.state_dict().items())
-    # The encoder's parts alone, in the model's own order: the whole state_dict would copy the decoder too.
-    return [
+    # The encoder's parts alone (the whole state_dict would copy the decoder too), sorted by name: diffusers'
+    # AutoencoderKL registers the same tensors in another order.
+    parts = [
         (prefix + name, tensor)
         for prefix in ENCODER_WEIGHTS
         if getattr(vae, prefix[:-1], None) is not None
         for name, tensor in getattr(vae, prefix[:-1]).state_dict().items()
     ]
+    return sorted(parts, key=lambda item: item[0])
 
 
 def is_legacy(identity: str) -> bool:
@@ -86,8 +93,17 @@ def same_codec(codec, recorded: Iterable[str]) -> bool:
     comparing in the scheme the recorded identities were made in."""
     recorded = set(recorded)
     if isinstance(codec, str):
+        _check_identity_string(codec)
         return codec in recorded
     return any(model_identity(codec, legacy=legacy) in recorded for legacy in {is_legacy(i) for i in recorded})
+
+
+def _check_identity_string(text: str) -> None:
+    if not text.startswith((PREFIX, LEGACY_PREFIX)):
+        raise ValueError(
+            f"codec={text!r}: a string here is an identity from a cache's manifest ({PREFIX}...); for a model, "
+            f"pass the model itself, e.g. codec=AutoencoderKL.load({text!r})"
+        )
 
 
 def identity_of(codec) -> str:

@@ -59,6 +59,10 @@ class LatentDataset(torch.utils.data.Dataset):
         max_cached_shards: int | None = None,
     ) -> None:
         self.root = Path(root)
+        if not self.root.is_dir():
+            raise CacheError(f"{self.root}: no such cache folder")
+        if isinstance(columns, str):
+            columns = [columns]  # columns="caption" means the one column, not its letters
         manifest = read_manifest(self.root)
         if manifest is None:
             raise CacheError(f"{self.root}: no manifest.json; not a cache written by `codec cache`")
@@ -200,6 +204,12 @@ class LatentDataset(torch.utils.data.Dataset):
     @staticmethod
     def collate(items: list[dict]) -> dict:
         """Stack tensors (one bucket per batch, so latents stack), bools to a tensor, anything else to a list."""
+        shapes = {tuple(item["latents"].shape) for item in items if "latents" in item}
+        if len(shapes) > 1:
+            raise CacheError(
+                f"a batch mixes latent shapes {sorted(shapes)}: batches must come from BucketBatchSampler as it "
+                "made them (do not pass the DataLoader to accelerator.prepare, which splits and pads them again)"
+            )
         batch = {}
         for name in items[0]:
             values = [item[name] for item in items]
