@@ -153,7 +153,11 @@ def test_bucket_batches_are_single_bucket_seeded_and_split_disjointly_across_ran
     assert all(len({dataset.bucket_ids[i] for i in batch}) == 1 for batch in batches)
     assert batches == list(codec.BucketBatchSampler(dataset, batch_size=2, seed=5))
     sampler.set_epoch(1)
-    assert list(sampler) != batches
+    epoch_one = list(sampler)
+    assert epoch_one != batches
+    sampler.set_epoch(1, skip=2)  # a run resumed after two batches of epoch 1: the rest, then whole epochs
+    assert len(sampler) == len(epoch_one) - 2 and list(sampler) == epoch_one[2:]
+    assert list(sampler) == epoch_one
 
     ranks = [list(codec.BucketBatchSampler(dataset, 2, seed=5, rank=r, world_size=3, drop_last=True)) for r in range(3)]
     assert len({len(r) for r in ranks}) == 1  # every rank runs the same number of steps

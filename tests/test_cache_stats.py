@@ -55,7 +55,7 @@ def test_running_sums_survive_a_large_mean():
     np.testing.assert_allclose(stats.result()["latents_std"], values.std(axis=(0, 2, 3)), rtol=1e-6)
 
 
-def test_write_config_keeps_the_cache_valid_and_refuses_another_codec(cached, tmp_path):
+def test_write_config_keeps_the_cache_valid_and_refuses_another_codec(cached, tmp_path, caplog):
     out, _, model_dir = cached
     target = shutil.copytree(model_dir, tmp_path / "model")
     before = model_identity(codec.AutoencoderKL.load(target))
@@ -81,7 +81,9 @@ def test_write_config_keeps_the_cache_valid_and_refuses_another_codec(cached, tm
                                                                             posterior="mean", flip=False)])  # fmt: skip
     # What diffusers' SDXL pipelines do before decoding, latents * std / scaling + mean, gives back the posterior.
     mean, std = (torch.tensor(config[k]).view(1, -1, 1, 1) for k in ("latents_mean", "latents_std"))
-    raw = codec.LatentDataset(out, codec=vae, normalize="scaling", scaling_factor=1.0, posterior="mean", flip=False)
+    with caplog.at_level("WARNING"):
+        raw = codec.LatentDataset(out, codec=vae, scaling_factor=1.0, posterior="mean", flip=False)
+    assert "normalize='scaling' leaves unused" in caplog.text  # per-channel statistics the default ignores
     raw_latents = torch.stack([item["latents"] for item in raw])
     torch.testing.assert_close(whitened * std / config["scaling_factor"] + mean, raw_latents, atol=1e-4, rtol=1e-4)
     assert whitened.std(dim=(0, 2, 3)).sub(1).abs().max() < 0.05  # and the cached latents are whitened

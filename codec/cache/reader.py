@@ -15,6 +15,7 @@ larger than memory then re-reads a shard for each miss, so bound it only when it
 from __future__ import annotations
 
 import json
+import logging
 from collections import OrderedDict
 from collections.abc import Hashable, Iterator, Sequence
 from pathlib import Path
@@ -29,6 +30,7 @@ from codec.cache.identity import identity_of, same_codec
 from codec.cache.manifest import read_manifest
 from codec.cache.shards import RESERVED_COLUMNS, CacheError, int_rows, latent_arrays
 
+log = logging.getLogger(__name__)
 _META_COLUMNS = ("key", "shape", "bucket", "original_size", "crop_top_left", "crop_box")
 
 
@@ -92,6 +94,13 @@ class LatentDataset(torch.utils.data.Dataset):
                     f"{self.root}: normalize='channel' needs latents_mean and latents_std (`codec stats ... --write-config DIR --channel-stats`)"
                 )
             self._channel = tuple(torch.tensor(s, dtype=torch.float32).view(-1, 1, 1) for s in stats)
+        elif config.latents_mean is not None and config.latents_std is not None:
+            log.warning(
+                "%s: the codec records per-channel latents_mean/std (`codec stats --channel-stats`), which "
+                "normalize='scaling' leaves unused (scaling factor %s); normalize='channel' applies them",
+                self.root,
+                self.scaling_factor,
+            )
         self.manifest = manifest
         self._files = [self.root / entry["file"] for entry in manifest["shards"]]
         self._load_index(columns)
@@ -266,10 +275,21 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is not in [0, {self.world_size})")
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
-        self.epoch = 0
+        self.epoch, self._skip = 0, 0
+        self._memo: tuple[int, list[list[int]]] | None = None
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Shuffle for `epoch`; `skip`: how many of this rank's batches of the epoch a resumed run already trained
+        on, left out of the next pass only (the batches after them, and their items' noise, are unchanged)."""
+        if skip < 0:
+            raise ValueError(f"skip must be >= 0, got {skip}")
+        self.epoch, self._skip = epoch, skip
+
+    def _rank_batches(self) -> list[list[int]]:
+        # Built once per epoch: trainers ask len(loader) often, and a million items take a second to batch.
+        if self._memo is None or self._memo[0] != self.epoch:
+            self._memo = (self.epoch, self._all_batches()[self.rank :: self.world_size])
+        return self._memo[1]
 
     def _all_batches(self) -> list[list[int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
@@ -293,10 +313,12 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self._all_batches()[self.rank :: self.world_size]
+        batches, skip = self._rank_batches(), self._skip
+        self._skip = 0
+        yield from batches[skip:]
 
     def __len__(self) -> int:
-        return len(self._all_batches()[self.rank :: self.world_size])
+        return max(0, len(self._rank_batches()) - self._skip)
 
 
 def _mirror_crop(item: dict) -> None:
