@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from cache_testing import build, image_folder, perturbed_copy, tiny_model_dir
@@ -171,6 +172,32 @@ def test_bucket_batches_are_single_bucket_seeded_and_split_disjointly_across_ran
     batch = next(iter(loader))
     assert batch["latents"].dim() == 4 and batch["latents"].shape[0] == len(batch["key"])
     assert batch["flipped"].dtype == torch.bool
+
+
+def test_a_bounded_shard_cache_is_read_a_window_of_shards_at_a_time(cache, model_dir, monkeypatch):
+    out, _ = cache  # 11 items in 3 shards of 4
+    dataset = codec.LatentDataset(out, codec=codec.AutoencoderKL.load(model_dir), max_cached_shards=1)
+    reads = []
+    real_read = pq.read_table
+    monkeypatch.setattr(
+        pq, "read_table", lambda path, **kw: reads.append((Path(path).name, kw)) or real_read(path, **kw)
+    )
+    sampler = codec.BucketBatchSampler(dataset, batch_size=2, seed=5)
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        batches = list(sampler)
+        assert sorted(i for batch in batches for i in batch) == list(range(len(dataset)))
+        for batch in batches:
+            assert len({int(dataset._shard_of[i]) for i in batch}) == 1  # one shard per batch
+            dataset.collate([dataset[i] for i in batch])
+        # Each shard once per epoch (the next epoch may start on the shard still held); shuffled across all
+        # shards, nearly every batch had read one.
+        assert len(reads) == 3 if epoch == 0 else 3 <= len(reads) <= 6
+    assert set(reads[0][1]["columns"]) == {"mean", "logvar", "flip_mean", "flip_logvar"}
+    plain = codec.LatentDataset(out, codec=None, posterior="mean", flip=False)
+    plain[0]
+    assert reads[-1][1]["columns"] == ["mean"]  # what a mean, unflipped reader needs, and no more
 
 
 def test_plain_labels_bf16_storage_and_an_incomplete_cache(tmp_path, model_dir):
