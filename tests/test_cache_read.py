@@ -81,6 +81,16 @@ def test_what_a_trainer_may_pass_or_get_wrong(cache, model_dir, tmp_path):
     mixed = [items[0], next(item for item in items if item["latents"].shape != items[0]["latents"].shape)]
     with pytest.raises(CacheError, match=r"a batch mixes latent shapes.*accelerator\.prepare"):
         codec.LatentDataset.collate(mixed)
+    assert dataset[-1]["key"] == dataset[len(dataset) - 1]["key"]
+
+
+def test_a_sampler_built_before_the_process_group_refuses_to_run(cache, model_dir, monkeypatch):
+    out, _ = cache
+    sampler = codec.BucketBatchSampler(codec.LatentDataset(out, codec=None), batch_size=2)  # world 1 at this point
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    with pytest.raises(ValueError, match=r"built for 1 process.*but 2 now run"):
+        list(sampler)
 
 
 def test_mean_latents_are_the_scaled_encoding_of_the_preprocessed_image(cache, model_dir):

@@ -187,6 +187,8 @@ class LatentDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         index = int(index)
+        if index < 0:
+            index += len(self)
         shard, row, shape = int(self._shard_of[index]), int(self._row_of[index]), self._shapes[index].tolist()
         arrays = self._shard(shard)
         seed = int(np.random.SeedSequence([self.seed, int(self._epoch), index]).generate_state(1)[0])
@@ -282,6 +284,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
             world_size if world_size is not None else (torch.distributed.get_world_size() if distributed else 1)
         )
         self.rank = rank if rank is not None else (torch.distributed.get_rank() if distributed else 0)
+        self._world_from_group = world_size is None
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is not in [0, {self.world_size})")
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
@@ -337,6 +340,13 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if self._world_from_group and distributed and torch.distributed.get_world_size() != self.world_size:
+            # Built before the process group: every rank would train on every batch, in step, silently.
+            raise ValueError(
+                f"BucketBatchSampler was built for {self.world_size} process(es), but {torch.distributed.get_world_size()} "
+                "now run: build it after the process group starts (after Accelerator() or init_process_group)"
+            )
         batches, skip = self._rank_batches(), self._skip
         self._skip = 0
         yield from batches[skip:]
