@@ -312,10 +312,12 @@ class BucketBatchSampler(torch.utils.data.Sampler):
             shards = np.unique(self._shard_of)
             if self.shuffle:
                 rng.shuffle(shards)
-            batches = []
+            batches, carried = [], {}
             for start in range(0, len(shards), self.window_shards):
                 window = np.flatnonzero(np.isin(self._shard_of, shards[start : start + self.window_shards]))
-                batches += self._bucket_batches(window, rng)
+                batches += self._window_batches(window, carried, rng)
+            # What the last window left over, as the unwindowed batching would treat each bucket's last batch.
+            batches += [left.tolist() for left in carried.values() if len(left) and not self.drop_last]
         if self.world_size > 1 and batches:
             if self.drop_last:
                 batches = batches[: len(batches) // self.world_size * self.world_size]
@@ -323,6 +325,25 @@ class BucketBatchSampler(torch.utils.data.Sampler):
                 total = -(-len(batches) // self.world_size) * self.world_size
                 batches = (batches * -(-total // len(batches)))[:total]
         return batches
+
+    def _window_batches(self, items: np.ndarray, carried: dict, rng: np.random.Generator) -> list[list[int]]:
+        """Full batches of one window's items: a bucket's remainder (fewer than a batch) is carried on to the next
+        window, or many small buckets would never fill a batch. Batches holding carried items come first, while
+        the previous window's shards are still cached; the rest are shuffled among themselves."""
+        first, rest = [], []
+        for bucket in np.unique(self.bucket_ids[items]):
+            indices = items[self.bucket_ids[items] == bucket]
+            if self.shuffle:
+                rng.shuffle(indices)
+            earlier = carried.pop(bucket, indices[:0])
+            indices = np.concatenate([earlier, indices])
+            full = len(indices) // self.batch_size * self.batch_size
+            for start in range(0, full, self.batch_size):
+                (first if start < len(earlier) else rest).append(indices[start : start + self.batch_size].tolist())
+            carried[bucket] = indices[full:]
+        if self.shuffle:
+            rest = [rest[i] for i in rng.permutation(len(rest))]
+        return first + rest
 
     def _bucket_batches(self, items: np.ndarray, rng: np.random.Generator) -> list[list[int]]:
         """`items` in batches of one bucket each, shuffled (within buckets, then the batches) when asked."""
