@@ -196,9 +196,11 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
     accelerator.register_for_checkpointing(state)
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
-    disc_step = DiscriminatorStep(accelerator, disc_optimizer) if use_disc else None
+    disc_step = DiscriminatorStep(accelerator, disc_optimizer, resume_from) if use_disc else None
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
+        if disc_step is not None:
+            disc_step.register_late()
         _apply_configured_rates(scheduler.scheduler, lr, disc_optimizer, disc_lr)
         log.info("resumed from %s at step %d", resume_from, state.step)
     if _available_tracker(run.log_with):
@@ -257,7 +259,10 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
                         loss_config.disc_start,
                         loss_config.disc_weight,
                         loss_config.adaptive_disc_weight,
-                        loss_scale=accelerator.scaler.get_scale() if accelerator.scaler is not None else 1.0,
+                        # Read only once the discriminator runs: get_scale() waits for the GPU.
+                        loss_scale=accelerator.scaler.get_scale()
+                        if accelerator.scaler is not None and state.step >= loss_config.disc_start
+                        else 1.0,
                     )
                     loss, logs = loss + adversarial, {**logs, **g_logs}
                 accelerator.backward(loss * 0.0 if blank else loss)
@@ -334,13 +339,25 @@ class DiscriminatorStep:
     Accelerate's one ran its update() twice per step, and an update between the discriminator's micro-batches
     unscaled the earlier ones with a scale other than theirs (torch's amp notes: one update per scaler per step)."""
 
-    def __init__(self, accelerator, optimizer) -> None:
+    def __init__(self, accelerator, optimizer, resume_from: Path | None = None) -> None:
         self.accelerator, self.optimizer = accelerator, optimizer
-        self.scaler = None
+        self.scaler, self._late = None, False
         if accelerator.scaler is not None:
             self.scaler = torch.amp.GradScaler(accelerator.device.type)
             optimizer.scaler = self.scaler  # AcceleratedOptimizer.step steps and updates through its .scaler
-            accelerator.register_for_checkpointing(self.scaler)
+            # A checkpoint saved without it (before it existed, or by a bf16 run) holds one object fewer, and
+            # load_state refuses a count that differs: then it joins after loading, starting at the shared scale.
+            index = len(accelerator._custom_objects)
+            if resume_from is None or (Path(resume_from) / f"custom_checkpoint_{index}.pkl").is_file():
+                accelerator.register_for_checkpointing(self.scaler)
+            else:
+                self._late = True
+
+    def register_late(self) -> None:
+        if self._late:
+            self.scaler.load_state_dict(self.accelerator.scaler.state_dict())
+            self.accelerator.register_for_checkpointing(self.scaler)
+            self._late = False
 
     def __call__(self, loss: torch.Tensor) -> None:
         if self.scaler is None:

@@ -189,3 +189,45 @@ def test_resume_without_a_checkpoint_and_a_missing_tracker_are_said(tmp_path, ca
         run_training(tmp_path / "run", *FAST, "run.max_steps=1", "run.resume=true", "run.log_with=tensorboard")
     assert "no checkpoint in" in caplog.text and "new run from step 0" in caplog.text
     assert "tensorboard is not installed (pip install tensorboard)" in caplog.text
+
+
+def test_an_fp16_discriminator_resumes_from_a_checkpoint_saved_without_its_scaler(tmp_path):
+    # Checkpoints from before the discriminator had its own scaler (or from a bf16 run) hold one custom object
+    # fewer; accelerate's load_state refuses a count that differs, so the scaler must join after loading.
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from training.state import LoopState
+    from training.train import DiscriminatorStep
+
+    def accelerator_with_scaler():
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        accelerator = Accelerator(mixed_precision="fp16", cpu=True)
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        disc = torch.nn.Linear(4, 1)
+        return accelerator, accelerator.prepare(disc, torch.optim.SGD(disc.parameters(), lr=1.0))[1]
+
+    try:
+        accelerator, _ = accelerator_with_scaler()
+        accelerator.register_for_checkpointing(LoopState())
+        accelerator.save_state(str(tmp_path / "old"))  # one custom object: the loop state
+        accelerator, disc_optimizer = accelerator_with_scaler()
+        accelerator.register_for_checkpointing(LoopState())
+        step = DiscriminatorStep(accelerator, disc_optimizer, resume_from=tmp_path / "old")
+        accelerator.load_state(str(tmp_path / "old"))
+        step.register_late()
+        assert step.scaler.get_scale() == 2.0**10  # starts where the shared scaler was
+        accelerator.save_state(str(tmp_path / "new"))
+        assert sorted(p.name for p in (tmp_path / "new").glob("custom_checkpoint_*")) == [
+            "custom_checkpoint_0.pkl",
+            "custom_checkpoint_1.pkl",
+        ]
+        accelerator, disc_optimizer = accelerator_with_scaler()
+        accelerator.register_for_checkpointing(LoopState())
+        step = DiscriminatorStep(accelerator, disc_optimizer, resume_from=tmp_path / "new")
+        accelerator.load_state(str(tmp_path / "new"))  # its own scaler, saved: registered before loading
+        assert not step._late
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
