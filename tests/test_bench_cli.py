@@ -172,8 +172,11 @@ def test_a_rerun_into_the_same_folder_replaces_the_earlier_benchmark(tmp_path, m
     assert main(["bench", "--model", str(model_dir), *common]) == 0
     (output / "notes.txt").write_text("mine")
     assert (output / "reconstructions" / model_dir.name).is_dir()
+    assert main(["bench", "--model", "bicubic", "--model", str(tmp_path / "typo"), *common]) == 2  # refused...
+    assert (output / "reconstructions" / model_dir.name).is_dir()  # ...and the earlier results are still there
     assert main(["bench", "--model", "bicubic", *common]) == 0
     assert sorted(p.name for p in (output / "reconstructions").iterdir()) == ["bicubic"]
+    assert not (output / ".previous-benchmark").exists()
     assert (output / "notes.txt").read_text() == "mine"  # not the benchmark's: left alone
 
 

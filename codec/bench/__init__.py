@@ -15,7 +15,10 @@ grids.py       comparison grids; plots.py: the plots
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
+from pathlib import Path
 
 import torch
 
@@ -54,35 +57,64 @@ def _bench(options: BenchOptions, group: Group, device: torch.device) -> dict | 
     from codec.bench import grids, plots, report
 
     if group.rank == 0:
-        _clear_previous_benchmark(options.output)
-    group.barrier()  # no rank writes a reconstruction before the old ones are gone
+        _set_previous_benchmark_aside(options.output)
+    group.barrier()  # no rank writes a reconstruction before the old ones are out of the way
     options.output.mkdir(parents=True, exist_ok=True)
-    shards = run_and_gather(options, group, device, quiet=group.rank != 0)
-    if group.rank != 0:
-        return None
-    summary = report.summarize(shards, options, str(device), group.world)
-    summary["grids"] = grids.write_grids(summary, options.output, options.grid_images)
-    summary["plots"] = plots.write_plots(summary, options.output)
-    report.write(summary, options.output)
+    try:
+        shards = run_and_gather(options, group, device, quiet=group.rank != 0)
+        if group.rank != 0:
+            return None
+        summary = report.summarize(shards, options, str(device), group.world)
+        summary["grids"] = grids.write_grids(summary, options.output, options.grid_images)
+        summary["plots"] = plots.write_plots(summary, options.output)
+        report.write(summary, options.output)
+    except BaseException:
+        if group.rank == 0:
+            _restore_previous_benchmark(options.output)
+        raise
+    shutil.rmtree(options.output / PREVIOUS, ignore_errors=True)
     log.info("wrote %s", options.output)
     return summary
 
 
 # What a benchmark writes into its output folder; nothing else there is touched.
 BENCH_OUTPUTS = ("reference", "reconstructions", "grids", "plots", "summary.json", "summary.md", "per_image.csv")
+PREVIOUS = ".previous-benchmark"
 
 
-def _clear_previous_benchmark(output) -> None:
+def _is_benchmark(output: Path) -> bool:
+    try:
+        summary = json.loads((output / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(summary, dict) and {"rows", "protocol", "images"} <= set(summary)
+
+
+def _set_previous_benchmark_aside(output: Path) -> None:
     """A rerun into the same folder replaces the earlier benchmark: its reconstructions and grids of models not in
-    this run would otherwise sit beside the new ones as if they belonged to it."""
-    import shutil
-
-    if not (output / "summary.json").is_file():
+    this run would otherwise sit beside the new ones as if they belonged to it. They wait in PREVIOUS until this
+    run has written its report, and come back if it fails (a mistyped --model must not cost the old results)."""
+    if not _is_benchmark(output):
         return
     log.info("%s: replacing the benchmark written there before", output)
+    aside = output / PREVIOUS
+    shutil.rmtree(aside, ignore_errors=True)
+    aside.mkdir()
     for name in BENCH_OUTPUTS:
-        path = output / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+        if (output / name).exists():
+            (output / name).rename(aside / name)
+
+
+def _restore_previous_benchmark(output: Path) -> None:
+    aside = output / PREVIOUS
+    if not aside.is_dir():
+        return
+    for name in BENCH_OUTPUTS:
+        partial = output / name
+        if partial.is_dir():
+            shutil.rmtree(partial)
+        elif partial.exists():
+            partial.unlink()
+        if (aside / name).exists():
+            (aside / name).rename(partial)
+    shutil.rmtree(aside, ignore_errors=True)
