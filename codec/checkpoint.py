@@ -56,7 +56,13 @@ def read_checkpoint(path: str | os.PathLike, keep: Callable[[str], bool] | None 
             ) from None
     # torch's zip format (every torch.save since 1.6) can be memory-mapped; the legacy format cannot.
     mapped = zipfile.is_zipfile(path)
-    data = _load_pickle(path, mmap=mapped)
+    try:
+        data = _load_pickle(path, mmap=mapped)
+    except CheckpointError:
+        if not mapped:
+            raise
+        mapped = False  # a file system that cannot memory-map (some network and FUSE mounts): read it whole
+        data = _load_pickle(path, mmap=False)
     metadata = {k: v for k, v in data.items() if isinstance(v, str)} if isinstance(data, dict) else {}
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]  # Lightning/LDM .ckpt files wrap the weights

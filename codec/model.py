@@ -12,6 +12,7 @@ non-finite. `encode_latents`/`decode_latents` add the scaling and shift a diffus
 
 from __future__ import annotations
 
+import operator
 import os
 from dataclasses import dataclass
 
@@ -184,8 +185,14 @@ class AutoencoderKL(nn.Module):
     def enable_tiling(self, tile_latent_size: int | None = None) -> None:
         """Tile encode and decode; `tile_latent_size`: the tile's side in latent pixels (None: the largest that
         fits the memory budget, at least 16). Under 16 the shared statistics are estimated from few pixels."""
-        if tile_latent_size is not None and (not isinstance(tile_latent_size, int) or tile_latent_size < 2):
-            raise ValueError(f"tile_latent_size must be a whole number of latent pixels >= 2, got {tile_latent_size!r}")
+        if tile_latent_size is not None:
+            given = tile_latent_size
+            try:
+                tile_latent_size = operator.index(tile_latent_size)  # an int, a numpy int; not 2.5
+            except TypeError:
+                tile_latent_size = 0
+            if tile_latent_size < 2:
+                raise ValueError(f"tile_latent_size must be a whole number of latent pixels >= 2, got {given!r}")
         self.use_tiling = True
         self.tile_latent_size = tile_latent_size
 

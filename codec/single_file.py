@@ -181,11 +181,11 @@ def save_single_file(model, path: str | os.PathLike) -> None:
             model.config.norm_num_groups,
         )
     with atomic_path(path) as tmp:
-        if path.suffix == ".safetensors":
+        if path.suffix.lower() == ".safetensors":
             from safetensors.torch import save_file
 
             save_file(state, str(tmp), metadata={"format": "pt", METADATA_KEY: settings})
-        elif path.suffix in (".ckpt", ".pt", ".pth"):
+        elif path.suffix.lower() in (".ckpt", ".pt", ".pth"):
             torch.save({"state_dict": state, METADATA_KEY: settings}, str(tmp))
         else:
             raise CheckpointError(f"{path}: unknown single-file format; use .safetensors or .ckpt")

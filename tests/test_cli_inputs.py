@@ -98,6 +98,12 @@ def test_decode_uses_the_model_the_file_records_and_refuses_latents_of_another_s
     capsys.readouterr()
     assert main(["decode", str(latents), "-o", str(tmp_path / "recorded"), "--device", "cpu"]) == 0
     assert f"decoding with {folder}, the model that encoded" in capsys.readouterr().out
+    relative = tmp_path / "relative.safetensors"  # a model named relative to where encode ran: recorded absolute
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path)
+        assert main(["encode", str(clashing[0]), "-o", str(relative), "--model", "mine", "--device", "cpu"]) == 0
+    assert main(["decode", str(relative), "-o", str(tmp_path / "from-elsewhere"), "--device", "cpu"]) == 0
+    assert f"decoding with {folder}," in capsys.readouterr().out
     assert main(["decode", str(latents), "-o", str(tmp_path / "named"), "--model", str(folder)]) == 0
     recorded, named = (np.asarray(Image.open(tmp_path / d / "a.png")) for d in ("recorded", "named"))
     assert np.array_equal(recorded, named)

@@ -224,6 +224,11 @@ def test_settings_are_checked_where_they_are_given(vae, monkeypatch):
     for bad in (1, 0, -3, 2.5):
         with pytest.raises(ValueError, match="tile_latent_size must be a whole number"):
             vae.enable_tiling(bad)
+    import numpy as np
+
+    vae.enable_tiling(np.int64(16))  # a whole number, whatever its type
+    assert vae.tile_latent_size == 16 and type(vae.tile_latent_size) is int
+    vae.disable_tiling()
     vae.memory_budget = None
     for bad in ("garbage", "64MB", "nan", "inf", "-5", "0"):
         monkeypatch.setenv("CODEC_MEMORY_BUDGET_MB", bad)

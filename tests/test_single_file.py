@@ -370,3 +370,9 @@ def test_only_the_vae_of_a_whole_checkpoint_is_read(suffix, single_file, ours, t
         [sys.executable, "-c", _PEAK_WHILE_LOADING, str(path)], capture_output=True, text=True, check=True
     )
     assert int(result.stdout.split()[-1]) < 64, f"peak rose by {result.stdout.split()[-1]} MiB while loading"
+
+
+def test_an_upper_case_suffix_is_the_same_format(ours, tmp_path, assert_same_tensors):
+    path = tmp_path / "VAE.SAFETENSORS"  # as some file systems and downloads spell it
+    ours.save_single_file(path)
+    assert_same_tensors(codec.AutoencoderKL.from_single_file(path).state_dict(), ours.state_dict())

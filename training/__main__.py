@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"training: output in {train(config)}")
     except (
         CheckpointConflict, CheckpointError, ModelConfigError, SourceError, ImageError, LPIPSUnavailable,
-        DistributedSetupError, FileNotFoundError,
+        DistributedSetupError,
     ) as error:  # fmt: skip
         # What a user can act on (data, weights, a model config, LPIPS' weights), said in one line; a bug in
         # the trainer still shows its traceback.

@@ -110,7 +110,7 @@ def resolve_resume(resume: bool | str, output_dir: Path) -> Path | None:
         return existing[-1] if existing else None
     path = Path(resume)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such checkpoint folder to resume from")
+        raise CheckpointConflict(f"{path}: no such checkpoint folder to resume from")
     later = (
         [c for c in existing if _step(c) > _step(path)]
         if path.parent.resolve() == (output_dir / "checkpoints").resolve()

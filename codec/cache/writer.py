@@ -193,7 +193,11 @@ def _clean(out: Path, n_shards: int) -> None:
         number = path.stem.removeprefix("shard-")
         if not number.isdigit() or int(number) >= n_shards:
             if shards.read_shard_meta(path) is None:  # another tool's file, perhaps: not ours to delete
-                log.warning("%s: not a shard written by `codec cache`; left in place", path)
+                log.warning(
+                    "%s: not a shard written by `codec cache`; left in place, but move it out of data/: readers of "
+                    "data/*.parquet would take it for one",
+                    path,
+                )
                 continue
             log.info("removing %s: not a shard of this plan", path)
             path.unlink()

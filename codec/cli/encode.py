@@ -67,13 +67,19 @@ def run_encode(args: argparse.Namespace) -> int:
         "shift_factor": repr(vae.config.shift_factor or 0.0),
         "sources": json.dumps(sources),
         "sizes": json.dumps(sizes),
-        "model": str(args.model),
+        "model": _recorded_model(args.model),
         "posterior": "sample" if args.sample else "mean",
     }
     with atomic_path(args.output) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     print(f"wrote {len(tensors)} latents to {args.output}")
     return 0
+
+
+def _recorded_model(spec: str) -> str:
+    """A local model by its absolute path, so `codec decode` finds it from another folder; other specs as given."""
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else str(spec)
 
 
 def read_latents_file(path: Path) -> tuple[list[torch.Tensor], dict]:
