@@ -203,7 +203,7 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
             disc_step.register_late()
         _apply_configured_rates(scheduler.scheduler, lr, disc_optimizer, disc_lr)
         log.info("resumed from %s at step %d", resume_from, state.step)
-    if _available_tracker(run.log_with):
+    if accelerator.log_with:  # the trackers it kept: none where the package is missing (warned once, above)
         accelerator.init_trackers("latent-codec", config={"resolution": resolution, "lr": lr, **_flat(config)})
 
     unwrapped = accelerator.unwrap_model(model)
