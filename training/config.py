@@ -213,8 +213,9 @@ class RunConfig(_Section):
     export: bool = True  # write the final (EMA if any) model as a diffusers folder at the end
     record_data_order: bool = False  # write each step's image indices per process (data_order.rank<N>.txt)
     # A wall-clock safety net for budgeted runs (scripts/train_for.py sets it): past this many minutes of the
-    # loop, stop at the next log step with the usual validation, checkpoint and export. The schedule still
-    # assumes max_steps, so a run stopped this way has not annealed; None = no limit.
+    # loop, stop after the current step (at the next log step under several processes, which must agree) with the
+    # usual validation, checkpoint and export. The schedule still assumes max_steps, so a run stopped this way has
+    # not annealed; None = no limit.
     time_limit_minutes: float | None = None
 
     def validate(self) -> None:

@@ -286,13 +286,14 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
                 ema.update(unwrapped.vae)
             progress.update(1)
             last = state.step == run.max_steps
-            if state.step % run.log_every == 0 or last or state.step % run.checkpoint_every == 0:
+            at_log_step = state.step % run.log_every == 0 or state.step % run.checkpoint_every == 0
+            if not last and _out_of_time(accelerator, run.time_limit_minutes, start, at_log_step):
+                log.warning("run.time_limit_minutes reached at step %d of %d: stopping", state.step, run.max_steps)
+                last = True
+            if at_log_step or last:  # the skipped-image count is summed here, so before every checkpoint
                 state.skipped_images += _sum_over_processes(accelerator, pending_skipped)
                 pending_skipped = 0
                 _log_step(accelerator, state, logs, loss, progress, start)
-                if not last and _out_of_time(accelerator, run.time_limit_minutes, start):
-                    log.warning("run.time_limit_minutes reached at step %d of %d: stopping", state.step, run.max_steps)
-                    last = True
             if state.step % run.validate_every == 0 or last:
                 _validate(
                     accelerator, unwrapped.vae, ema, val_loader, pixel_loss, lpips_loss, kl_loss, state, output_dir
@@ -415,11 +416,18 @@ def _sum_over_processes(accelerator, value: int) -> int:
     return int(accelerator.reduce(torch.tensor(value, device=accelerator.device), reduction="sum"))
 
 
-def _out_of_time(accelerator, limit_minutes: float | None, start: float) -> bool:
-    """Whether any process has run past the limit: decided together, or one process would stop alone and hang."""
+def _out_of_time(accelerator, limit_minutes: float | None, start: float, at_log_step: bool) -> bool:
+    """Whether any process has run past the limit.
+
+    One process checks after every step: the clock costs nothing. Several decide together, or one would stop alone
+    and hang the others; that takes a collective, which waits for the device, so they decide only at log steps.
+    """
     if limit_minutes is None:
         return False
-    return _sum_over_processes(accelerator, int(time.perf_counter() - start > 60 * limit_minutes)) > 0
+    over = time.perf_counter() - start > 60 * limit_minutes
+    if accelerator.num_processes == 1:
+        return over
+    return at_log_step and _sum_over_processes(accelerator, int(over)) > 0
 
 
 def _log_step(accelerator, state: LoopState, logs: dict, loss, progress, start) -> None:
