@@ -77,6 +77,8 @@ def test_what_a_trainer_may_pass_or_get_wrong(cache, model_dir, tmp_path):
         codec.LatentDataset(out, codec="builtin")
     with pytest.raises(CacheError, match="no such cache folder"):
         codec.LatentDataset(tmp_path / "nowhere", codec=theirs)
+    with pytest.raises(CacheError, match=r"\['original_size'\]: every item has these already.*\['caption'\]"):
+        codec.LatentDataset(out, codec=theirs, columns=["caption", "original_size"])
     items = [dataset[i] for i in range(len(SIZES))]
     mixed = [items[0], next(item for item in items if item["latents"].shape != items[0]["latents"].shape)]
     with pytest.raises(CacheError, match=r"a batch mixes latent shapes.*accelerator\.prepare"):

@@ -117,6 +117,12 @@ class LatentDataset(torch.utils.data.Dataset):
                 schema = pq.read_schema(path)
                 carried = [n for n in schema.names if n not in RESERVED_COLUMNS]
                 wanted = carried if columns is None else list(columns)
+                given = [c for c in wanted if c in RESERVED_COLUMNS]
+                if given:
+                    raise CacheError(
+                        f"columns={given}: every item has these already; columns= chooses among the carried "
+                        f"columns, here {carried}"
+                    )
                 unknown = [c for c in wanted if c not in carried]
                 if unknown:
                     raise CacheError(f"{path}: no column(s) {unknown}; the cache carries {carried}")
