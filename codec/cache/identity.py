@@ -9,8 +9,9 @@ and scales them when read, so `codec stats --write-config` does not orphan the c
 their names, each tensor's name, dtype, shape and bytes; so ours and diffusers' AutoencoderKL with the same
 weights have the same identity.
 
-Caches written before 0.2 record the older identity ("sha256:..."), which hashed every weight, decoder included;
-`same_codec` and the cache writer compare a model against those in that scheme, so such caches stay valid.
+Caches written before 0.2 record the older identity ("sha256:..."), which hashed every weight, decoder included,
+in our state_dict's order; `same_codec` and the cache writer compare a model (ours or diffusers') against those
+in that scheme, so such caches stay valid.
 
 Cost: one pass over the encoder's weights per precision hashed. For the SD VAE (84 M parameters, 34 M in the
 encoder) on a 2-core CPU: 0.35 s for the fp32 identity (the older one, every weight: 0.7 s), 1.4 s for
@@ -36,11 +37,16 @@ ENCODER_WEIGHTS = ("encoder.", "quant_conv.")
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
-def _config_bytes(config, legacy: bool) -> bytes:
-    if not hasattr(config, "to_dict"):  # diffusers' AutoencoderKL: a FrozenDict of config.json's fields
-        from codec.config import AutoencoderKLConfig
+def _as_our_config(config):
+    if hasattr(config, "to_dict"):
+        return config
+    from codec.config import AutoencoderKLConfig  # diffusers' AutoencoderKL: a FrozenDict of config.json's fields
 
-        config = AutoencoderKLConfig.from_dict(dict(config))
+    return AutoencoderKLConfig.from_dict(dict(config))
+
+
+def _config_bytes(config, legacy: bool) -> bytes:
+    config = _as_our_config(config)
     left_out = IGNORED_CONFIG_FIELDS + (() if legacy else DECODER_CONFIG_FIELDS)
     data = {key: value for key, value in config.to_dict().items() if key not in left_out}
     return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
@@ -58,7 +64,8 @@ def _hash(config, tensors, dtype: torch.dtype | None, legacy: bool) -> str:
 
 def _state(vae, legacy: bool) -> list[tuple[str, torch.Tensor]]:
     if legacy:
-        return list(vae.state_dict().items())
+        state = vae.state_dict()
+        return [(name, state[name]) for name in _our_order(vae, state)]
     # The encoder's parts alone (the whole state_dict would copy the decoder too), sorted by name: diffusers'
     # AutoencoderKL registers the same tensors in another order.
     parts = [
@@ -68,6 +75,18 @@ def _state(vae, legacy: bool) -> list[tuple[str, torch.Tensor]]:
         for name, tensor in getattr(vae, prefix[:-1]).state_dict().items()
     ]
     return sorted(parts, key=lambda item: item[0])
+
+
+def _our_order(vae, state: dict) -> list[str]:
+    """The legacy identity hashed weights in our AutoencoderKL's state_dict order; diffusers' registers the same
+    names in another order, so its weights are put in ours (a model of ours built on the meta device: no memory)."""
+    from codec.model import AutoencoderKL
+
+    if isinstance(vae, AutoencoderKL):
+        return list(state)
+    with torch.device("meta"):
+        ours = list(AutoencoderKL(_as_our_config(vae.config)).state_dict())
+    return ours if sorted(ours) == sorted(state) else list(state)
 
 
 def is_legacy(identity: str) -> bool:
