@@ -237,11 +237,14 @@ class AutoencoderKL(nn.Module):
         subfolder: str | None = None,
         variant: str | None = None,
         torch_dtype: torch.dtype | None = None,
+        revision: str | None = None,
     ) -> AutoencoderKL:
-        """Load a diffusers folder (or a pipeline's `vae/` subfolder) or a hub id."""
+        """Load a diffusers folder (or a pipeline's `vae/` subfolder) or a hub id (at `revision`: a branch, tag or
+        commit; sharded weights are fetched shard by shard). Hub access follows huggingface_hub's environment:
+        HF_TOKEN, HF_HOME / HF_HUB_CACHE, HF_HUB_OFFLINE=1 for the cache alone."""
         from codec.weights import load_pretrained
 
-        return load_pretrained(cls, path_or_hub_id, subfolder=subfolder, variant=variant, torch_dtype=torch_dtype)
+        return load_pretrained(cls, path_or_hub_id, subfolder, variant, torch_dtype, revision)
 
     def save_pretrained(self, directory: str | os.PathLike, variant: str | None = None) -> None:
         """Write config.json and diffusion_pytorch_model.safetensors, as diffusers does."""

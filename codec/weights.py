@@ -33,13 +33,19 @@ def _variant_index_name(name: str, variant: str | None) -> str:
     return f"{base}.index.{variant}.json" if variant else f"{base}.index.json"
 
 
-def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
+def _weight_map(index_path: Path) -> dict[str, str]:
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"{index_path}: unreadable shard index ({error})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) and "/" not in v for v in weight_map.values()):
+        raise CheckpointError(f"{index_path}: unreadable shard index (weight_map must map names to shard files)")
+    return weight_map
+
+
+def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(weight_map.values())):
+    for shard in sorted(set(_weight_map(index_path).values())):
         tensors.update(read_tensors(index_path.parent / shard))
     return tensors
 
@@ -66,35 +72,49 @@ def load_folder(cls, folder: Path, variant: str | None, torch_dtype: torch.dtype
     raise CheckpointError(f"{folder}: no weights found; expected one of {', '.join(_weight_names(variant))}")
 
 
-def load_from_hub(cls, repo_id: str, subfolder: str | None, variant: str | None, torch_dtype: torch.dtype | None):
+def load_from_hub(
+    cls,
+    repo_id: str,
+    subfolder: str | None,
+    variant: str | None,
+    torch_dtype: torch.dtype | None,
+    revision: str | None = None,
+):
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
-    def fetch(filename: str, folder: str | None) -> Path:
-        return Path(hf_hub_download(repo_id, filename, subfolder=folder))
-
-    folders = [subfolder] if subfolder else [None, "vae"]
-    last_error: Exception | None = None
-    for folder in folders:
+    def fetch(filename: str, folder: str | None) -> Path | None:
+        """The file, downloaded or from the cache; None where the repository has no such file."""
         try:
-            config_path = fetch(CONFIG_NAME, folder)
+            return Path(hf_hub_download(repo_id, filename, subfolder=folder, revision=revision))
         # LocalEntryNotFoundError (offline, not cached) subclasses EntryNotFoundError: it must be caught first.
         except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
             raise _hub_unreachable(repo_id, error) from None
-        except EntryNotFoundError as error:
-            last_error = error
-            continue
+        except EntryNotFoundError:
+            return None
         except (HfHubHTTPError, OSError) as error:
             raise _hub_unreachable(repo_id, error) from None
+
+    for folder in [subfolder] if subfolder else [None, "vae"]:  # a VAE repository, or a pipeline's vae/
+        config_path = fetch(CONFIG_NAME, folder)
+        if config_path is None:
+            continue
         config = AutoencoderKLConfig.from_json(config_path)
         for name in _weight_names(variant):
-            try:
-                weights = fetch(name, folder)
-            except EntryNotFoundError:
-                continue
-            return _finish(cls, config, read_tensors(weights), f"{repo_id}/{weights.name}", torch_dtype)
-        raise CheckpointError(f"{repo_id}: no weights file in {folder or 'the repository root'}")
-    raise CheckpointError(f"{repo_id}: no config.json at the root or in vae/ ({last_error})")
+            weights = fetch(name, folder)
+            if weights is not None:
+                return _finish(cls, config, read_tensors(weights), f"{repo_id}/{weights.name}", torch_dtype)
+            for index_name in dict.fromkeys((f"{name}.index.json", _variant_index_name(name, variant))):
+                index = fetch(index_name, folder)
+                if index is not None:  # sharded: fetch every shard it names into the same snapshot folder
+                    for shard in sorted(set(_weight_map(index).values())):
+                        fetch(shard, folder)
+                    return _finish(cls, config, _read_sharded(index), f"{repo_id}/{index.name}", torch_dtype)
+        where = f"{folder}/" if folder else "the repository root"
+        raise CheckpointError(
+            f"{repo_id}: no weights file in {where}; expected one of {', '.join(_weight_names(variant))}"
+        )
+    raise CheckpointError(f"{repo_id}: no config.json at the root or in {subfolder or 'vae'}/")
 
 
 def _hub_unreachable(repo_id: str, error: Exception) -> CheckpointError:
@@ -105,7 +125,7 @@ def _hub_unreachable(repo_id: str, error: Exception) -> CheckpointError:
     )
 
 
-def load_pretrained(cls, path_or_hub_id, subfolder=None, variant=None, torch_dtype=None):
+def load_pretrained(cls, path_or_hub_id, subfolder=None, variant=None, torch_dtype=None, revision=None):
     name = str(path_or_hub_id)
     path = Path(name).expanduser()  # `--model=~/vae`: the shell leaves a ~ after = alone
     if subfolder:
@@ -116,7 +136,7 @@ def load_pretrained(cls, path_or_hub_id, subfolder=None, variant=None, torch_dty
         raise CheckpointError(f"{path}: is a file; use AutoencoderKL.from_single_file for single-file checkpoints")
     if isinstance(path_or_hub_id, os.PathLike) or name.startswith((".", "/", "~")) or not HUB_ID.fullmatch(name):
         raise CheckpointError(f"{name}: no such folder, and not a hub id of the form owner/name")
-    return load_from_hub(cls, name, subfolder, variant, torch_dtype)
+    return load_from_hub(cls, name, subfolder, variant, torch_dtype, revision)
 
 
 def save_pretrained(model, directory: str | os.PathLike, variant: str | None = None) -> None:
