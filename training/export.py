@@ -20,8 +20,6 @@ from training.model import build_autoencoder
 
 # The architecture (and scaling factors) of the run's model, written by train.py when the run starts.
 MODEL_CONFIG = "model-config.json"
-# train.py registers the loop state first and the EMA second, so accelerate names their files in that order.
-EMA_FILE = "custom_checkpoint_1.pkl"
 
 
 def export_checkpoint(checkpoint: Path, out: Path, use_ema: bool = True, dtype: torch.dtype | None = None):
@@ -37,9 +35,8 @@ def export_checkpoint(checkpoint: Path, out: Path, use_ema: bool = True, dtype: 
     trained = load_file(str(checkpoint / "model.safetensors"))
     # The checkpoint holds TrainingAutoencoder's state: the autoencoder's keys under `vae.`.
     load_checked(vae, {k.removeprefix("vae."): v for k, v in trained.items()}, str(checkpoint / "model.safetensors"))
-    ema_path = checkpoint / EMA_FILE
-    if use_ema and ema_path.is_file():
-        shadow = torch.load(ema_path, map_location="cpu", weights_only=True)["shadow"]
+    shadow = _ema_shadow(checkpoint) if use_ema else None
+    if shadow is not None:
         with torch.no_grad():
             for name, param in vae.named_parameters():
                 if name in shadow:
@@ -50,6 +47,16 @@ def export_checkpoint(checkpoint: Path, out: Path, use_ema: bool = True, dtype: 
     vae.save_pretrained(out)
     vae.save_single_file(Path(out) / "vae.safetensors")
     return vae
+
+
+def _ema_shadow(checkpoint: Path) -> dict[str, torch.Tensor] | None:
+    """The EMA's weights, if the run kept one. accelerate numbers the registered objects in their order (loop
+    state, then the EMA if any, then a discriminator's GradScaler if any), so the EMA is found by what it holds."""
+    for path in sorted(checkpoint.glob("custom_checkpoint_*.pkl")):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "shadow" in state:
+            return state["shadow"]
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

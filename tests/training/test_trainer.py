@@ -203,6 +203,19 @@ def test_a_checkpoint_exports_like_the_end_of_the_run(tmp_path):
     assert any(not torch.equal(raw[k], final[k]) for k in final), "with decay 0.5 the EMA differs from the weights"
 
 
+def test_a_checkpoint_without_an_ema_exports_its_weights_beside_a_discriminator_scaler(tmp_path):
+    from training.export import export_checkpoint
+
+    out = run_training(tmp_path / "run", "run.max_steps=1", "run.checkpoint_every=1")  # no EMA
+    checkpoint = out / "checkpoints" / "step-0000001"
+    # An fp16 run with a discriminator and no EMA registers its GradScaler where the EMA would have been.
+    assert not (checkpoint / "custom_checkpoint_1.pkl").exists()
+    torch.save(torch.amp.GradScaler("cpu").state_dict(), checkpoint / "custom_checkpoint_1.pkl")
+    exported = export_checkpoint(checkpoint, tmp_path / "exported").state_dict()
+    final = final_weights(out)
+    assert all(torch.equal(exported[k], final[k]) for k in final)
+
+
 def test_a_checkpoint_exports_after_the_runs_initial_weights_are_gone(tmp_path):
     from training.export import export_checkpoint
 
