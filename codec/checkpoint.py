@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -100,37 +102,55 @@ _STAND_IN_PREFIXES = ("pytorch_lightning.", "lightning.")
 
 def _load_pickle(path: Path, mmap: bool):
     # weights_only refuses arbitrary pickled code: a checkpoint from the internet must not run programs.
-    try:
-        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as error:
-        first_error = error
-    try:
-        refused = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    except Exception:
-        refused = []
-    if not refused:
-        # Garbage bytes reach the unpickler in many ways (UnpicklingError, EOFError, IndexError, KeyError, ...):
-        # any failure here means the file is not a checkpoint we can read.
-        raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint, perhaps truncated or corrupt "
-            f"({str(first_error).strip().splitlines()[0] if str(first_error).strip() else type(first_error).__name__})"
-        ) from None
-    unsafe = [name for name in refused if _harmless(name) is None]
-    if unsafe:
-        raise CheckpointError(
-            f"{path}: holds pickled objects that safe loading refuses to build, since they could run code: "
-            f"{', '.join(unsafe)}. Convert it to .safetensors where you trust it, or load the weights elsewhere."
-        )
-    allowed = [_harmless(name) for name in refused]
-    if "numpy.dtype" in refused:  # a dtype unpickles as an instance of its class in numpy.dtypes
-        import numpy
-
-        allowed += [getattr(numpy.dtypes, n) for n in dir(numpy.dtypes) if n.endswith("DType")]
-    with torch.serialization.safe_globals(allowed):
+    allowed: dict[str, object] = {}
+    for _ in range(64):  # one round per refused global in the legacy format, which names them one at a time
         try:
-            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+            with torch.serialization.safe_globals(list(allowed.values())):
+                return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
         except Exception as error:
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({error})") from None
+            refused = [name for name in _refused_globals(path, error) if name not in allowed]
+            if not refused:
+                # Garbage bytes reach the unpickler in many ways (UnpicklingError, EOFError, IndexError, ...): any
+                # failure that is not a refused global means the file is not a checkpoint we can read.
+                raise CheckpointError(
+                    f"{path}: not a readable PyTorch checkpoint, perhaps truncated or corrupt ({_first_line(error)})"
+                ) from None
+        unsafe = [name for name in refused if _harmless(name) is None]
+        if unsafe:
+            raise CheckpointError(
+                f"{path}: holds pickled objects that safe loading refuses to build, since they could run code: "
+                f"{', '.join(unsafe)}. Convert it to .safetensors where you trust it, or load the weights elsewhere."
+            )
+        for name in refused:
+            allowed[name] = _harmless(name)
+            if name == "numpy.dtype":  # a dtype unpickles as an instance of its class in numpy.dtypes
+                import numpy
+
+                allowed.update(
+                    {f"numpy.dtypes.{n}": getattr(numpy.dtypes, n) for n in dir(numpy.dtypes) if n.endswith("DType")}
+                )
+    raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (too many pickled classes)")
+
+
+def _refused_globals(path: Path, error: Exception) -> list[str]:
+    """The globals safe loading refused: all of them for torch's zip format; for the legacy format, which cannot be
+    inspected without unpickling, the one its error names."""
+    if zipfile.is_zipfile(path):
+        try:
+            return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+        except Exception:
+            return []
+    if isinstance(error, pickle.UnpicklingError):
+        # A dotted name: a truncated file can make the unpickler read a fragment ("GLOBAL col.") as one.
+        return re.findall(r"GLOBAL ((?:\w+\.)+\w+)\b", str(error))[:1]
+    return []
+
+
+def _first_line(error: Exception) -> str:
+    """What went wrong, without torch's colour codes or its advice to retry with weights_only=False."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    text = text.split("WeightsUnpickler error:", 1)[-1].strip()
+    return text.splitlines()[0].split(" Please use")[0] if text else type(error).__name__
 
 
 def _harmless(name: str):

@@ -268,21 +268,27 @@ def test_lightning_checkpoints_load_and_a_pickle_that_could_run_code_is_refused(
 
     state = load_file(single_file)
     checkpoint_class = _stand_in_class("pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint", monkeypatch)
-    lightning = tmp_path / "lightning.ckpt"  # as LDM's and SD 1.x's training saved them
-    torch.save(
-        {"state_dict": state, "global_step": np.int64(470000), "callbacks": {checkpoint_class: {"best": None}}},
-        lightning,
-    )
     payload = _stand_in_class("someone.payload", "Runner", monkeypatch)
-    hostile = tmp_path / "hostile.ckpt"
-    torch.save({"state_dict": state, "extra": payload()}, hostile)
+    lightning = {"state_dict": state, "global_step": np.int64(470000), "callbacks": {checkpoint_class: {"best": None}}}
+    for zipped in (True, False):  # torch's zip format, and the legacy one (torch < 1.6), named one global at a time
+        torch.save(lightning, tmp_path / f"lightning-{zipped}.ckpt", _use_new_zipfile_serialization=zipped)
+        hostile = {"state_dict": state, "extra": payload()}
+        torch.save(hostile, tmp_path / f"hostile-{zipped}.ckpt", _use_new_zipfile_serialization=zipped)
     for module in [m for m in sys.modules if m.startswith(("pytorch_lightning", "someone"))]:
         monkeypatch.delitem(sys.modules, module)  # loading must not need them
 
-    loaded = codec.AutoencoderKL.from_single_file(lightning)
-    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in ours.state_dict().items())
-    with pytest.raises(CheckpointError, match=r"hostile\.ckpt: holds pickled objects .* someone\.payload\.Runner"):
-        codec.AutoencoderKL.from_single_file(hostile)
+    for zipped in (True, False):
+        loaded = codec.AutoencoderKL.from_single_file(tmp_path / f"lightning-{zipped}.ckpt")
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in ours.state_dict().items())
+        with pytest.raises(CheckpointError, match=r"hostile-\w+\.ckpt: holds pickled objects .* someone\.payload\.Run"):
+            codec.AutoencoderKL.from_single_file(tmp_path / f"hostile-{zipped}.ckpt")
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes((tmp_path / "lightning-False.ckpt").read_bytes()[:300])
+    with pytest.raises(
+        CheckpointError, match=r"truncated\.ckpt: not a readable PyTorch checkpoint, perhaps trunc"
+    ) as info:
+        codec.AutoencoderKL.from_single_file(truncated)
+    assert "weights_only" not in str(info.value) and "\x1b" not in str(info.value)  # none of torch's advice
 
 
 def test_a_path_starting_with_a_tilde_is_the_home_folder(ours, tmp_path, monkeypatch):
