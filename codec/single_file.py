@@ -7,7 +7,6 @@ factor is not in the file, so it comes from `config` or from the family the shap
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -43,6 +42,14 @@ RECORDED_SETTINGS = (
     "norm_num_groups", "act_fn", "scaling_factor", "shift_factor", "latents_mean", "latents_std", "force_upcast",
     "sample_size",
 )  # fmt: skip
+
+
+# Playground v2.5 (a whole SDXL-shaped checkpoint) keeps per-channel latent statistics at the top level.
+EDM_KEYS = ("edm_mean", "edm_std")
+PLAYGROUND_SCALING_FACTOR = 0.5
+# What LDM's training leaves in a VAE file beside the weights: the loss's LPIPS and discriminator, an EMA copy.
+LDM_LEFTOVERS = ("loss.", "model_ema.")
+SCALING_SETTINGS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
 
 
 def _recorded_settings(metadata: dict[str, str]) -> dict:
@@ -91,10 +98,19 @@ def _may_be_vae_key(key: str) -> bool:
 
 
 def infer_config(
-    tensors: dict[str, torch.Tensor], source: str, family: str | None = None, quiet: bool = False
+    tensors: dict[str, torch.Tensor],
+    source: str,
+    family: str | None = None,
+    quiet: bool = False,
+    recorded: dict | None = None,
 ) -> AutoencoderKLConfig:
     """Architecture from the shapes of diffusers-layout tensors; scaling and shift from `family` (the checkpoint's,
-    see checkpoint_family) or else from the family the shapes suggest."""
+    see checkpoint_family) or else from the family the shapes suggest; `recorded` settings (a file we wrote) win."""
+    if not any(k.startswith("encoder.down_blocks.") for k in tensors):
+        raise CheckpointError(
+            f"{source}: cannot infer the VAE architecture: no encoder.down_blocks (or LDM encoder.down) weights; "
+            "not an SD-style AutoencoderKL (TAESD and other small autoencoders are laid out otherwise)"
+        )
     try:
         levels = 1 + max(int(m.group(1)) for k in tensors if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", k)))
         channels = tuple(tensors[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(levels))
@@ -110,40 +126,37 @@ def infer_config(
         family = known
     else:
         family = preset("sd") if latent == 4 else preset("flux") if latent == 16 else AutoencoderKLConfig()
-    if not quiet and known is None and (latent, has_quant) in ((4, True), (16, False)):
-        log.warning(
-            "%s: the file does not record its scaling factor; assuming %s (%s). Pass config='sdxl' for SDXL's "
-            "VAE or config='sd3' for SD3's.",
-            source,
-            family.scaling_factor,
-            "SD 1.x/2.x" if latent == 4 else "FLUX",
-        )
-    try:
-        return AutoencoderKLConfig(
-            in_channels=in_channels,
-            out_channels=out_channels,
-            down_block_types=("DownEncoderBlock2D",) * levels,
-            up_block_types=("UpDecoderBlock2D",) * levels,
-            block_out_channels=channels,
-            layers_per_block=layers,
-            latent_channels=latent,
-            norm_num_groups=32,
-            sample_size=family.sample_size,
-            scaling_factor=family.scaling_factor,
-            shift_factor=family.shift_factor,
-            use_quant_conv=has_quant,
-            use_post_quant_conv="post_quant_conv.weight" in tensors,
-            mid_block_add_attention=any(".mid_block.attentions." in k for k in tensors),
-        )
+        if not quiet:
+            guesses = {4: "SD 1.x/2.x; config='sdxl' for SDXL's VAE", 16: "FLUX; config='sd3' for SD3's VAE"}
+            log.warning(
+                "%s: the file does not record its scaling factor; assuming %s (%s, or a config.json with the right one)",
+                source,
+                family.scaling_factor,
+                guesses.get(latent, f"unknown for {latent} channels; pass config= a config.json that has it"),
+            )
+    fields = dict(
+        in_channels=in_channels,
+        out_channels=out_channels,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=channels,
+        layers_per_block=layers,
+        latent_channels=latent,
+        norm_num_groups=32,
+        sample_size=family.sample_size,
+        scaling_factor=family.scaling_factor,
+        shift_factor=family.shift_factor,
+        use_quant_conv=has_quant,
+        use_post_quant_conv="post_quant_conv.weight" in tensors,
+        mid_block_add_attention=any(".mid_block.attentions." in k for k in tensors),
+    )
+    try:  # recorded settings before validation: 8 groups of 48 channels are valid, 32 groups are not
+        return AutoencoderKLConfig(**{**fields, **(recorded or {})})
     except ConfigError as error:
         raise CheckpointError(f"{source}: inferred an invalid config ({error})") from None
 
 
-def resolve_config(
-    config, tensors: dict[str, torch.Tensor], source: str, family: str | None = None, quiet: bool = False
-) -> AutoencoderKLConfig:
-    if config is None:
-        return infer_config(tensors, source, family, quiet)
+def resolve_config(config) -> AutoencoderKLConfig:
     if isinstance(config, AutoencoderKLConfig):
         return config
     text = str(config)
@@ -155,16 +168,52 @@ def resolve_config(
 def load_single_file(cls, path: str | os.PathLike, config=None, torch_dtype: torch.dtype | None = None):
     path = Path(path).expanduser()
     source = str(path)
-    checkpoint = read_checkpoint(path, keep=_may_be_vae_key)
-    recorded = _recorded_settings(checkpoint.metadata) if config is None else {}
-    family = checkpoint_family(checkpoint.names) if not recorded else None
+    checkpoint = read_checkpoint(path, keep=lambda name: _may_be_vae_key(name) or name in EDM_KEYS)
+    _refuse_other_autoencoders(checkpoint.names, source)
     tensors = extract_vae_tensors(checkpoint.tensors, source)
-    resolved = resolve_config(config, tensors, source, family, quiet=bool(recorded))
-    model = cls(dataclasses.replace(resolved, **recorded))
+    if config is not None:
+        model = cls(resolve_config(config))
+    else:
+        recorded = _recorded_settings(checkpoint.metadata)
+        knows_scaling = "scaling_factor" in recorded
+        family = None if knows_scaling else checkpoint_family(checkpoint.names)
+        statistics = {} if knows_scaling else _playground_statistics(checkpoint.tensors)
+        model = cls(infer_config(tensors, source, family, quiet=knows_scaling, recorded={**recorded, **statistics}))
+        if family is None and not knows_scaling:
+            # A guess, said once by infer_config; save_single_file leaves it out of what the file records, so that
+            # it is not read back as the truth.
+            model.scaling_is_guess = True
+            _warn_about_ignored_tensors(checkpoint.names, source)
     load_checked(model, tensors, source)
     if torch_dtype is not None:
         model.to(torch_dtype)
     return model.eval()
+
+
+def _playground_statistics(tensors: dict[str, torch.Tensor]) -> dict:
+    """Playground v2.5's whole checkpoints carry per-channel latent statistics beside an SDXL-shaped VAE; diffusers
+    reads them as latents_mean/std with scaling factor 0.5, as its pipeline was trained."""
+    if not all(name in tensors for name in EDM_KEYS):
+        return {}
+    mean, std = (tuple(tensors[name].float().flatten().tolist()) for name in EDM_KEYS)
+    return {"scaling_factor": PLAYGROUND_SCALING_FACTOR, "latents_mean": mean, "latents_std": std}
+
+
+def _refuse_other_autoencoders(names: list[str], source: str) -> None:
+    if any(name.endswith("quantize.embedding.weight") for name in names):
+        raise CheckpointError(
+            f"{source}: a vector-quantised autoencoder (VQModel: it has a quantize.embedding codebook), not a "
+            "KL-regularised AutoencoderKL"
+        )
+
+
+def _warn_about_ignored_tensors(names: list[str], source: str) -> None:
+    """A bare VAE file whose other tensors are neither the VAE's nor known leftovers of LDM training: they may carry
+    what the model needs (FLUX.2's files keep latent statistics in bn.*), so say that they were left out."""
+    ignored = [n for n in names if not _may_be_vae_key(n) and n not in EDM_KEYS and not n.startswith(LDM_LEFTOVERS)]
+    if ignored:
+        shown = ", ".join(ignored[:4]) + (f", ... ({len(ignored) - 4} more)" if len(ignored) > 4 else "")
+        log.warning("%s: ignored %d tensors that are not the VAE's: %s", source, len(ignored), shown)
 
 
 def save_single_file(model, path: str | os.PathLike) -> None:
@@ -172,7 +221,8 @@ def save_single_file(model, path: str | os.PathLike) -> None:
     path = Path(path)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     state = diffusers_to_ldm(state, len(model.config.block_out_channels))
-    settings = json.dumps({name: getattr(model.config, name) for name in RECORDED_SETTINGS})
+    guessed = SCALING_SETTINGS if getattr(model, "scaling_is_guess", False) else ()
+    settings = json.dumps({name: getattr(model.config, name) for name in RECORDED_SETTINGS if name not in guessed})
     if model.config.norm_num_groups != 32:
         log.warning(
             "%s: this model normalises in %d groups; the file records it for this package, but A1111, ComfyUI and "
