@@ -150,6 +150,25 @@ def save_pretrained(model, directory: str | os.PathLike, variant: str | None = N
     with atomic_path(directory / CONFIG_NAME) as config_tmp, atomic_path(directory / _weight_names(variant)[0]) as tmp:
         model.config.to_json(config_tmp)
         save_file(state, str(tmp), metadata={"format": "pt"})
+    _remove_stale_shards(directory, variant)
+
+
+def _remove_stale_shards(directory: Path, variant: str | None) -> None:
+    """Sharded weights of an earlier model saved here (with this variant): diffusers would read their index before
+    the new file, and load the old model. diffusers' own save_pretrained removes them too. Index first, so that an
+    interruption leaves no index naming missing shards."""
+    for name in _weight_names(variant):
+        for index in dict.fromkeys((directory / f"{name}.index.json", directory / _variant_index_name(name, variant))):
+            if not index.is_file():
+                continue
+            try:
+                shards = set(_weight_map(index).values())
+            except CheckpointError:
+                shards = set()
+            index.unlink()
+            for shard in shards:
+                (directory / shard).unlink(missing_ok=True)
+            log.info("%s: removed an earlier model's sharded weights (%d shards)", directory, len(shards))
 
 
 def check_spec(spec: str | os.PathLike) -> None:

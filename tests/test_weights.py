@@ -161,6 +161,21 @@ def test_sharded_folder_written_by_diffusers_loads(diffusers_vae, tmp_path, asse
     assert_same_tensors(loaded.state_dict(), diffusers_vae.state_dict())
 
 
+def test_saving_over_a_sharded_model_removes_its_shards(diffusers_vae, tiny_config, tmp_path, assert_same_tensors):
+    import diffusers
+
+    diffusers_vae.save_pretrained(tmp_path, max_shard_size="200KB")  # an earlier model, sharded
+    diffusers_vae.save_pretrained(tmp_path / "kept", max_shard_size="200KB", variant="fp16")  # another variant
+    torch.manual_seed(5)
+    new = codec.AutoencoderKL(tiny_config)
+    new.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("*.*")) == ["config.json", WEIGHTS]
+    # diffusers reads a shard index before a single file: a stale one would have loaded the old model.
+    assert_same_tensors(diffusers.AutoencoderKL.from_pretrained(tmp_path).state_dict(), new.state_dict())
+    new.save_pretrained(tmp_path / "kept")  # the fp16 variant's shards are another model's files: left alone
+    assert (tmp_path / "kept" / "diffusion_pytorch_model.safetensors.index.fp16.json").is_file()
+
+
 def test_fp16_variant_file_naming(diffusers_vae, ours, tmp_path, assert_same_tensors):
     half = copy.deepcopy(diffusers_vae).half()
     half.save_pretrained(tmp_path / "theirs", variant="fp16")
