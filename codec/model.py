@@ -160,14 +160,12 @@ class AutoencoderKL(nn.Module):
     # ---- latents as a diffusion model sees them -----------------------------------------------
 
     def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
-        """Raw latent -> the unit-variance latent a diffusion model is trained on: (z - shift) * scale."""
-        shift = self.config.shift_factor or 0.0
-        return (z - shift) * self.config.scaling_factor
+        """Raw latent -> the unit-variance latent a diffusion model is trained on (see `scale_latents`)."""
+        return scale_latents(z, self.config)
 
     def unscale_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Inverse of `scale_latents`."""
-        shift = self.config.shift_factor or 0.0
-        return latents / self.config.scaling_factor + shift
+        return unscale_latents(latents, self.config)
 
     def encode_latents(
         self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
@@ -276,3 +274,33 @@ class AutoencoderKL(nn.Module):
         from codec.weights import load_any
 
         return load_any(cls, spec, torch_dtype=torch_dtype)
+
+
+def scale_latents(z: torch.Tensor, config: AutoencoderKLConfig) -> torch.Tensor:
+    """Raw latent -> what a diffusion model sees, as diffusers' pipelines make it: `(z - latents_mean) *
+    scaling_factor / latents_std` where the config has per-channel statistics (SDXL's pipelines apply them when
+    set: Playground v2.5, `codec stats --channel-stats`), else `(z - shift_factor) * scaling_factor` (SD, SDXL,
+    SD3, FLUX)."""
+    statistics = _latent_statistics(config, z)
+    if statistics is not None:
+        return (z - statistics[0]) * config.scaling_factor / statistics[1]
+    return (z - (config.shift_factor or 0.0)) * config.scaling_factor
+
+
+def unscale_latents(latents: torch.Tensor, config: AutoencoderKLConfig) -> torch.Tensor:
+    """Inverse of `scale_latents`."""
+    statistics = _latent_statistics(config, latents)
+    if statistics is not None:
+        return latents * statistics[1] / config.scaling_factor + statistics[0]
+    return latents / config.scaling_factor + (config.shift_factor or 0.0)
+
+
+def _latent_statistics(config: AutoencoderKLConfig, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if config.latents_mean is None or config.latents_std is None:
+        return None
+    shape = (1, -1) + (1,) * (like.dim() - 2)  # per channel, along dimension 1
+    mean, std = (
+        torch.tensor(v, dtype=like.dtype, device=like.device).view(shape)
+        for v in (config.latents_mean, config.latents_std)
+    )
+    return mean, std

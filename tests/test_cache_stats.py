@@ -81,10 +81,16 @@ def test_write_config_keeps_the_cache_valid_and_refuses_another_codec(cached, tm
                                                                             posterior="mean", flip=False)])  # fmt: skip
     # What diffusers' SDXL pipelines do before decoding, latents * std / scaling + mean, gives back the posterior.
     mean, std = (torch.tensor(config[k]).view(1, -1, 1, 1) for k in ("latents_mean", "latents_std"))
+    # The default follows the config, as AutoencoderKL.scale_latents and diffusers' pipelines do.
+    default = codec.LatentDataset(out, codec=vae, posterior="mean", flip=False)
+    assert default.normalize == "channel" and torch.equal(torch.stack([item["latents"] for item in default]), whitened)
+    with torch.no_grad():
+        assert torch.allclose(vae.scale_latents(vae.unscale_latents(whitened)), whitened, atol=1e-5)
     with caplog.at_level("WARNING"):
-        raw = codec.LatentDataset(out, codec=vae, scaling_factor=1.0, posterior="mean", flip=False)
-    assert "normalize='scaling' leaves unused" in caplog.text  # per-channel statistics the default ignores
+        raw = codec.LatentDataset(out, codec=vae, normalize="scaling", posterior="mean", flip=False)
+    assert "normalize='scaling' leaves unused" in caplog.text  # per-channel statistics asked to be ignored
     raw_latents = torch.stack([item["latents"] for item in raw])
+    assert torch.allclose(vae.scale_latents(raw_latents), whitened, atol=1e-4)  # the model scales as the default
     torch.testing.assert_close(whitened * std / config["scaling_factor"] + mean, raw_latents, atol=1e-4, rtol=1e-4)
     assert whitened.std(dim=(0, 2, 3)).sub(1).abs().max() < 0.05  # and the cached latents are whitened
     other = perturbed_copy(model_dir, tmp_path / "other")

@@ -117,3 +117,32 @@ def test_decode_uses_the_model_the_file_records_and_refuses_latents_of_another_s
     assert f"latents of 4 channels (encoded with {folder}), but {wide} decodes 16" in err
     assert main(["decode", str(latents), "-o", str(latents), "--model", str(folder)]) == 2
     assert "is a file; -o takes the folder" in capsys.readouterr().err
+
+
+def test_latents_of_a_model_with_per_channel_statistics_are_scaled_and_unscaled_with_them(clashing, tmp_path, capsys):
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    import codec
+    from codec.images import image_to_tensor
+
+    tiny = codec.AutoencoderKL.load("preset:tiny")
+    mean, std = (0.5, -0.25, 0.1, 0.0), (2.0, 0.5, 1.5, 1.0)
+    config = dataclasses.replace(tiny.config, scaling_factor=0.5, latents_mean=mean, latents_std=std)
+    folder = tmp_path / "playground-like"
+    model = codec.AutoencoderKL(config).eval()
+    model.load_state_dict(tiny.state_dict())
+    model.save_pretrained(folder)
+    latents = tmp_path / "z.safetensors"
+    assert main(["encode", str(clashing[0]), "-o", str(latents), "--model", str(folder), "--device", "cpu"]) == 0
+    with torch.no_grad():
+        z = model.encode(image_to_tensor(clashing[0])).latent_dist.mode()
+    # As diffusers' SDXL pipelines scale when latents_mean/std are set.
+    expected = (z - torch.tensor(mean).view(1, 4, 1, 1)) * 0.5 / torch.tensor(std).view(1, 4, 1, 1)
+    torch.testing.assert_close(load_file(latents)["latent.0"], expected[0], atol=1e-5, rtol=1e-5)
+    assert main(["decode", str(latents), "-o", str(tmp_path / "decoded"), "--device", "cpu"]) == 0
+    assert main(["roundtrip", str(clashing[0]), "-o", str(tmp_path / "direct"), "--model", str(folder)]) == 0
+    decoded, direct = (np.asarray(Image.open(tmp_path / d / "a.png")).astype(int) for d in ("decoded", "direct"))
+    assert np.abs(decoded - direct).max() <= 1  # scaled and unscaled with the same statistics
+    assert "warning" not in capsys.readouterr().out

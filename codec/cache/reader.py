@@ -41,9 +41,10 @@ class LatentDataset(torch.utils.data.Dataset):
     refused. Pass `codec=None` only to skip that check deliberately. `posterior="sample"` draws z from N(mean,
     std) with a generator seeded by (seed, epoch, index), so a run is reproducible; "mean" returns the mean. With
     `flip` and a cache made with --flip, each item is the mirrored image's latent with probability 1/2 (same seed).
-    Latents are scaled as `(z - shift_factor) * scaling_factor`, taken from `codec` when it is a model, else from
-    the manifest; `normalize="channel"` uses `(z - latents_mean) * scaling_factor / latents_std` instead, as
-    diffusers' SDXL pipelines undo it (see `codec stats --channel-stats`).
+    Latents are scaled as the codec's config says (taken from `codec` when it is a model, else from the manifest),
+    as `AutoencoderKL.scale_latents` and diffusers' pipelines do: `(z - latents_mean) * scaling_factor /
+    latents_std` where it has per-channel statistics (`codec stats --channel-stats`, Playground v2.5), else
+    `(z - shift_factor) * scaling_factor`. `normalize="scaling"` or `"channel"` chooses one of them explicitly.
     """
 
     def __init__(
@@ -57,7 +58,7 @@ class LatentDataset(torch.utils.data.Dataset):
         columns: Sequence[str] | None = None,
         scaling_factor: float | None = None,
         shift_factor: float | None = None,
-        normalize: str = "scaling",
+        normalize: str | None = None,
         max_cached_shards: int | None = None,
     ) -> None:
         self.root = Path(root)
@@ -70,9 +71,9 @@ class LatentDataset(torch.utils.data.Dataset):
             raise CacheError(f"{self.root}: no manifest.json; not a cache written by `codec cache`")
         if not manifest.get("complete"):
             raise CacheError(f"{self.root}: the cache is incomplete (a run was interrupted); run `codec cache` again")
-        if posterior not in ("sample", "mean") or normalize not in ("scaling", "channel"):
+        if posterior not in ("sample", "mean") or normalize not in (None, "scaling", "channel"):
             raise ValueError(
-                f"posterior must be 'sample' or 'mean', normalize 'scaling' or 'channel'; got {posterior!r}, {normalize!r}"
+                f"posterior must be 'sample' or 'mean', normalize None, 'scaling' or 'channel'; got {posterior!r}, {normalize!r}"
             )
         info = manifest["codec"]
         if codec is not None and not same_codec(codec, info["identities"].values()):
@@ -85,6 +86,8 @@ class LatentDataset(torch.utils.data.Dataset):
         config = codec.config if hasattr(codec, "config") else _Obj(info)
         self.scaling_factor = scaling_factor if scaling_factor is not None else config.scaling_factor
         self.shift_factor = (shift_factor if shift_factor is not None else config.shift_factor) or 0.0
+        has_statistics = config.latents_mean is not None and config.latents_std is not None
+        normalize = normalize or ("channel" if has_statistics else "scaling")
         self.normalize, self.posterior, self.seed = normalize, posterior, seed
         self.max_cached_shards = max_cached_shards
         if normalize == "channel":
@@ -94,10 +97,10 @@ class LatentDataset(torch.utils.data.Dataset):
                     f"{self.root}: normalize='channel' needs latents_mean and latents_std (`codec stats ... --write-config DIR --channel-stats`)"
                 )
             self._channel = tuple(torch.tensor(s, dtype=torch.float32).view(-1, 1, 1) for s in stats)
-        elif config.latents_mean is not None and config.latents_std is not None:
+        elif has_statistics:
             log.warning(
                 "%s: the codec records per-channel latents_mean/std (`codec stats --channel-stats`), which "
-                "normalize='scaling' leaves unused (scaling factor %s); normalize='channel' applies them",
+                "normalize='scaling' leaves unused (scaling factor %s); the default applies them",
                 self.root,
                 self.scaling_factor,
             )

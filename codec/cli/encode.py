@@ -1,12 +1,13 @@
 """`codec encode IMAGES -o latents.safetensors` and `codec decode LATENTS -o DIR`.
 
 The latents file holds one tensor per image (`latent.0`, `latent.1`, ...), scaled as a diffusion model sees
-them, and in its metadata the scaling and shift used, each source's name and original size, and the model.
+them, and in its metadata the scaling, shift and per-channel statistics used, each source's name and original size, and the model.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,6 +17,9 @@ from tqdm import tqdm
 from codec.atomic import atomic_path
 from codec.cli.common import add_model_options, load_model, output_stems
 from codec.images import image_to_tensor, tensor_to_pil
+from codec.model import unscale_latents
+
+SCALING_FIELDS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
 
 
 def add_parsers(subparsers) -> None:
@@ -65,6 +69,8 @@ def run_encode(args: argparse.Namespace) -> int:
         "format": "pt",
         "scaling_factor": repr(vae.config.scaling_factor),
         "shift_factor": repr(vae.config.shift_factor or 0.0),
+        "latents_mean": json.dumps(vae.config.latents_mean),  # null, or the per-channel statistics it scaled with
+        "latents_std": json.dumps(vae.config.latents_std),
         "sources": json.dumps(sources),
         "sizes": json.dumps(sizes),
         "model": _recorded_model(args.model),
@@ -98,6 +104,8 @@ def read_latents_file(path: Path) -> tuple[list[torch.Tensor], dict]:
         info = {
             "scaling_factor": float(metadata["scaling_factor"]),
             "shift_factor": float(metadata["shift_factor"]),
+            "latents_mean": _optional_tuple(metadata.get("latents_mean")),  # files of 0.2.0 and before lack them
+            "latents_std": _optional_tuple(metadata.get("latents_std")),
             "sources": json.loads(metadata["sources"]),
             "sizes": json.loads(metadata["sizes"]),
             "model": metadata.get("model"),
@@ -105,6 +113,11 @@ def read_latents_file(path: Path) -> tuple[list[torch.Tensor], dict]:
     except (KeyError, ValueError) as error:
         raise ValueError(f"{path}: not a latents file written by `codec encode` (missing {error})") from None
     return latents, info
+
+
+def _optional_tuple(text: str | None) -> tuple[float, ...] | None:
+    value = json.loads(text) if text else None
+    return tuple(float(v) for v in value) if value is not None else None
 
 
 def _decoding_model(given: str | None, recorded: str | None, source: Path) -> str:
@@ -138,16 +151,21 @@ def run_decode(args: argparse.Namespace) -> int:
             f"{args.latents}: latents of {'/'.join(map(str, channels))} channels (encoded with {info['model']}), "
             f"but {args.model} decodes {vae.config.latent_channels}; pass the model that encoded them with --model"
         )
-    if (info["scaling_factor"], info["shift_factor"]) != (vae.config.scaling_factor, vae.config.shift_factor or 0.0):
-        print(
-            f"warning: {args.latents} was scaled with scaling {info['scaling_factor']} and shift "
-            f"{info['shift_factor']}, the model's config says {vae.config.scaling_factor} and "
-            f"{vae.config.shift_factor}; unscaling with the file's values"
+    scaling = {name: info[name] for name in SCALING_FIELDS}
+    theirs = {name: getattr(vae.config, name) for name in SCALING_FIELDS}
+    theirs["shift_factor"] = theirs["shift_factor"] or 0.0
+    if scaling != theirs:
+        differ = ", ".join(
+            f"{name} {scaling[name]} (the model's config: {theirs[name]})"
+            for name in SCALING_FIELDS
+            if scaling[name] != theirs[name]
         )
+        print(f"warning: {args.latents} was scaled with {differ}; unscaling with the file's values")
+    recorded = dataclasses.replace(vae.config, **scaling)
     args.output.mkdir(parents=True, exist_ok=True)
     stems = output_stems(info["sources"])
     for latent, stem, (height, width) in zip(latents, stems, info["sizes"], strict=True):
-        z = latent[None].to(vae.device, vae.dtype) / info["scaling_factor"] + info["shift_factor"]
+        z = unscale_latents(latent[None].to(vae.device, vae.dtype), recorded)
         image = vae.decode(z).sample[..., :height, :width]
         target = args.output / f"{stem}.png"
         with atomic_path(target) as tmp:
