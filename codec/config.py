@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 # Keys diffusers writes into every config.json for its own bookkeeping; they carry no model meaning.
 DIFFUSERS_BOOKKEEPING_KEYS = frozenset({"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"})
@@ -98,11 +101,15 @@ class AutoencoderKLConfig:
         return {key: list(value) if isinstance(value, tuple) else value for key, value in data.items()}
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "config") -> AutoencoderKLConfig:
+    def from_dict(cls, data: dict, source: str = "config", strict: bool = True) -> AutoencoderKLConfig:
+        """`strict`: an unknown key is an error (a typo in code); otherwise it is ignored with a warning, as
+        diffusers does for config.json files, which newer diffusers versions may extend."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known - DIFFUSERS_BOOKKEEPING_KEYS)
-        if unknown:
+        if unknown and strict:
             raise ConfigError(f"{source}: unknown AutoencoderKL config key(s) {', '.join(map(repr, unknown))}")
+        if unknown:
+            log.warning("%s: ignored config key(s) this version does not know: %s", source, ", ".join(unknown))
         class_name = data.get("_class_name")
         if class_name not in (None, "AutoencoderKL"):
             raise ConfigError(f"{source}: describes a {class_name!r}, not an AutoencoderKL")
@@ -124,7 +131,7 @@ class AutoencoderKLConfig:
             raise ConfigError(f"{path}: not valid JSON ({error})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a JSON object")
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(data, source=str(path), strict=False)
 
     def to_json(self, path: str | os.PathLike, diffusers_version: str = "0.30.0") -> None:
         """Write config.json as diffusers does, with its `_class_name` so `from_pretrained` finds the class."""
