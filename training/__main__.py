@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"training: output in {train(config)}")
     except (
-        CheckpointConflict, CheckpointError, ModelConfigError, SourceError, ImageError, LPIPSUnavailable,
+        CheckpointConflict, CheckpointError, ConfigError, ModelConfigError, SourceError, ImageError, LPIPSUnavailable,
         DistributedSetupError,
     ) as error:  # fmt: skip
         # What a user can act on (data, weights, a model config, LPIPS' weights), said in one line; a bug in

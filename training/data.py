@@ -3,7 +3,8 @@
 A source is list-like: a list of image paths, or a `DatasetColumn` over one column of a `datasets` dataset.
 `ImageDataset` turns its items into (3, R, R) tensors in [-1, 1]; an unreadable item becomes None (logged, never
 raised) and `collate_skip_bad` drops those, counting them in the batch so the main process sees the count even
-when DataLoader workers did the decoding.
+when DataLoader workers did the decoding. `build_data` makes a run's training and validation sets, and
+`images_in_full_steps` how many training images an epoch uses so that every optimizer step is whole.
 """
 
 from __future__ import annotations
@@ -19,12 +20,17 @@ from PIL import Image
 
 from codec import sources
 from codec.sources import DatasetColumn, SourceError, decode_image
+from training.config import ConfigError, RunConfig, TrainConfig
 
 __all__ = [
     "DataSourceError",
     "DatasetColumn",
     "ImageDataset",
+    "IndexedImages",
+    "build_data",
+    "collate_indexed",
     "collate_skip_bad",
+    "images_in_full_steps",
     "open_image_source",
     "split_train_validation",
 ]
@@ -142,3 +148,57 @@ def split_train_validation(n_items: int, fraction: float, seed: int) -> tuple[li
     n_val = min(max(round(n_items * fraction), 1 if fraction > 0 else 0), max(n_items - 1, 0))
     order = np.random.default_rng(seed).permutation(n_items)
     return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
+
+
+class IndexedImages(torch.utils.data.Dataset):
+    """An ImageDataset whose items carry their index, so each image's posterior noise depends on it alone."""
+
+    def __init__(self, images: ImageDataset) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, position: int):
+        return position, self.images[position]
+
+
+def collate_indexed(batch):
+    good = [(index, pixels) for index, pixels in batch if pixels is not None]
+    return {
+        "indices": torch.tensor([index for index, _ in good], dtype=torch.int64),
+        "pixels": torch.stack([pixels for _, pixels in good]) if good else None,
+        "skipped": len(batch) - len(good),
+    }
+
+
+def build_data(config: TrainConfig) -> tuple[ImageDataset, ImageDataset]:
+    data, seed = config.data, config.run.seed
+    source = open_image_source(data.train, split=data.split, image_column=data.image_column)
+    if data.validation:
+        val_source = open_image_source(data.validation, split=data.split, image_column=data.image_column)
+        train_indices, val_indices = None, list(range(min(len(val_source), data.validation_images)))
+    elif data.validation_fraction > 0:
+        val_source = source
+        train_indices, val_indices = split_train_validation(len(source), data.validation_fraction, seed)
+        val_indices = val_indices[: data.validation_images]
+    else:
+        # No held-out images: validate on center crops of the first training images and say so.
+        logger.warning("no validation data configured: validating on training images (center crops)")
+        val_source, train_indices = source, None
+        val_indices = list(range(min(len(source), data.validation_images)))
+    train = ImageDataset(source, data.resolution, train=True, flip=data.random_flip, seed=seed, indices=train_indices)
+    val = ImageDataset(val_source, data.resolution, train=False, flip=False, seed=seed, indices=val_indices)
+    return train, val
+
+
+def images_in_full_steps(run: RunConfig, images: int, processes: int) -> int:
+    """How many training images an epoch uses: whole optimizer steps of batch x accumulation x processes."""
+    per_step = run.batch_size * run.gradient_accumulation_steps * processes
+    if images < per_step:
+        raise ConfigError(
+            f"data.train: {images} training images make no full step of {per_step} (run.batch_size "
+            f"{run.batch_size} x gradient_accumulation_steps {run.gradient_accumulation_steps} x {processes} "
+            "processes); lower run.batch_size or add images"
+        )
+    return images // per_step * per_step

@@ -16,13 +16,14 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, RandomSampler
 
+from codec.atomic import atomic_write_text
 from codec.distributed import make_accelerator, shutdown
 from codec.distributions import DiagonalGaussianDistribution
 from codec.layers import preferred_memory_format
 from training.config import TrainConfig, load_config, save_config
-from training.data import ImageDataset, open_image_source, split_train_validation
+from training.data import IndexedImages, build_data, collate_indexed, images_in_full_steps
 from training.discriminator import PatchGANDiscriminator, discriminator_step_loss, generator_step_loss
 from training.export import MODEL_CONFIG
 from training.losses import KLLoss, LPIPSLoss, PixelLoss
@@ -31,28 +32,6 @@ from training.state import EMA, LoopState, checkpoint_dir, prune_checkpoints, re
 from training.validation import collate_validation, save_grid, validate
 
 log = logging.getLogger("training")
-
-
-class IndexedImages(Dataset):
-    """An ImageDataset whose items carry their index, so each image's posterior noise depends on it alone."""
-
-    def __init__(self, images: ImageDataset) -> None:
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, position: int):
-        return position, self.images[position]
-
-
-def collate_indexed(batch):
-    good = [(index, pixels) for index, pixels in batch if pixels is not None]
-    return {
-        "indices": torch.tensor([index for index, _ in good], dtype=torch.int64),
-        "pixels": torch.stack([pixels for _, pixels in good]) if good else None,
-        "skipped": len(batch) - len(good),
-    }
 
 
 def posterior_noise(indices: torch.Tensor, shape: tuple[int, ...], seed: int, step: int) -> torch.Tensor:
@@ -78,26 +57,6 @@ def lr_lambda(config: TrainConfig):
         return 1.0
 
     return factor
-
-
-def build_data(config: TrainConfig) -> tuple[ImageDataset, ImageDataset]:
-    data, seed = config.data, config.run.seed
-    source = open_image_source(data.train, split=data.split, image_column=data.image_column)
-    if data.validation:
-        val_source = open_image_source(data.validation, split=data.split, image_column=data.image_column)
-        train_indices, val_indices = None, list(range(min(len(val_source), data.validation_images)))
-    elif data.validation_fraction > 0:
-        val_source = source
-        train_indices, val_indices = split_train_validation(len(source), data.validation_fraction, seed)
-        val_indices = val_indices[: data.validation_images]
-    else:
-        # No held-out images: validate on center crops of the first training images and say so.
-        log.warning("no validation data configured: validating on training images (center crops)")
-        val_source, train_indices = source, None
-        val_indices = list(range(min(len(source), data.validation_images)))
-    train = ImageDataset(source, data.resolution, train=True, flip=data.random_flip, seed=seed, indices=train_indices)
-    val = ImageDataset(val_source, data.resolution, train=False, flip=False, seed=seed, indices=val_indices)
-    return train, val
 
 
 def train(config: TrainConfig, lpips_pretrained: bool = True) -> Path:
@@ -134,6 +93,8 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
         log.warning("run.resume: no checkpoint in %s yet, so this is a new run from step 0", output_dir / "checkpoints")
     if resume_from is not None and accelerator.is_main_process:
         _log_changed_settings(output_dir / "config.yaml", config)
+    train_images, val_images = build_data(config)  # before the run folder: bad data must not leave one behind
+    full_steps = images_in_full_steps(config.run, len(train_images), accelerator.num_processes)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, output_dir / "config.yaml")
@@ -163,12 +124,14 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     ema = EMA(model.vae, opt_config.ema_decay) if opt_config.ema_decay else None
 
-    train_images, val_images = build_data(config)
     generator = torch.Generator().manual_seed(run.seed)
+    indexed = IndexedImages(train_images)
     train_loader = DataLoader(
-        IndexedImages(train_images),
+        indexed,
         batch_size=run.batch_size,
-        shuffle=True,
+        # Each epoch a shuffled subset of whole steps' worth: every optimizer step sees its full global batch
+        # (accelerate would otherwise end an epoch with a short accumulation, at a fraction of the gradient).
+        sampler=RandomSampler(indexed, num_samples=full_steps, generator=generator),
         drop_last=True,
         num_workers=config.data.num_workers,
         collate_fn=collate_indexed,
@@ -186,7 +149,9 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
         discriminator = PatchGANDiscriminator(layers=loss_config.disc_layers)
         if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
             discriminator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
-        disc_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=disc_lr, betas=opt_config.betas)
+        disc_optimizer = torch.optim.AdamW(
+            discriminator.parameters(), lr=disc_lr, betas=opt_config.betas, weight_decay=opt_config.weight_decay
+        )  # the configured decay (LDM: none, plain Adam); AdamW's own default would add 0.01
         prepared += [discriminator, disc_optimizer]
     prepared = accelerator.prepare(*prepared)
     model, optimizer, train_loader, val_loader, scheduler = prepared[:5]
@@ -202,6 +167,8 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
         if disc_step is not None:
             disc_step.register_late()
         _apply_configured_rates(scheduler.scheduler, lr, disc_optimizer, disc_lr)
+        if run.record_data_order:
+            _forget_steps_from(output_dir / f"data_order.rank{accelerator.process_index}.txt", state.step)
         log.info("resumed from %s at step %d", resume_from, state.step)
     if accelerator.log_with:  # the trackers it kept: none where the package is missing (warned once, above)
         accelerator.init_trackers("latent-codec", config={"resolution": resolution, "lr": lr, **_flat(config)})
@@ -410,6 +377,13 @@ def _progress(accelerator, total: int, initial: int):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, disable=not accelerator.is_main_process, desc="train", unit="step")
+
+
+def _forget_steps_from(record: Path, step: int) -> None:
+    """A run killed after its last checkpoint recorded steps that the resumed run trains again: drop them."""
+    if record.is_file():
+        lines = record.read_text().splitlines(keepends=True)
+        atomic_write_text(record, "".join(line for line in lines if int(line.split(" ", 1)[0]) < step))
 
 
 def _sum_over_processes(accelerator, value: int) -> int:

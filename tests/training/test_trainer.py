@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -188,6 +189,55 @@ def test_adversarial_training_runs_and_checkpoints_the_discriminator(tmp_path):
     checkpoint = out / "checkpoints" / "step-0000002"
     assert (checkpoint / "model_1.safetensors").is_file()  # the discriminator, saved with the autoencoder
     assert all(torch.isfinite(t).all() for t in final_weights(out).values())
+    # Its optimizer decays weights as configured (tiny: 0), not by AdamW's own default of 0.01.
+    disc_optimizer = torch.load(checkpoint / "optimizer_1.bin", weights_only=True)
+    assert {group["weight_decay"] for group in disc_optimizer["param_groups"]} == {0.0}
+
+
+def test_too_few_images_for_one_step_is_one_line_and_leaves_no_run_folder(tmp_path, capsys):
+    from training.__main__ import main
+
+    out = tmp_path / "run"
+    assert (
+        main(
+            [
+                "--config",
+                "tiny",
+                *FAST,
+                "run.batch_size=4",
+                "run.gradient_accumulation_steps=2",
+                f"run.output_dir={out}",
+            ]
+        )
+        == 2
+    )
+    assert (
+        "training images make no full step of 8 (run.batch_size 4 x gradient_accumulation_steps 2 x 1 processes)"
+        in capsys.readouterr().err
+    )
+    assert not out.exists()
+
+
+def test_every_step_sees_its_whole_accumulated_batch(tmp_path):
+    # 6 photos, batch 1, accumulation 4: an epoch is one whole step; the 2 left over had made a half step.
+    overrides = [
+        "run.batch_size=1",
+        "run.gradient_accumulation_steps=4",
+        "run.max_steps=3",
+        "run.record_data_order=true",
+    ]
+    out = run_training(tmp_path / "run", *overrides)
+    steps = [int(line.split()[0]) for line in (out / "data_order.rank0.txt").read_text().splitlines()]
+    assert steps == [0] * 4 + [1] * 4 + [2] * 4
+
+
+def test_a_resumed_run_records_the_steps_it_trains_again_once(tmp_path):
+    overrides = ["run.max_steps=3", "run.checkpoint_every=2", "run.record_data_order=true"]
+    out = run_training(tmp_path / "run", *overrides)
+    shutil.rmtree(out / "checkpoints" / "step-0000003")  # as if killed after step 3, before its checkpoint
+    run_training(tmp_path / "run", *overrides, "run.resume=true")
+    steps = [int(line.split()[0]) for line in (out / "data_order.rank0.txt").read_text().splitlines()]
+    assert steps == [0, 1, 2]
 
 
 def test_a_checkpoint_exports_like_the_end_of_the_run(tmp_path):

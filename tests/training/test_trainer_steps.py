@@ -34,9 +34,9 @@ def test_accumulation_beside_a_discriminator_counts_micro_batches_once(tmp_path)
     checkpoint = with_disc / "checkpoints" / "step-0000002"
     assert _optimizer_steps(checkpoint) == 2
     state = torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=False)
-    # Step 1 is micro-batches 1 and 2; step 2 is micro-batch 3, the epoch's last (Accelerate syncs at an epoch's
-    # end). Counted per micro-batch, the run had stopped after 2 of them.
-    assert (state["step"], state["epoch"], state["batches_in_epoch"]) == (2, 0, 3)
+    # 7 photos in batches of 2, accumulated 2: an epoch is one whole step (4 images), so step 2 is the second
+    # epoch's two micro-batches. Counted per micro-batch, the run had stopped after step 1.
+    assert (state["step"], state["epoch"], state["batches_in_epoch"]) == (2, 1, 2)
     a, b = final_weights(plain), final_weights(with_disc)
     assert all(torch.equal(a[key], b[key]) for key in a)
 
