@@ -76,3 +76,24 @@ def test_every_model_is_checked_before_any_work(tmp_path, capsys):
         assert main([*args, "--classic", "none", "--device", "cpu", "-o", str(tmp_path / "out")]) == 2
         assert reason in capsys.readouterr().err
         assert not (tmp_path / "out" / "reference").exists()  # refused before the references were written
+
+
+def test_a_rerun_into_a_folder_inside_the_data_measures_the_same_images(tmp_path):
+    data = tmp_path / "photos"
+    data.mkdir()
+    for seed in range(2):
+        Image.fromarray(_noisy(seed, 32, 40)).save(data / f"{seed}.png")
+    first, _ = _bench(data, data / "bench")
+    again, rows = _bench(data, data / "bench")  # its references, reconstructions and grids are now in the data
+    assert first["images"] == again["images"] == 2 and sorted(row["image"] for row in rows) == ["0", "1"]
+    assert again["rows"][0]["psnr"] == first["rows"][0]["psnr"]
+
+
+def test_a_baseline_named_twice_gets_two_rows(tmp_path):
+    data = tmp_path / "photos"
+    data.mkdir()
+    Image.fromarray(_noisy(0, 32, 40)).save(data / "a.png")
+    args = ["bench", "--model", "bicubic", "--model", "bicubic", "--data", str(data), "--protocol", "full"]
+    assert main([*args, "--no-fid", "--no-lpips", "--classic", "none", "-o", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [(row["name"], row["images"]) for row in summary["rows"]] == [("bicubic", 1), ("bicubic-2", 1)]

@@ -60,7 +60,7 @@ def test_unknown_precision():
 
 def test_bicubic_latent_keeps_as_many_values_as_a_4_channel_f8_latent():
     assert BASELINES["bicubic-latent"] == pytest.approx(math.sqrt(48))
-    baseline = ResampleBaseline("bicubic-latent", "fp16", torch.device("cpu"))
+    baseline = ResampleBaseline("bicubic-latent", "bicubic-latent", "fp16", torch.device("cpu"))
     x = torch.rand(1, 3, 256, 384) * 2 - 1
     stored = baseline.encode(x)
     latent_values = 4 * (256 // 8) * (384 // 8)
@@ -69,7 +69,7 @@ def test_bicubic_latent_keeps_as_many_values_as_a_4_channel_f8_latent():
 
 
 def test_bicubic_stores_3_values_per_64_pixels():
-    baseline = ResampleBaseline("bicubic", "uint8", torch.device("cpu"))
+    baseline = ResampleBaseline("bicubic", "bicubic", "uint8", torch.device("cpu"))
     x = torch.linspace(-1, 1, 64 * 64).view(1, 1, 64, 64).repeat(1, 3, 1, 1)
     stored = baseline.encode(x)
     assert stored.values.shape == (1, 3, 8, 8)

@@ -49,9 +49,9 @@ class LatentCodec:
 class ResampleBaseline(LatentCodec):
     kind = "baseline"
 
-    def __init__(self, name: str, precision: str, device: torch.device) -> None:
-        super().__init__(name, name, precision)
-        self.factor = BASELINES[name]
+    def __init__(self, name: str, spec: str, precision: str, device: torch.device) -> None:
+        super().__init__(name, spec, precision)  # name: the row's (bicubic-2 when asked for twice)
+        self.factor = BASELINES[spec]
         self.device = device
 
     def small_size(self, height: int, width: int) -> tuple[int, int]:
@@ -103,7 +103,7 @@ class VaeCodec(LatentCodec):
 def load_codec(spec: str, name: str, precision: str, device: torch.device, dtype: torch.dtype) -> LatentCodec:
     """A baseline by name, else a VAE through `AutoencoderKL.load` (folder, file, hub id, builtin, preset)."""
     if spec in BASELINES:
-        return ResampleBaseline(spec, precision, device)
+        return ResampleBaseline(name, spec, precision, device)
     from codec.model import AutoencoderKL
 
     vae = AutoencoderKL.load(spec, torch_dtype=dtype).to(device).eval()

@@ -93,11 +93,20 @@ def _dataset_items(split: sources.DatasetSplit, column: str) -> list[BenchItem]:
     return items
 
 
-def open_source(source: str | os.PathLike, split: str = "validation", column: str = "image") -> list[BenchItem]:
+def open_source(
+    source: str | os.PathLike, split: str = "validation", column: str = "image", output: Path | None = None
+) -> list[BenchItem]:
     """Items of a folder (recursive, sorted), an image file, a .txt list, a .parquet file or folder, a saved dataset
-    or a hub dataset name."""
+    or a hub dataset name. A folder's images under `output` (the benchmark's own folder, inside the data) are left
+    out: a rerun would otherwise measure the earlier run's references, reconstructions and grids as photos."""
     opened = sources.open_source(source, split=split, single_image=True)
     if isinstance(opened, sources.DatasetSplit):
         return _dataset_items(opened, column)
+    paths = opened.paths
+    if output is not None and opened.kind == "folder":
+        output = Path(output).resolve()
+        paths = [path for path in paths if not path.resolve().is_relative_to(output)]
+        if not paths:
+            raise sources.SourceError(f"{source}: no images outside the benchmark's own folder {output}")
     # A folder's names are paths relative to it; a list's or a single image's, file names.
-    return _path_items(opened.paths, opened.path if opened.kind == "folder" else None)
+    return _path_items(paths, opened.path if opened.kind == "folder" else None)
