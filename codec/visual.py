@@ -10,11 +10,18 @@ from PIL import Image, ImageDraw
 LABEL_HEIGHT = 18
 
 
-def error_heatmap(reference: np.ndarray, reconstruction: np.ndarray, full_scale: float = 32.0) -> Image.Image:
-    """Per-pixel mean absolute error as a black-red-yellow-white map; `full_scale` levels of error saturate it."""
+HEATMAP_FULL_SCALE = 32.0
+HEATMAP_LABEL = f"abs error (yellow: {HEATMAP_FULL_SCALE:.0f}+ levels)"
+
+
+def error_heatmap(
+    reference: np.ndarray, reconstruction: np.ndarray, full_scale: float = HEATMAP_FULL_SCALE
+) -> Image.Image:
+    """Per-pixel mean absolute error as a black-red-yellow map; `full_scale` levels of error saturate it. It stops
+    at yellow, not white: the worst errors must not look like the white canvas the pictures sit on."""
     error = np.abs(reference.astype(np.float32) - reconstruction.astype(np.float32)).mean(axis=2)
     t = np.clip(error / full_scale, 0.0, 1.0)
-    rgb = np.stack([np.clip(3 * t, 0, 1), np.clip(3 * t - 1, 0, 1), np.clip(3 * t - 2, 0, 1)], axis=2)
+    rgb = np.stack([np.clip(2 * t, 0, 1), np.clip(2 * t - 1, 0, 1), np.zeros_like(t)], axis=2)
     return Image.fromarray((rgb * 255).round().astype(np.uint8))
 
 

@@ -152,9 +152,9 @@ def test_error_heatmap_large_error_is_bright(photo):
     assert heat.shape == (200, 240, 3)
     assert heat[100:].max() == 0
     error = np.abs(photo.astype(int) - wrong.astype(int)).mean(axis=2)
-    saturated = error[:100] >= 32  # full scale: 32 levels of error give white
+    saturated = error[:100] >= 32  # full scale: 32 levels of error give yellow, not the canvas' white
     assert saturated.mean() > 0.5
-    assert np.all(heat[:100][saturated] == 255)
+    assert np.all(heat[:100][saturated] == [255, 255, 0])
     # Brightness grows with the error: a small uniform error is dim red, a larger one brighter.
     dim = np.asarray(error_heatmap(photo, np.clip(photo.astype(int) + 4, 0, 255).astype(np.uint8)))
     mid = np.asarray(error_heatmap(photo, np.clip(photo.astype(int) + 16, 0, 255).astype(np.uint8)))

@@ -11,10 +11,9 @@ from PIL import Image
 
 from codec.atomic import atomic_path
 from codec.bench.scoring import load_png
-from codec.visual import error_heatmap, side_by_side
+from codec.visual import HEATMAP_LABEL, error_heatmap, side_by_side
 
 MAX_SIDE = 512
-HEATMAP_FULL_SCALE = 32.0  # error levels that saturate the map
 
 
 def _crop(array: np.ndarray) -> np.ndarray:
@@ -34,15 +33,15 @@ def ranked_images(summary: dict) -> tuple[str, list[str]]:
 def comparison(output: Path, image: str, summary: dict) -> Image.Image:
     reference = _crop(load_png(output / "reference" / f"{image}.png"))
     psnr = {r["model"]: r["psnr"] for r in summary["records"] if r["image"] == image}
-    top, bottom, labels, heat_labels = [Image.fromarray(reference)], [], [f"{image} original"], ["abs error"]
+    top, bottom, labels, heat_labels = [Image.fromarray(reference)], [], [f"{image} original"], [HEATMAP_LABEL]
     blank = Image.new("RGB", (reference.shape[1], reference.shape[0]), "white")
     bottom.append(blank)
     for row in summary["rows"]:
         recon = _crop(load_png(output / "reconstructions" / row["name"] / f"{image}.png"))
         top.append(Image.fromarray(recon))
-        bottom.append(error_heatmap(reference, recon, full_scale=HEATMAP_FULL_SCALE))
+        bottom.append(error_heatmap(reference, recon))
         labels.append(f"{row['name']} {psnr.get(row['name'], float('nan')):.2f} dB")
-        heat_labels.append(f"{row['name']} error (x{255 / HEATMAP_FULL_SCALE:.0f})")
+        heat_labels.append(f"{row['name']} error")
     upper, lower = side_by_side(top, labels), side_by_side(bottom, heat_labels)
     canvas = Image.new("RGB", (upper.width, upper.height + lower.height), "white")
     canvas.paste(upper, (0, 0))

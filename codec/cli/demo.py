@@ -17,7 +17,7 @@ from codec.atomic import atomic_path, atomic_write_text
 from codec.cli.common import add_model_options, format_ssim, load_model, output_stems, ssim_or_none
 from codec.images import image_to_tensor, list_images, tensor_to_pil, tensor_to_uint8
 from codec.metrics import psnr
-from codec.visual import error_heatmap, grid, side_by_side
+from codec.visual import HEATMAP_LABEL, error_heatmap, grid, side_by_side
 
 SAMPLES = Path(__file__).resolve().parents[1] / "assets" / "samples"
 INTERPOLATION_STEPS = 7
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"{Path(path).name}: PSNR {image_psnr:.2f} dB, SSIM {format_ssim(image_ssim)}, latent {tuple(z.shape[1:])}"
         )
-    comparison = grid(rows, ["original", "reconstruction", "abs error (x8)"])
+    comparison = grid(rows, ["original", "reconstruction", HEATMAP_LABEL])
     _save(comparison, out / "comparison.png")
 
     # Interpolation: a straight line between two images' latent means, decoded. A KL-regularised latent space

@@ -15,7 +15,7 @@ from codec.atomic import atomic_path, atomic_write_text
 from codec.cli.common import add_model_options, format_ssim, load_model, output_stems, ssim_or_none
 from codec.images import image_to_tensor, tensor_to_uint8
 from codec.metrics import psnr
-from codec.visual import error_heatmap, side_by_side
+from codec.visual import HEATMAP_LABEL, error_heatmap, side_by_side
 
 
 def add_parsers(subparsers) -> None:
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         _save_png(Image.fromarray(recon), args.output / f"{stem}.png")
         comparison = side_by_side(
             [Image.fromarray(original), Image.fromarray(recon), error_heatmap(original, recon)],
-            ["original", f"reconstruction {image_psnr:.2f} dB", "abs error (x8)"],
+            ["original", f"reconstruction {image_psnr:.2f} dB", HEATMAP_LABEL],
         )
         _save_png(comparison, args.output / f"{stem}_compare.png")
         rows.append((path.name, original.shape[1], original.shape[0], image_psnr, image_ssim, seconds))
