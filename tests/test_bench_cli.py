@@ -187,3 +187,52 @@ def test_errors_are_reported_plainly(tmp_path, data_dir, capsys):
     assert "missing: no such file or folder" in capsys.readouterr().err
     assert main(["bench", "--model", "bicubic", "--data", str(data_dir), "--classic", "gif", "-o", str(tmp_path)]) == 2
     assert "gif" in capsys.readouterr().err
+
+
+def test_a_killed_or_failed_run_leaves_the_earlier_benchmark_and_nothing_of_its_own(tmp_path, model_dir, data_dir):
+    output = tmp_path / "out"
+    common = ["--data", str(data_dir), "--limit", "1", "--classic", "none", "--no-fid", "--no-lpips", "-o", str(output)]
+    assert main(["bench", "--model", "bicubic", *common]) == 0
+    before = (output / "summary.json").read_text()
+    # What a run killed midway leaves: the earlier benchmark set aside, and its own partial references.
+    (output / ".previous-benchmark").mkdir()
+    for name in ("reference", "reconstructions", "grids", "plots", "summary.json", "summary.md", "per_image.csv"):
+        (output / name).rename(output / ".previous-benchmark" / name)
+    (output / "reference").mkdir()
+    (output / "reference" / "partial.png").write_bytes(b"")
+    assert main(["bench", "--model", str(tmp_path / "typo"), *common]) == 2  # refused: nothing new to show
+    assert (output / "summary.json").read_text() == before and not (output / ".previous-benchmark").exists()
+    assert not (output / "reference" / "partial.png").exists()
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(bad / "a.png")  # written before the failure
+    (bad / "broken.png").write_bytes(b"\x89PNG not really")
+    fresh = tmp_path / "fresh"
+    assert main(["bench", "--model", "bicubic", "--data", str(bad), *common[4:-1], str(fresh)]) == 2
+    assert not any(fresh.iterdir())  # a failed first run leaves no partial benchmark
+
+
+def test_an_interrupted_run_and_an_output_that_is_a_file_are_said_plainly(tmp_path, data_dir, capsys, monkeypatch):
+    (tmp_path / "file").write_text("")
+    assert main(["bench", "--model", "bicubic", "--data", str(data_dir), "-o", str(tmp_path / "file")]) == 2
+    assert "file: is a file; -o takes the folder" in capsys.readouterr().err
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("codec.bench.bench", interrupted)
+    assert main(["bench", "--model", "bicubic", "--data", str(data_dir), "-o", str(tmp_path / "o")]) == 130
+    assert capsys.readouterr().err.strip() == "codec bench: interrupted"
+
+
+def test_a_classic_codec_that_cannot_reach_the_rate_is_flagged(tmp_path):
+    data = tmp_path / "small"
+    data.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(data / "a.png")
+    args = ["bench", "--model", "preset:tiny", "--data", str(data), "--protocol", "full", "--classic", "jpeg"]
+    assert main([*args, "--no-fid", "--no-lpips", "-o", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    (jpeg,) = [row for row in summary["rows"] if row["kind"] == "classic"]
+    assert jpeg["rate_met_fraction"] == 0 and jpeg["bpp"] > 1.0  # a JPEG's headers alone exceed 1 bpp at 24x24
+    assert f"{jpeg['name']} fit its target rate for 0 of 1 images" in (tmp_path / "out" / "summary.md").read_text()

@@ -56,8 +56,10 @@ def bench(options: BenchOptions, device: torch.device | None = None) -> dict | N
 def _bench(options: BenchOptions, group: Group, device: torch.device) -> dict | None:
     from codec.bench import grids, plots, report
 
+    there_before: set[str] = set()
     if group.rank == 0:
         _set_previous_benchmark_aside(options.output)
+        there_before = {name for name in BENCH_OUTPUTS if (options.output / name).exists()}
     group.barrier()  # no rank writes a reconstruction before the old ones are out of the way
     options.output.mkdir(parents=True, exist_ok=True)
     try:
@@ -70,7 +72,7 @@ def _bench(options: BenchOptions, group: Group, device: torch.device) -> dict | 
         report.write(summary, options.output)
     except BaseException:
         if group.rank == 0:
-            _restore_previous_benchmark(options.output)
+            _restore_previous_benchmark(options.output, keep=there_before)
         raise
     shutil.rmtree(options.output / PREVIOUS, ignore_errors=True)
     log.info("wrote %s", options.output)
@@ -94,6 +96,9 @@ def _set_previous_benchmark_aside(output: Path) -> None:
     """A rerun into the same folder replaces the earlier benchmark: its reconstructions and grids of models not in
     this run would otherwise sit beside the new ones as if they belonged to it. They wait in PREVIOUS until this
     run has written its report, and come back if it fails (a mistyped --model must not cost the old results)."""
+    if (output / PREVIOUS).is_dir() and not _is_benchmark(output):
+        log.info("%s: a run was killed here; putting back the benchmark it had set aside", output)
+        _restore_previous_benchmark(output, keep=set())
     if not _is_benchmark(output):
         return
     log.info("%s: replacing the benchmark written there before", output)
@@ -105,12 +110,14 @@ def _set_previous_benchmark_aside(output: Path) -> None:
             (output / name).rename(aside / name)
 
 
-def _restore_previous_benchmark(output: Path) -> None:
+def _restore_previous_benchmark(output: Path, keep: set[str]) -> None:
+    """After a failed run: remove what it wrote (the names in BENCH_OUTPUTS, but those in `keep`, which were there
+    before it and were not a benchmark's) and put back the benchmark set aside, if any."""
     aside = output / PREVIOUS
-    if not aside.is_dir():
-        return
     for name in BENCH_OUTPUTS:
         partial = output / name
+        if name in keep:
+            continue
         if partial.is_dir():
             shutil.rmtree(partial)
         elif partial.exists():

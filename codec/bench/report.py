@@ -131,6 +131,15 @@ def summarize(shards: list[Shard], options: BenchOptions, device: str, world: in
         "counted in the rate); bicubic-latent keeps as many values as a 4-channel f8 latent (side factor sqrt(48)); "
         "JPEG/WebP file sizes include headers"
     )
+    missed = [row for row in rows if row["kind"] == "classic" and row["rate_met_fraction"] < 1]
+    if missed:
+        notes["classic_rate"] = "; ".join(
+            f"{row['name']} fit its target rate for {round(row['rate_met_fraction'] * row['images'])} of "
+            f"{row['images']} images (mean quality {row['quality_mean']:.0f}); where no quality fits, the lowest is "
+            "used and its bpp is above the target, so compare its row with that in mind"
+            for row in missed
+        )
+    notes["weights"] = "weights MB: the model's weights in memory at the precision it ran in (--dtype), not on disk"
     rd = {}
     for point in (p for shard in shards for p in shard.rd_points):
         rd.setdefault(point["codec"], {}).setdefault(point["quality"], []).append(point)

@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         # Errors a user can act on: print them plainly, without a traceback from deep inside torch.
         print(f"codec {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what was written stays valid (atomic files; bench restores the last run)
+        print(f"codec {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

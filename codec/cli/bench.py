@@ -88,6 +88,10 @@ def _command(args: argparse.Namespace) -> str:
     if args.classic != "jpeg,webp":
         words += ["--classic", args.classic]
     words += ["--no-lpips"] * args.no_lpips + ["--no-fid"] * args.no_fid
+    defaults = {"batch_size": 8, "grid_images": 2, "device": "auto", "split": "validation", "image_column": "image"}
+    for name, default in defaults.items():
+        if getattr(args, name) != default:
+            words += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     if args.dtype != "fp32":
         words += ["--dtype", args.dtype]
     return shlex.join([*words, "-o", str(args.output)])
@@ -101,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.output.exists() and not args.output.is_dir():
+        raise ValueError(f"{args.output}: is a file; -o takes the folder to write the benchmark in")
     options = BenchOptions(
         models=args.models,
         data=args.data,
