@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from codec.metrics import ms_ssim, psnr, psnr_db, ssim
-from codec.visual import LABEL_HEIGHT, error_heatmap, grid, side_by_side
+from codec.visual import LABEL_HEIGHT, error_heatmap, grid, label_width, side_by_side
 
 KODAK = Path("/work/shared/data/kodak/kodim23.png")
 NOISE_LEVELS = (1.0, 4.0, 12.0, 40.0, 100.0)
@@ -162,9 +162,9 @@ def test_error_heatmap_large_error_is_bright(photo):
 
 
 def test_side_by_side_size():
-    images = [Image.new("RGB", (30, 20), "red"), Image.new("RGB", (50, 40), "blue"), Image.new("RGB", (10, 10))]
+    images = [Image.new("RGB", (30, 20), "red"), Image.new("RGB", (50, 40), "blue"), Image.new("RGB", (20, 10))]
     canvas = side_by_side(images, ["a", "b", "c"], gap=4)
-    assert canvas.size == (30 + 50 + 10 + 2 * 4, 40 + LABEL_HEIGHT)
+    assert canvas.size == (30 + 50 + 20 + 2 * 4, 40 + LABEL_HEIGHT)
     pixels = np.asarray(canvas)
     assert pixels[LABEL_HEIGHT + 5, 5].tolist() == [255, 0, 0]
     assert pixels[LABEL_HEIGHT + 5, 34 + 5].tolist() == [0, 0, 255]
@@ -173,3 +173,13 @@ def test_side_by_side_size():
         side_by_side(images, ["a", "b"])
     rows = grid([images, images], ["a", "b", "c"])
     assert rows.size == (canvas.width, 2 * canvas.height)
+
+
+def test_a_label_wider_than_its_image_widens_its_column_in_every_row():
+    small = [Image.new("RGB", (20, 20), "red"), Image.new("RGB", (20, 20), "blue")]
+    label = "a label much wider than twenty pixels"
+    rows = np.asarray(grid([small, small], [label, "b"], gap=4))
+    blue_start = label_width(label) + 4  # the second column starts after the label, not over it
+    for top in (LABEL_HEIGHT, 2 * LABEL_HEIGHT + 20):  # the second row, unlabelled, keeps the same columns
+        assert rows[top + 5, blue_start + 2].tolist() == [0, 0, 255]
+        assert rows[top + 5, 30].tolist() == [255, 255, 255]  # past the small image: its cell's background

@@ -11,7 +11,7 @@ from PIL import Image
 
 from codec.atomic import atomic_path
 from codec.bench.scoring import load_png
-from codec.visual import HEATMAP_LABEL, error_heatmap, side_by_side
+from codec.visual import HEATMAP_LABEL, column_widths, error_heatmap, side_by_side
 
 MAX_SIDE = 512
 
@@ -42,7 +42,8 @@ def comparison(output: Path, image: str, summary: dict) -> Image.Image:
         bottom.append(error_heatmap(reference, recon))
         labels.append(f"{row['name']} {psnr.get(row['name'], float('nan')):.2f} dB")
         heat_labels.append(f"{row['name']} error")
-    upper, lower = side_by_side(top, labels), side_by_side(bottom, heat_labels)
+    widths = column_widths([top, bottom], [labels, heat_labels])
+    upper, lower = side_by_side(top, labels, widths=widths), side_by_side(bottom, heat_labels, widths=widths)
     canvas = Image.new("RGB", (upper.width, upper.height + lower.height), "white")
     canvas.paste(upper, (0, 0))
     canvas.paste(lower, (0, upper.height))
