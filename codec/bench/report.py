@@ -139,7 +139,7 @@ def summarize(shards: list[Shard], options: BenchOptions, device: str, world: in
             "used and its bpp is above the target, so compare its row with that in mind"
             for row in missed
         )
-    notes["weights"] = "weights MB: the model's weights in memory at the precision it ran in (--dtype), not on disk"
+    notes["weights"] = "MB of each model's weights in memory, at the precision it ran in (--dtype), not on disk"
     rd = {}
     for point in (p for shard in shards for p in shard.rd_points):
         rd.setdefault(point["codec"], {}).setdefault(point["quality"], []).append(point)
