@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-Logs = dict[str, float]
+Logs = dict[str, torch.Tensor | float]  # detached scalars, read at log steps
 
 
 class PatchGANDiscriminator(nn.Module):
@@ -170,7 +170,7 @@ def generator_step_loss(
     else:
         weight = torch.zeros((), device=g_loss.device)
     loss = disc_weight * weight * g_loss
-    logs = {"g_adv": g_loss.item(), "adaptive_weight": weight.item(), "g_adv_loss": loss.item()}
+    logs = {"g_adv": g_loss.detach(), "adaptive_weight": weight.detach(), "g_adv_loss": loss.detach()}
     return loss, {**logs, "disc_active": 1.0}
 
 
@@ -193,5 +193,5 @@ def discriminator_step_loss(
     logits_real = discriminator(real.detach())
     logits_fake = discriminator(reconstruction.detach())
     loss = hinge_d_loss(logits_real, logits_fake)
-    logs = {"d_loss": loss.item(), "logits_real": logits_real.float().mean().item()}
-    return loss, {**logs, "logits_fake": logits_fake.float().mean().item(), "disc_active": 1.0}
+    logs = {"d_loss": loss.detach(), "logits_real": logits_real.detach().float().mean()}
+    return loss, {**logs, "logits_fake": logits_fake.detach().float().mean(), "disc_active": 1.0}

@@ -1,8 +1,9 @@
 """Reconstruction and regularisation losses for fine-tuning the VAE: pixel, LPIPS and KL.
 
 Each loss is an `nn.Module` whose forward returns `(loss, logs)`: `loss` is a scalar tensor already multiplied
-by the loss's weight, so the trainer just adds them up; `logs` maps names to detached Python floats (the raw,
-unweighted value and the weighted contribution), ready for a logger.
+by the loss's weight, so the trainer just adds them up; `logs` maps names to detached scalar tensors (the raw,
+unweighted value and the weighted contribution). They stay on the device: turning them into Python floats every
+step would make the CPU wait for the GPU each time; the trainer averages them and reads them at log steps only.
 
 The adversarial part lives in `training.discriminator`.
 """
@@ -18,7 +19,7 @@ from torch import nn
 
 from codec.distributions import DiagonalGaussianDistribution
 
-Logs = dict[str, float]
+Logs = dict[str, torch.Tensor | float]  # detached scalars, read at log steps
 LPIPSNet = Literal["vgg", "alex"]
 
 # torchvision's weight enums for the LPIPS trunks, to name the file a user has to fetch when it is missing.
@@ -42,7 +43,7 @@ class PixelLoss(nn.Module):
         diff = reconstruction.float() - target.float()
         raw = diff.abs().mean() if self.kind == "l1" else diff.square().mean()
         loss = self.weight * raw
-        return loss, {f"pixel_{self.kind}": raw.item(), "pixel_loss": loss.item()}
+        return loss, {f"pixel_{self.kind}": raw.detach(), "pixel_loss": loss.detach()}
 
 
 class LPIPSUnavailable(RuntimeError):
@@ -139,7 +140,7 @@ class LPIPSLoss(nn.Module):
         target = target.detach().to(dtype)
         raw = self.lpips(reconstruction.to(dtype), target).float().mean()  # (B, 1, 1, 1) -> mean over the batch
         loss = self.weight * raw
-        return loss, {"lpips": raw.item(), "lpips_loss": loss.item()}
+        return loss, {"lpips": raw.detach(), "lpips_loss": loss.detach()}
 
 
 class KLLoss(nn.Module):
@@ -163,4 +164,4 @@ class KLLoss(nn.Module):
         kl = posterior.kl().float()  # (B,): sum over C, H, W per sample; fp32 because that sum is large
         raw = kl.sum() / kl.shape[0]
         loss = self.weight * raw
-        return loss, {"kl": raw.item(), "kl_loss": loss.item()}
+        return loss, {"kl": raw.detach(), "kl_loss": loss.detach()}

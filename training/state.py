@@ -134,3 +134,32 @@ def prune_checkpoints(output_dir: Path, keep: int, current: Path) -> None:
     older = [c for c in list_checkpoints(output_dir) if _step(c) < _step(current)]
     for old in older[: max(0, len(older) - (keep - 1))] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+
+
+class RunningMeans:
+    """Means of the logged values since the last log step, over micro-batches and then over processes.
+
+    Values stay detached tensors on the device until `read`: a float() per step would make the CPU wait for the
+    GPU every step. Every process must call `read` at the same steps with the same names (it is a collective).
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = {}
+
+    def add(self, values: dict[str, torch.Tensor | float]) -> None:
+        for name, value in values.items():
+            value = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+            self._sums[name] = self._sums[name] + value.to(self._sums[name].device) if name in self._sums else value
+            self._counts[name] = self._counts.get(name, 0) + 1
+
+    def read(self, accelerator) -> dict[str, float]:
+        """The means, averaged over processes; then starts afresh."""
+        if not self._sums:
+            return {}
+        names = sorted(self._sums)
+        means = torch.stack([(self._sums[n] / self._counts[n]).to(accelerator.device) for n in names])
+        if accelerator.num_processes > 1:
+            means = accelerator.reduce(means, reduction="mean")
+        self._sums, self._counts = {}, {}
+        return dict(zip(names, means.tolist(), strict=True))

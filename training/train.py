@@ -28,7 +28,7 @@ from training.discriminator import PatchGANDiscriminator, discriminator_step_los
 from training.export import MODEL_CONFIG
 from training.losses import KLLoss, LPIPSLoss, PixelLoss
 from training.model import TrainingAutoencoder, build_autoencoder
-from training.state import EMA, LoopState, checkpoint_dir, prune_checkpoints, resolve_resume
+from training.state import EMA, LoopState, RunningMeans, checkpoint_dir, prune_checkpoints, resolve_resume
 from training.validation import collate_validation, save_grid, validate
 
 log = logging.getLogger("training")
@@ -178,9 +178,10 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
     latent_shape = unwrapped.vae.config.latent_shape(resolution, resolution)
     progress = _progress(accelerator, run.max_steps, state.step)
     start = time.perf_counter()
-    # Skipped images are summed across processes only at log steps: a per-step reduce (or loss.item()) would
-    # make the CPU wait for the GPU every step instead of queueing the next one.
+    # Skipped images and the logged losses are summed across processes only at log steps: a per-step reduce (or
+    # loss.item()) would make the CPU wait for the GPU every step instead of queueing the next one.
     pending_skipped = 0
+    means = RunningMeans()
     while state.step < run.max_steps:
         train_images.set_epoch(state.epoch)
         train_loader.set_epoch(state.epoch)
@@ -246,6 +247,7 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
                     if d_loss.requires_grad:
                         disc_step(d_loss * 0.0 if blank else d_loss)
                     logs = {**logs, **d_logs}
+            means.add({**logs, "loss": loss})  # every micro-batch counts in what is logged, not just the last
             if not accelerator.sync_gradients:
                 continue
             state.step += 1
@@ -260,7 +262,7 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
             if at_log_step or last:  # the skipped-image count is summed here, so before every checkpoint
                 state.skipped_images += _sum_over_processes(accelerator, pending_skipped)
                 pending_skipped = 0
-                _log_step(accelerator, state, logs, loss, progress, start)
+                _log_step(accelerator, state, means.read(accelerator), progress, start)
             if state.step % run.validate_every == 0 or last:
                 _validate(
                     accelerator, unwrapped.vae, ema, val_loader, pixel_loss, lpips_loss, kl_loss, state, output_dir
@@ -404,11 +406,10 @@ def _out_of_time(accelerator, limit_minutes: float | None, start: float, at_log_
     return at_log_step and _sum_over_processes(accelerator, int(over)) > 0
 
 
-def _log_step(accelerator, state: LoopState, logs: dict, loss, progress, start) -> None:
-    loss_value = loss.item()
-    progress.set_postfix(loss=f"{loss_value:.4f}", skipped=state.skipped_images)
-    logs = {f"train/{key}": value for key, value in logs.items()}
-    logs["train/loss"] = loss_value
+def _log_step(accelerator, state: LoopState, means: dict[str, float], progress, start) -> None:
+    """Log the means since the last log step (over micro-batches and processes)."""
+    progress.set_postfix(loss=f"{means['loss']:.4f}", skipped=state.skipped_images)
+    logs = {f"train/{key}": value for key, value in means.items()}
     logs["train/skipped_images"] = state.skipped_images
     logs["train/steps_per_second"] = progress.n / max(time.perf_counter() - start, 1e-9)
     accelerator.log(logs, step=state.step)

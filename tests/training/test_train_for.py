@@ -46,10 +46,10 @@ def test_a_budgeted_run_records_its_steps_and_exports(tmp_path, capsys):
     assert recorded["optimizer"]["warmup_steps"] == warmup == min(50, steps // 10)
     assert (out / "final" / "diffusion_pytorch_model.safetensors").is_file()
     # All the steps, or (on a machine whose speed wandered after the trials) as many as the safety net allowed,
-    # stopping at a log step with its checkpoint: a full-suite run here once stopped at 80 of 116.
+    # stopping with its checkpoint: a full-suite run here once stopped at 80 of 116.
     (last,) = (out / "checkpoints").iterdir()
     stopped = int(last.name.removeprefix("step-"))
-    assert stopped == steps or (25 < stopped < steps and stopped % recorded["run"]["log_every"] == 0)
+    assert 25 < stopped <= steps
     assert 0 < recorded["run"]["time_limit_minutes"] < budget_s / 60  # the safety net, inside the budget
     # The point of the script; loose, since a loaded machine's step time wanders between trial and run.
     assert elapsed < 2 * budget_s

@@ -29,3 +29,18 @@ def test_init_logvar_moves_only_the_log_variance():
 def test_init_logvar_is_refused_for_pretrained_weights():
     with pytest.raises(ConfigError, match="init_logvar"):
         ModelConfig(init="builtin", init_logvar=-6.0).validate()
+
+
+def test_running_means_average_every_micro_batch_and_start_afresh():
+    from types import SimpleNamespace
+
+    from training.state import RunningMeans
+
+    accelerator = SimpleNamespace(num_processes=1, device=torch.device("cpu"))
+    means = RunningMeans()
+    means.add({"loss": torch.tensor(1.0), "disc_active": 0.0})
+    means.add({"loss": torch.tensor(3.0, requires_grad=True) * 1, "disc_active": 1.0})
+    assert means.read(accelerator) == {"disc_active": 0.5, "loss": 2.0}
+    means.add({"loss": torch.tensor(5.0)})
+    assert means.read(accelerator) == {"loss": 5.0}  # only what came since the last read
+    assert means.read(accelerator) == {}
