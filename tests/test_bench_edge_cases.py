@@ -87,6 +87,10 @@ def test_a_rerun_into_a_folder_inside_the_data_measures_the_same_images(tmp_path
     again, rows = _bench(data, data / "bench")  # its references, reconstructions and grids are now in the data
     assert first["images"] == again["images"] == 2 and sorted(row["image"] for row in rows) == ["0", "1"]
     assert again["rows"][0]["psnr"] == first["rows"][0]["psnr"]
+    for output in (data, tmp_path):  # the data folder itself, or a folder that holds it: its images still count
+        for _ in range(2):
+            summary, _ = _bench(data, output)
+            assert summary["images"] == 2
 
 
 def test_a_baseline_named_twice_gets_two_rows(tmp_path):

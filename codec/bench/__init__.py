@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from codec.bench.data import BENCH_OUTPUTS, PREVIOUS
 from codec.bench.runner import BenchError, BenchOptions, Group, run_and_gather
 
 log = logging.getLogger("codec.bench")
@@ -77,11 +78,6 @@ def _bench(options: BenchOptions, group: Group, device: torch.device) -> dict | 
     shutil.rmtree(options.output / PREVIOUS, ignore_errors=True)
     log.info("wrote %s", options.output)
     return summary
-
-
-# What a benchmark writes into its output folder; nothing else there is touched.
-BENCH_OUTPUTS = ("reference", "reconstructions", "grids", "plots", "summary.json", "summary.md", "per_image.csv")
-PREVIOUS = ".previous-benchmark"
 
 
 def _is_benchmark(output: Path) -> bool:

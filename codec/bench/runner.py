@@ -228,7 +228,7 @@ def run_shard(options: BenchOptions, group: Group, device: torch.device, quiet: 
     for spec in options.models:  # all of them before any work: a typo in the last would surface hours later
         if spec not in BASELINES:
             check_spec(spec)
-    items = open_source(options.data, split=options.split, column=options.column, output=options.output)
+    items = open_source(options.data, split=options.split, column=options.column)
     if options.limit is not None:
         items = items[: options.limit]
     mine = items[group.rank :: group.world]
