@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 WEIGHTS_STEM = "diffusion_pytorch_model"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")  # .sft: FLUX's ae.sft
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+SHARD_NAME = re.compile(rf"{WEIGHTS_STEM}(\.\w+)?-\d{{5}}-of-\d{{5}}(\.\w+)?\.(safetensors|bin)")
 
 
 def _weight_names(variant: str | None) -> list[str]:
@@ -166,8 +167,12 @@ def _remove_stale_shards(directory: Path, variant: str | None) -> None:
             except CheckpointError:
                 shards = set()
             index.unlink()
+            # Only files named as diffusers names shards (stem-00001-of-00003...): an index is data from elsewhere,
+            # and one naming config.json or the weights just written must not delete them.
+            shards = [directory / shard for shard in sorted(shards) if SHARD_NAME.fullmatch(shard)]
             for shard in shards:
-                (directory / shard).unlink(missing_ok=True)
+                if shard.is_file():
+                    shard.unlink()
             log.info("%s: removed an earlier model's sharded weights (%d shards)", directory, len(shards))
 
 

@@ -174,6 +174,13 @@ def test_saving_over_a_sharded_model_removes_its_shards(diffusers_vae, tiny_conf
     assert_same_tensors(diffusers.AutoencoderKL.from_pretrained(tmp_path).state_dict(), new.state_dict())
     new.save_pretrained(tmp_path / "kept")  # the fp16 variant's shards are another model's files: left alone
     assert (tmp_path / "kept" / "diffusion_pytorch_model.safetensors.index.fp16.json").is_file()
+    # An index is data from elsewhere: one naming the files just written deletes neither.
+    odd = {"weight_map": {"a": "config.json", "b": WEIGHTS, "c": "notes.txt"}}
+    (tmp_path / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(odd))
+    (tmp_path / "notes.txt").write_text("mine")
+    new.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("*.*")) == ["config.json", WEIGHTS, "notes.txt"]
+    assert_same_tensors(codec.AutoencoderKL.from_pretrained(tmp_path).state_dict(), new.state_dict())
 
 
 def test_fp16_variant_file_naming(diffusers_vae, ours, tmp_path, assert_same_tensors):
