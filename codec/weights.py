@@ -81,18 +81,31 @@ def load_from_hub(
     torch_dtype: torch.dtype | None,
     revision: str | None = None,
 ):
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+    import huggingface_hub
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RevisionNotFoundError,
+    )
 
     def fetch(filename: str, folder: str | None) -> Path | None:
         """The file, downloaded or from the cache; None where the repository has no such file."""
         try:
-            return Path(hf_hub_download(repo_id, filename, subfolder=folder, revision=revision))
+            return Path(huggingface_hub.hf_hub_download(repo_id, filename, subfolder=folder, revision=revision))
         # LocalEntryNotFoundError (offline, not cached) subclasses EntryNotFoundError: it must be caught first.
         except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
+            # Offline, the cache also remembers which files the repository lacks (a sharded VAE has no single
+            # weights file): those are missing, not unreachable.
+            path = f"{folder}/{filename}" if folder else filename
+            if _known_absent(huggingface_hub.try_to_load_from_cache(repo_id, path, revision=revision)):
+                return None
             raise _hub_unreachable(repo_id, error) from None
         except EntryNotFoundError:
             return None
+        except RevisionNotFoundError:
+            raise CheckpointError(f"{repo_id}: no revision {revision!r} (a branch, tag or commit)") from None
         except (HfHubHTTPError, OSError) as error:
             raise _hub_unreachable(repo_id, error) from None
 
@@ -115,7 +128,13 @@ def load_from_hub(
         raise CheckpointError(
             f"{repo_id}: no weights file in {where}; expected one of {', '.join(_weight_names(variant))}"
         )
-    raise CheckpointError(f"{repo_id}: no config.json at the root or in {subfolder or 'vae'}/")
+    where = f"in {subfolder}/" if subfolder else "at the root or in vae/"
+    raise CheckpointError(f"{repo_id}: no config.json {where}")
+
+
+def _known_absent(cached: object) -> bool:
+    """try_to_load_from_cache's answer: a path (cached), None (unknown), or a marker for "the repository lacks it"."""
+    return cached is not None and not isinstance(cached, str)
 
 
 def _hub_unreachable(repo_id: str, error: Exception) -> CheckpointError:

@@ -22,6 +22,7 @@ class FakeHub:
         self.root = root
         self.calls: list[tuple[str, str | None, str | None]] = []
         self.offline_files: set[str] = set()
+        self.offline = False
 
     def repository(self, repo_id: str, revision: str = "main") -> Path:
         path = self.root / repo_id / revision
@@ -35,9 +36,16 @@ class FakeHub:
         if filename in self.offline_files:
             raise LocalEntryNotFoundError(f"{filename}: offline and not in the cache")
         path = self.root / repo_id / (revision or "main") / (subfolder or "") / filename
+        if not path.is_file() and self.offline:  # offline, huggingface_hub says "not cached" for files it lacks
+            raise LocalEntryNotFoundError(f"{filename}: offline and not in the cache")
         if not path.is_file():
             raise EntryNotFoundError(f"{repo_id} has no {subfolder or ''}/{filename}")
         return str(path)
+
+    def cached(self, repo_id, filename, revision=None, **kwargs):
+        """try_to_load_from_cache: a path, or a marker for a file the cache knows the repository lacks."""
+        path = self.root / repo_id / (revision or "main") / filename
+        return str(path) if path.is_file() else object()
 
 
 @pytest.fixture
@@ -46,6 +54,7 @@ def hub(tmp_path, monkeypatch) -> FakeHub:
 
     fake = FakeHub(tmp_path / "hub")
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake.download)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", fake.cached)
     monkeypatch.chdir(tmp_path)  # so no local folder named like the repository is found first
     return fake
 
@@ -70,6 +79,15 @@ def test_sharded_weights_are_fetched_shard_by_shard(hub, diffusers_vae, assert_s
     loaded = codec.AutoencoderKL.from_pretrained("someone/big-vae", subfolder="vae")
     assert_same_tensors(loaded.state_dict(), diffusers_vae.state_dict())
     assert sorted(name for name, _, _ in hub.calls if name in shards) == shards  # each fetched, once
+
+
+def test_a_cached_sharded_vae_loads_offline(hub, diffusers_vae, assert_same_tensors):
+    # Offline, asking for the single weights file a sharded repository lacks raises LocalEntryNotFoundError; the
+    # cache knows the repository lacks it, so the index is tried next.
+    diffusers_vae.save_pretrained(hub.repository("someone/big-vae"), max_shard_size="200KB")
+    hub.offline = True
+    loaded = codec.AutoencoderKL.from_pretrained("someone/big-vae")
+    assert_same_tensors(loaded.state_dict(), diffusers_vae.state_dict())
 
 
 def test_a_revision_is_passed_through(hub, diffusers_vae, assert_same_tensors):
