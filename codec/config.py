@@ -119,7 +119,8 @@ class AutoencoderKLConfig:
             raise ConfigError(f"{source}: {error}") from error
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike) -> AutoencoderKLConfig:
+    def from_json(cls, path: str | os.PathLike, strict: bool = False) -> AutoencoderKLConfig:
+        """A config.json; unknown keys are ignored with a warning, as diffusers does (`strict`: refused)."""
         path = Path(path)
         if path.is_dir():
             path = path / CONFIG_NAME
@@ -131,7 +132,7 @@ class AutoencoderKLConfig:
             raise ConfigError(f"{path}: not valid JSON ({error})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a JSON object")
-        return cls.from_dict(data, source=str(path), strict=False)
+        return cls.from_dict(data, source=str(path), strict=strict)
 
     def to_json(self, path: str | os.PathLike, diffusers_version: str = "0.30.0") -> None:
         """Write config.json as diffusers does, with its `_class_name` so `from_pretrained` finds the class."""

@@ -63,6 +63,8 @@ def test_an_unknown_key_in_a_file_is_ignored_with_a_warning_naming_the_file(tmp_
     with caplog.at_level("WARNING"):
         assert AutoencoderKLConfig.from_json(path) == codec.preset("tiny")
     assert f"{path}: ignored config key(s) this version does not know: bogus_key" in caplog.text
+    with pytest.raises(ConfigError, match="bogus_key"):
+        AutoencoderKLConfig.from_json(path, strict=True)  # a config written by hand for a training run
     path.write_text(json.dumps({**codec.preset("tiny").to_dict(), "_class_name": "VQModel"}))
     with pytest.raises(ConfigError, match="describes a 'VQModel', not an AutoencoderKL"):
         AutoencoderKLConfig.from_json(path)  # another class is still refused
@@ -195,3 +197,16 @@ def test_latent_shape_examples(tiny_config):
     assert tiny_config.latent_shape(37, 53) == (4, 5, 7)
     assert tiny_config.latent_shape(64, 48) == (4, 8, 6)
     assert tiny_config.latent_shape(65, 48) == (4, 9, 6)
+
+
+def test_a_diffusers_model_whose_config_has_keys_we_do_not_know_has_an_identity(tmp_path, diffusers_vae):
+    import diffusers
+
+    from codec.cache.identity import model_identity
+
+    diffusers_vae.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "a_newer_field": 1}))
+    theirs = diffusers.AutoencoderKL.from_pretrained(tmp_path)  # diffusers keeps the key in .config
+    ours = codec.AutoencoderKL.from_pretrained(tmp_path)
+    assert model_identity(theirs) == model_identity(ours)

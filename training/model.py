@@ -16,7 +16,8 @@ def build_autoencoder(config: ModelConfig) -> AutoencoderKL:
     elif config.preset:
         vae = AutoencoderKL(preset(config.preset))
     else:
-        vae = AutoencoderKL(AutoencoderKLConfig.from_json(config.config))
+        # A config written for this run: a misspelt key must stop it, not train a default architecture.
+        vae = AutoencoderKL(AutoencoderKLConfig.from_json(config.config, strict=True))
     vae = vae.float().train()
     if config.init_logvar is not None:
         start_logvar_at(vae, config.init_logvar)

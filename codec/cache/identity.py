@@ -42,7 +42,8 @@ def _as_our_config(config):
         return config
     from codec.config import AutoencoderKLConfig  # diffusers' AutoencoderKL: a FrozenDict of config.json's fields
 
-    return AutoencoderKLConfig.from_dict(dict(config))
+    # Keys this version does not know (a newer diffusers' fields) are left out, as from_json leaves them.
+    return AutoencoderKLConfig.from_dict(dict(config), source="the diffusers model's config", strict=False)
 
 
 def _config_bytes(config, legacy: bool) -> bytes:

@@ -118,7 +118,7 @@ def write_config(model_dir: str | Path, result: dict, channel_stats: bool = Fals
         )
     else:
         data.update(latents_mean=None, latents_std=None, scaling_factor=round(result["scaling_factor"], 6))
-    AutoencoderKLConfig.from_dict(data, source=str(path))  # refuse to write a config that would not load
+    AutoencoderKLConfig.from_dict(data, source=str(path), strict=False)  # refuse to write one that would not load
     mode = path.stat().st_mode & 0o777
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
