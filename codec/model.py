@@ -160,7 +160,7 @@ class AutoencoderKL(nn.Module):
     # ---- latents as a diffusion model sees them -----------------------------------------------
 
     def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
-        """Raw latent -> the unit-variance latent a diffusion model is trained on (see `scale_latents`)."""
+        """Raw latent -> the unit-variance latent a diffusion model is trained on (see `codec.model.scale_latents`)."""
         return scale_latents(z, self.config)
 
     def unscale_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -298,7 +298,9 @@ def unscale_latents(latents: torch.Tensor, config: AutoencoderKLConfig) -> torch
 def _latent_statistics(config: AutoencoderKLConfig, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     if config.latents_mean is None or config.latents_std is None:
         return None
-    shape = (1, -1) + (1,) * (like.dim() - 2)  # per channel, along dimension 1
+    if like.dim() < 3:
+        raise ValueError(f"latents of shape {tuple(like.shape)}: expected (C, h, w) or (B, C, h, w)")
+    shape = (-1, 1, 1)  # per channel: (C, 1, 1) broadcasts over (C, h, w) and (B, C, h, w) alike
     mean, std = (
         torch.tensor(v, dtype=like.dtype, device=like.device).view(shape)
         for v in (config.latents_mean, config.latents_std)

@@ -91,6 +91,9 @@ def test_write_config_keeps_the_cache_valid_and_refuses_another_codec(cached, tm
     assert "normalize='scaling' leaves unused" in caplog.text  # per-channel statistics asked to be ignored
     raw_latents = torch.stack([item["latents"] for item in raw])
     assert torch.allclose(vae.scale_latents(raw_latents), whitened, atol=1e-4)  # the model scales as the default
+    shifted = codec.LatentDataset(out, codec=vae, shift_factor=0.5, posterior="mean", flip=False)  # factors given:
+    assert shifted.normalize == "scaling"  # (z - shift) * scaling, as asked, not the statistics
+    torch.testing.assert_close(torch.stack([item["latents"] for item in shifted]), raw_latents - 0.5)
     torch.testing.assert_close(whitened * std / config["scaling_factor"] + mean, raw_latents, atol=1e-4, rtol=1e-4)
     assert whitened.std(dim=(0, 2, 3)).sub(1).abs().max() < 0.05  # and the cached latents are whitened
     other = perturbed_copy(model_dir, tmp_path / "other")

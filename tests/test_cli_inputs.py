@@ -146,3 +146,17 @@ def test_latents_of_a_model_with_per_channel_statistics_are_scaled_and_unscaled_
     decoded, direct = (np.asarray(Image.open(tmp_path / d / "a.png")).astype(int) for d in ("decoded", "direct"))
     assert np.abs(decoded - direct).max() <= 1  # scaled and unscaled with the same statistics
     assert "warning" not in capsys.readouterr().out
+
+
+def test_per_channel_scaling_takes_one_latent_or_a_batch():
+    import dataclasses
+
+    import codec
+
+    config = dataclasses.replace(codec.preset("tiny"), latents_mean=(1.0, 2.0, 3.0, 4.0), latents_std=(1, 2, 4, 8))
+    vae = codec.AutoencoderKL(config)
+    z = torch.randn(2, 4, 4, 4)  # h == C: scaling along the wrong dimension would go unnoticed by shapes
+    batch = vae.scale_latents(z)
+    torch.testing.assert_close(vae.scale_latents(z[1]), batch[1])  # a LatentDataset item's (C, h, w)
+    assert torch.allclose(batch[:, 3], (z[:, 3] - 4.0) * config.scaling_factor / 8)
+    torch.testing.assert_close(vae.unscale_latents(batch), z)

@@ -44,7 +44,8 @@ class LatentDataset(torch.utils.data.Dataset):
     Latents are scaled as the codec's config says (taken from `codec` when it is a model, else from the manifest),
     as `AutoencoderKL.scale_latents` and diffusers' pipelines do: `(z - latents_mean) * scaling_factor /
     latents_std` where it has per-channel statistics (`codec stats --channel-stats`, Playground v2.5), else
-    `(z - shift_factor) * scaling_factor`. `normalize="scaling"` or `"channel"` chooses one of them explicitly.
+    `(z - shift_factor) * scaling_factor`. `normalize="scaling"` or `"channel"` chooses one of them explicitly;
+    passing `scaling_factor` or `shift_factor` means the second.
     """
 
     def __init__(
@@ -87,7 +88,8 @@ class LatentDataset(torch.utils.data.Dataset):
         self.scaling_factor = scaling_factor if scaling_factor is not None else config.scaling_factor
         self.shift_factor = (shift_factor if shift_factor is not None else config.shift_factor) or 0.0
         has_statistics = config.latents_mean is not None and config.latents_std is not None
-        normalize = normalize or ("channel" if has_statistics else "scaling")
+        factors_given = scaling_factor is not None or shift_factor is not None  # asks for (z - shift) * scaling
+        normalize = normalize or ("channel" if has_statistics and not factors_given else "scaling")
         self.normalize, self.posterior, self.seed = normalize, posterior, seed
         self.max_cached_shards = max_cached_shards
         if normalize == "channel":
