@@ -116,6 +116,13 @@ def _load_pickle(path: Path, mmap: bool):
                     f"{path}: not a readable PyTorch checkpoint, perhaps truncated or corrupt ({_first_line(error)})"
                 ) from None
         unsafe = [name for name in refused if _harmless(name) is None]
+        if unsafe and not zipfile.is_zipfile(path) and not any(_importable(name) for name in unsafe):
+            # The legacy format names what it refuses from the bytes it read: a file cut short names a fragment
+            # ("torch.FloatStor"). A name that resolves to nothing is more likely damage than a payload.
+            raise CheckpointError(
+                f"{path}: not a readable PyTorch checkpoint, perhaps truncated or corrupt (it names "
+                f"{', '.join(unsafe)}, which is not importable here)"
+            )
         if unsafe:
             raise CheckpointError(
                 f"{path}: holds pickled objects that safe loading refuses to build, since they could run code: "
@@ -151,6 +158,24 @@ def _first_line(error: Exception) -> str:
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
     text = text.split("WeightsUnpickler error:", 1)[-1].strip()
     return text.splitlines()[0].split(" Please use")[0] if text else type(error).__name__
+
+
+def _importable(name: str) -> bool:
+    """Whether `module.qualname` names something that exists here (checked without importing new modules)."""
+    import sys
+
+    module, _, qualname = name.rpartition(".")
+    found = sys.modules.get(module)
+    if found is None:
+        import importlib.util
+
+        try:
+            if importlib.util.find_spec(module) is None:
+                return False
+        except (ImportError, ValueError):
+            return False
+        return True  # a module that exists but is not loaded: assume its attribute does, to stay on the safe side
+    return hasattr(found, qualname.split(".")[0])
 
 
 def _harmless(name: str):

@@ -277,18 +277,33 @@ def test_lightning_checkpoints_load_and_a_pickle_that_could_run_code_is_refused(
     for module in [m for m in sys.modules if m.startswith(("pytorch_lightning", "someone"))]:
         monkeypatch.delitem(sys.modules, module)  # loading must not need them
 
+    torch.save({"state_dict": state, "extra": _Calls()}, tmp_path / "calls.ckpt", _use_new_zipfile_serialization=False)
     for zipped in (True, False):
         loaded = codec.AutoencoderKL.from_single_file(tmp_path / f"lightning-{zipped}.ckpt")
         assert all(torch.equal(loaded.state_dict()[k], v) for k, v in ours.state_dict().items())
-        with pytest.raises(CheckpointError, match=r"hostile-\w+\.ckpt: holds pickled objects .* someone\.payload\.Run"):
-            codec.AutoencoderKL.from_single_file(tmp_path / f"hostile-{zipped}.ckpt")
-    truncated = tmp_path / "truncated.ckpt"
-    truncated.write_bytes((tmp_path / "lightning-False.ckpt").read_bytes()[:300])
-    with pytest.raises(
-        CheckpointError, match=r"truncated\.ckpt: not a readable PyTorch checkpoint, perhaps trunc"
-    ) as info:
-        codec.AutoencoderKL.from_single_file(truncated)
-    assert "weights_only" not in str(info.value) and "\x1b" not in str(info.value)  # none of torch's advice
+    with pytest.raises(CheckpointError, match=r"hostile-True\.ckpt: holds pickled objects .* someone\.payload\.Run"):
+        codec.AutoencoderKL.from_single_file(tmp_path / "hostile-True.ckpt")
+    with pytest.raises(CheckpointError, match=r"calls\.ckpt: holds pickled objects .*could run code: posix\.getcwd"):
+        codec.AutoencoderKL.from_single_file(tmp_path / "calls.ckpt")
+    # The legacy format names one global at a time, from the bytes it read: a name that resolves to nothing here
+    # is called damage (still refused); a file cut short names fragments ("torch.FloatStor").
+    with pytest.raises(CheckpointError, match=r"perhaps truncated or corrupt \(it names someone\.payload\.Runner"):
+        codec.AutoencoderKL.from_single_file(tmp_path / "hostile-False.ckpt")
+    whole = (tmp_path / "lightning-False.ckpt").read_bytes()
+    for cut in range(200, 1400, 37):
+        (tmp_path / "truncated.ckpt").write_bytes(whole[:cut])
+        with pytest.raises(CheckpointError, match=r"not a readable PyTorch checkpoint, perhaps trunc") as info:
+            codec.AutoencoderKL.from_single_file(tmp_path / "truncated.ckpt")
+        assert "weights_only" not in str(info.value) and "\x1b" not in str(info.value)  # none of torch's advice
+
+
+class _Calls:
+    """Unpickles by calling a function (os.getcwd: harmless, but a call is what a payload makes)."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.getcwd, ())
 
 
 def test_a_path_starting_with_a_tilde_is_the_home_folder(ours, tmp_path, monkeypatch):
