@@ -109,7 +109,8 @@ def infer_config(
     if not any(k.startswith("encoder.down_blocks.") for k in tensors):
         raise CheckpointError(
             f"{source}: cannot infer the VAE architecture: no encoder.down_blocks (or LDM encoder.down) weights; "
-            "not an SD-style AutoencoderKL (TAESD and other small autoencoders are laid out otherwise)"
+            "a decoder-only file, or not an SD-style AutoencoderKL (TAESD and other small autoencoders are laid "
+            "out otherwise)"
         )
     try:
         levels = 1 + max(int(m.group(1)) for k in tensors if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", k)))
@@ -178,12 +179,16 @@ def load_single_file(cls, path: str | os.PathLike, config=None, torch_dtype: tor
         knows_scaling = "scaling_factor" in recorded
         family = None if knows_scaling else checkpoint_family(checkpoint.names)
         statistics = {} if knows_scaling else _playground_statistics(checkpoint.tensors)
-        model = cls(infer_config(tensors, source, family, quiet=knows_scaling, recorded={**recorded, **statistics}))
-        if family is None and not knows_scaling:
+        quiet = knows_scaling or bool(statistics)
+        model = cls(infer_config(tensors, source, family, quiet=quiet, recorded={**recorded, **statistics}))
+        if family is None and not quiet:
             # A guess, said once by infer_config; save_single_file leaves it out of what the file records, so that
             # it is not read back as the truth.
             model.scaling_is_guess = True
-            _warn_about_ignored_tensors(checkpoint.names, source)
+        if family is None and not any(
+            _is_vae_key(name[len(p) :]) for name in checkpoint.names for p in PREFIXES if name.startswith(p)
+        ):
+            _warn_about_ignored_tensors(checkpoint.names, source)  # a bare VAE file: its other tensors are odd
     load_checked(model, tensors, source)
     if torch_dtype is not None:
         model.to(torch_dtype)
@@ -200,7 +205,8 @@ def _playground_statistics(tensors: dict[str, torch.Tensor]) -> dict:
 
 
 def _refuse_other_autoencoders(names: list[str], source: str) -> None:
-    if any(name.endswith("quantize.embedding.weight") for name in names):
+    codebooks = {prefix + "quantize.embedding.weight" for prefix in ("", *PREFIXES)}
+    if codebooks & set(names):
         raise CheckpointError(
             f"{source}: a vector-quantised autoencoder (VQModel: it has a quantize.embedding codebook), not a "
             "KL-regularised AutoencoderKL"

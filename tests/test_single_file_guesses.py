@@ -83,6 +83,13 @@ def test_tensors_of_a_bare_file_that_are_not_the_vaes_are_named(tiny_config, tmp
     with caplog.at_level("WARNING"):
         codec.AutoencoderKL.from_single_file(tmp_path / "extra.safetensors")
     assert "ignored 2 tensors that are not the VAE's: bn.running_mean, bn.running_var" in caplog.text
+    # A whole checkpoint of a family we cannot tell: its other tensors are its other models, not worth a word.
+    whole = {f"first_stage_model.{key}": value for key, value in tensors.items()}
+    save_file({**whole, "model.diffusion_model.x.weight": torch.zeros(2)}, str(tmp_path / "whole.safetensors"))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        codec.AutoencoderKL.from_single_file(tmp_path / "whole.safetensors")
+    assert "does not record its scaling factor" in caplog.text and "ignored" not in caplog.text
 
 
 def test_other_autoencoders_are_named(tiny_config, tmp_path):
