@@ -1,7 +1,8 @@
 """`codec encode IMAGES -o latents.safetensors` and `codec decode LATENTS -o DIR`.
 
 The latents file holds one tensor per image (`latent.0`, `latent.1`, ...), scaled as a diffusion model sees
-them, and in its metadata the scaling, shift and per-channel statistics used, each source's name and original size, and the model.
+them, and in its metadata the scaling, shift and per-channel statistics used, each source's name and original
+size, and the model.
 """
 
 from __future__ import annotations
