@@ -126,8 +126,31 @@ def test_a_rerun_clears_its_own_leftovers_but_not_another_tools_files(tmp_path, 
     leftover.write_text("{")
     foreign = out / "data" / "shard-00099.parquet"
     pq.write_table(pa.table({"a": [1]}), foreign)
+    skipped_leftover = out / ".skipped.jsonl.a1b2.tmp"  # ... or its list of skipped images
+    skipped_leftover.write_text("{")
     assert build(folder, out, model_dir).written == 0
-    assert not leftover.exists() and pq.read_table(foreign).to_pylist() == [{"a": 1}]
+    assert not leftover.exists() and not skipped_leftover.exists()
+    assert pq.read_table(foreign).to_pylist() == [{"a": 1}]
+
+
+def test_a_rerun_with_nothing_to_do_never_marks_the_cache_incomplete(tmp_path, model_dir, folder, monkeypatch):
+    from codec.cache import manifest
+
+    out = tmp_path / "out"
+    build(folder, out, model_dir)
+    written = []
+    real = manifest.write_manifest
+
+    def write_then_die(path, data):  # a run killed just after each manifest it writes
+        real(path, data)
+        written.append(data["complete"])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(manifest, "write_manifest", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        build(folder, out, model_dir)
+    assert written == [True]  # only the final one: a trainer starting meanwhile still finds a complete cache
+    assert len(codec.LatentDataset(out, codec=codec.AutoencoderKL.load(model_dir))) == len(SIZES)
 
 
 def _png_bomb(path: Path) -> None:

@@ -94,6 +94,14 @@ class Group:
         if self.accelerator is not None:
             self.accelerator.wait_for_everyone()
 
+    def sum(self, value: int) -> int:
+        """`value` summed over the processes (every rank gets the total)."""
+        if self.accelerator is None or self.world == 1:
+            return value
+        from accelerate.utils import gather_object
+
+        return sum(gather_object([value]))
+
 
 @torch.no_grad()
 def _encode(vae, items: list[_Loaded], flip: bool) -> list[tuple[torch.Tensor, ...]]:
@@ -182,8 +190,9 @@ class _ShardBuilder:
 
 def _clean(out: Path, n_shards: int) -> None:
     """Before any rank writes: drop temporary files of killed runs and shards past the end of a shrunk source."""
-    for tmp in out.glob(f".{shards.MANIFEST}.*.tmp"):
-        tmp.unlink(missing_ok=True)
+    for name in (shards.MANIFEST, shards.SKIPPED):
+        for tmp in out.glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
     data = out / shards.DATA_DIR
     if not data.is_dir():
         return
@@ -261,8 +270,6 @@ def build_cache(
                 if meta is not None and meta.get("compat") != chash:
                     shards.check_compatible(meta.get("record", {}), compat, path)
         _clean(out, n_shards)
-        # Written incomplete now, so the codec and settings are on record from the first shard on.
-        manifest.write_manifest(out, manifest.build_manifest(*args))
     group.barrier()
 
     summary = Summary(images=n, shards=n_shards)
@@ -283,6 +290,11 @@ def build_cache(
             why = "its source files changed" if current else "its settings were recorded differently"
             log.info("%s is stale (%s); encoding it again", shards.shard_path(out, index), why)
         todo.append(_ShardBuilder(index, keys, fingerprint))
+    # Marked incomplete only where a shard will be written, so that the codec and settings are on record from the
+    # first shard on; a rerun with nothing to do leaves a complete cache complete, even if it is interrupted.
+    if group.sum(len(todo)) and group.is_main:
+        manifest.write_manifest(out, manifest.build_manifest(*args))
+    group.barrier()
 
     positions = [i for builder in todo for i in builder.keys]
     loader = torch.utils.data.DataLoader(
