@@ -113,3 +113,15 @@ def test_a_folder_carries_only_its_captions_and_says_so(tmp_path, model_dir):
     code, _, stderr = cli([*base[:1], plain, *base[2:], "-o", tmp_path / "c", "--columns", "caption"])
     assert code == 2 and "the columns it has: none" in stderr
     assert np.isfinite(np.asarray(read_rows(tmp_path / "b")[0]["mean"], dtype=np.float32)).all()
+
+
+def test_a_stray_caption_in_an_uncaptioned_folder_is_left_out_with_columns_none(tmp_path, model_dir):
+    folder = image_folder(tmp_path / "images", [(32, 32)] * 3)
+    base = ["cache", folder, "--model", model_dir, "--resolution", 32, "--num-workers", 0, "--device", "cpu"]
+    assert cli([*base, "-o", tmp_path / "out"])[0] == 0
+    (folder / "img001.txt").write_text("a note that is not a caption")
+    code, _, stderr = cli([*base, "-o", tmp_path / "out"])  # a caption column would change what the cache holds
+    assert code == 2 and "carried_columns" in stderr
+    code, stdout, stderr = cli([*base, "-o", tmp_path / "out", "--columns", "none"])
+    assert code == 0, stderr
+    assert "(1 already done, 0 written here)" in stdout and "caption" not in read_rows(tmp_path / "out")[0]

@@ -60,7 +60,11 @@ def add_parsers(subparsers) -> None:
     parser.add_argument("source", metavar="SRC", help="what to encode (or the word verify)")
     parser.add_argument("target", nargs="?", metavar="OUT", help=argparse.SUPPRESS)
     parser.add_argument("-o", "--output", type=Path, help="cache folder to write (or resume)")
-    parser.add_argument("--columns", help="comma-separated dataset columns to carry (default: all but the image)")
+    parser.add_argument(
+        "--columns",
+        help="comma-separated columns to carry (default: a dataset's all but the image, a folder's captions); "
+        "'none' for none",
+    )
     parser.add_argument("--flip", action="store_true", help="also encode each image mirrored (for flip augmentation)")
     parser.add_argument(
         "--latent-dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="storage (default fp16)"
@@ -142,7 +146,9 @@ def run_cache(args: argparse.Namespace) -> int:
         accelerator = make_accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=12))])
     device = accelerator.device if accelerator is not None and args.device == "auto" else None
     vae, identities = _load(args, device)
-    columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
+    columns = None  # all there are
+    if args.columns is not None:  # "none" (or "") carries none: a stray NAME.txt must not change what is carried
+        columns = [c.strip() for c in args.columns.split(",") if c.strip() and c.strip().lower() != "none"]
     source = open_source(args.source, split=args.split, image_column=args.image_column, columns=columns)
     settings = _settings(args, args.flip, args.latent_dtype, args.shard_size)
     group = Group(accelerator)
