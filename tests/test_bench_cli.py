@@ -194,15 +194,20 @@ def test_a_killed_or_failed_run_leaves_the_earlier_benchmark_and_nothing_of_its_
     common = ["--data", str(data_dir), "--limit", "1", "--classic", "none", "--no-fid", "--no-lpips", "-o", str(output)]
     assert main(["bench", "--model", "bicubic", *common]) == 0
     before = (output / "summary.json").read_text()
-    # What a run killed midway leaves: the earlier benchmark set aside, and its own partial references.
+    # What a run killed midway leaves: its marker, the earlier benchmark set aside, its own partial references.
     (output / ".previous-benchmark").mkdir()
     for name in ("reference", "reconstructions", "grids", "plots", "summary.json", "summary.md", "per_image.csv"):
         (output / name).rename(output / ".previous-benchmark" / name)
+    (output / ".benchmark-running").write_text("")
     (output / "reference").mkdir()
     (output / "reference" / "partial.png").write_bytes(b"")
     assert main(["bench", "--model", str(tmp_path / "typo"), *common]) == 2  # refused: nothing new to show
     assert (output / "summary.json").read_text() == before and not (output / ".previous-benchmark").exists()
-    assert not (output / "reference" / "partial.png").exists()
+    assert not (output / "reference" / "partial.png").exists() and not (output / ".benchmark-running").exists()
+    # Killed in its first run into a folder: its partial outputs are removed by the next run, not refused.
+    (output / ".benchmark-running").write_text("")
+    (output / "summary.json").unlink()
+    assert main(["bench", "--model", "bicubic", *common]) == 0
 
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -236,3 +241,17 @@ def test_a_classic_codec_that_cannot_reach_the_rate_is_flagged(tmp_path):
     (jpeg,) = [row for row in summary["rows"] if row["kind"] == "classic"]
     assert jpeg["rate_met_fraction"] == 0 and jpeg["bpp"] > 1.0  # a JPEG's headers alone exceed 1 bpp at 24x24
     assert f"{jpeg['name']} fit its target rate for 0 of 1 images" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_a_folder_that_holds_files_named_as_a_benchmarks_outputs_is_refused(tmp_path, data_dir, capsys):
+    # An image-quality dataset with its own reference/ folder: a benchmark writing there would mix with it, and a
+    # rerun would set it aside and delete it.
+    project = tmp_path / "project"
+    (project / "reference").mkdir(parents=True)
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(project / "reference" / "mine.png")
+    args = ["bench", "--model", "bicubic", "--classic", "none", "--no-fid", "--no-lpips", "--limit", "1"]
+    assert main([*args, "--data", str(data_dir), "-o", str(project)]) == 2
+    assert "already holds reference, not from a benchmark" in capsys.readouterr().err
+    assert main([*args, "--data", str(project / "reference"), "-o", str(project)]) == 2
+    assert sorted(p.name for p in (project / "reference").iterdir()) == ["mine.png"]  # untouched
+    assert sorted(p.name for p in project.iterdir()) == ["reference"]

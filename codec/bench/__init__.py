@@ -10,19 +10,17 @@ fid.py         Inception features and the Fréchet distance
 scoring.py     per-image metrics
 runner.py      one process's share, and the gather
 report.py      summary.json, summary.md, per_image.csv
+output.py      the output folder: replacing an earlier benchmark, cleaning up after a failed or killed run
 grids.py       comparison grids; plots.py: the plots
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
-from pathlib import Path
 
 import torch
 
-from codec.bench.data import BENCH_OUTPUTS, PREVIOUS
+from codec.bench import output
 from codec.bench.runner import BenchError, BenchOptions, Group, run_and_gather
 
 log = logging.getLogger("codec.bench")
@@ -57,13 +55,11 @@ def bench(options: BenchOptions, device: torch.device | None = None) -> dict | N
 def _bench(options: BenchOptions, group: Group, device: torch.device) -> dict | None:
     from codec.bench import grids, plots, report
 
-    there_before: set[str] = set()
-    if group.rank == 0:
-        _set_previous_benchmark_aside(options.output)
-        there_before = {name for name in BENCH_OUTPUTS if (options.output / name).exists()}
-    group.barrier()  # no rank writes a reconstruction before the old ones are out of the way
-    options.output.mkdir(parents=True, exist_ok=True)
-    try:
+    refusal = output.prepare(options.output) if group.rank == 0 else None
+    refusals = [r for r in group.gather(refusal) if r]  # every rank stops alike, or the others would wait forever
+    if refusals:
+        raise BenchError(refusals[0])
+    try:  # no rank writes a reconstruction before the old ones are out of the way (the gather above waited)
         shards = run_and_gather(options, group, device, quiet=group.rank != 0)
         if group.rank != 0:
             return None
@@ -73,51 +69,8 @@ def _bench(options: BenchOptions, group: Group, device: torch.device) -> dict | 
         report.write(summary, options.output)
     except BaseException:
         if group.rank == 0:
-            _restore_previous_benchmark(options.output, keep=there_before)
+            output.abandon(options.output)
         raise
-    shutil.rmtree(options.output / PREVIOUS, ignore_errors=True)
+    output.finish(options.output)
     log.info("wrote %s", options.output)
     return summary
-
-
-def _is_benchmark(output: Path) -> bool:
-    try:
-        summary = json.loads((output / "summary.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(summary, dict) and {"rows", "protocol", "images"} <= set(summary)
-
-
-def _set_previous_benchmark_aside(output: Path) -> None:
-    """A rerun into the same folder replaces the earlier benchmark: its reconstructions and grids of models not in
-    this run would otherwise sit beside the new ones as if they belonged to it. They wait in PREVIOUS until this
-    run has written its report, and come back if it fails (a mistyped --model must not cost the old results)."""
-    if (output / PREVIOUS).is_dir() and not _is_benchmark(output):
-        log.info("%s: a run was killed here; putting back the benchmark it had set aside", output)
-        _restore_previous_benchmark(output, keep=set())
-    if not _is_benchmark(output):
-        return
-    log.info("%s: replacing the benchmark written there before", output)
-    aside = output / PREVIOUS
-    shutil.rmtree(aside, ignore_errors=True)
-    aside.mkdir()
-    for name in BENCH_OUTPUTS:
-        if (output / name).exists():
-            (output / name).rename(aside / name)
-
-
-def _restore_previous_benchmark(output: Path, keep: set[str]) -> None:
-    """After a failed run: remove what it wrote (the names in BENCH_OUTPUTS, but those in `keep`, which were there
-    before it and were not a benchmark's) and put back the benchmark set aside, if any."""
-    aside = output / PREVIOUS
-    for name in BENCH_OUTPUTS:
-        partial = output / name
-        if name in keep:
-            continue
-        if partial.is_dir():
-            shutil.rmtree(partial)
-        elif partial.exists():
-            partial.unlink()
-        if (aside / name).exists():
-            (aside / name).rename(partial)
-    shutil.rmtree(aside, ignore_errors=True)

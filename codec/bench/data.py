@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from codec import sources
+from codec.bench.output import written_by_a_benchmark
 from codec.images import ImageError
 from codec.sources import SourceError, decode_image
 
@@ -65,17 +66,6 @@ def apply_protocol(image: Image.Image, protocol: str) -> np.ndarray:
     return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC, box=box), dtype=np.uint8).copy()
 
 
-def _written_by_a_benchmark(path: Path, root: Path) -> bool:
-    """Whether `path` lies in a benchmark's output: under .previous-benchmark, or under reference/,
-    reconstructions/, grids/ or plots/ beside a summary.json."""
-    for folder in path.parents:
-        if folder == root or not folder.is_relative_to(root):
-            return False
-        if folder.name == PREVIOUS or (folder.name in BENCH_OUTPUTS and (folder.parent / "summary.json").is_file()):
-            return True
-    return False
-
-
 def _safe_name(text: str) -> str:
     return _UNSAFE.sub("_", text).strip("_") or "image"
 
@@ -104,12 +94,6 @@ def _dataset_items(split: sources.DatasetSplit, column: str) -> list[BenchItem]:
     return items
 
 
-# What a benchmark writes into its output folder (nothing else there is touched), and where a rerun sets an
-# earlier benchmark's files aside until it has written its own.
-BENCH_OUTPUTS = ("reference", "reconstructions", "grids", "plots", "summary.json", "summary.md", "per_image.csv")
-PREVIOUS = ".previous-benchmark"
-
-
 def open_source(source: str | os.PathLike, split: str = "validation", column: str = "image") -> list[BenchItem]:
     """Items of a folder (recursive, sorted), an image file, a .txt list, a .parquet file or folder, a saved dataset
     or a hub dataset name. In a folder, the images a benchmark wrote there (its -o inside the data) are left out:
@@ -119,6 +103,6 @@ def open_source(source: str | os.PathLike, split: str = "validation", column: st
         return _dataset_items(opened, column)
     paths = opened.paths
     if opened.kind == "folder":
-        paths = [path for path in paths if not _written_by_a_benchmark(path, opened.path)]
+        paths = [path for path in paths if not written_by_a_benchmark(path, opened.path)]
     # A folder's names are paths relative to it; a list's or a single image's, file names.
     return _path_items(paths, opened.path if opened.kind == "folder" else None)
