@@ -269,12 +269,15 @@ def test_lightning_checkpoints_load_and_a_pickle_that_could_run_code_is_refused(
     state = load_file(single_file)
     checkpoint_class = _stand_in_class("pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint", monkeypatch)
     payload = _stand_in_class("someone.payload", "Runner", monkeypatch)
+    this_loaded = "this" in sys.modules  # `import this` prints the Zen of Python: a visible side effect
+    zen = _stand_in_class("this.payload", "Zen", monkeypatch)
+    torch.save({"state_dict": state, "extra": zen()}, tmp_path / "zen.ckpt", _use_new_zipfile_serialization=False)
     lightning = {"state_dict": state, "global_step": np.int64(470000), "callbacks": {checkpoint_class: {"best": None}}}
     for zipped in (True, False):  # torch's zip format, and the legacy one (torch < 1.6), named one global at a time
         torch.save(lightning, tmp_path / f"lightning-{zipped}.ckpt", _use_new_zipfile_serialization=zipped)
         hostile = {"state_dict": state, "extra": payload()}
         torch.save(hostile, tmp_path / f"hostile-{zipped}.ckpt", _use_new_zipfile_serialization=zipped)
-    for module in [m for m in sys.modules if m.startswith(("pytorch_lightning", "someone"))]:
+    for module in [m for m in sys.modules if m.startswith(("pytorch_lightning", "someone", "this"))]:
         monkeypatch.delitem(sys.modules, module)  # loading must not need them
 
     torch.save({"state_dict": state, "extra": _Calls()}, tmp_path / "calls.ckpt", _use_new_zipfile_serialization=False)
@@ -285,10 +288,13 @@ def test_lightning_checkpoints_load_and_a_pickle_that_could_run_code_is_refused(
         codec.AutoencoderKL.from_single_file(tmp_path / "hostile-True.ckpt")
     with pytest.raises(CheckpointError, match=r"calls\.ckpt: holds pickled objects .*could run code: posix\.getcwd"):
         codec.AutoencoderKL.from_single_file(tmp_path / "calls.ckpt")
-    # The legacy format names one global at a time, from the bytes it read: a name that resolves to nothing here
-    # is called damage (still refused); a file cut short names fragments ("torch.FloatStor").
-    with pytest.raises(CheckpointError, match=r"perhaps truncated or corrupt \(it names someone\.payload\.Runner"):
+    # The legacy format names one global at a time, from the bytes it read: a file cut short names fragments
+    # ("torch.FloatStor") of loaded modules, called damage; a module not loaded here counts as code.
+    with pytest.raises(CheckpointError, match=r"hostile-False\.ckpt: holds pickled objects .* someone\.payload\.Run"):
         codec.AutoencoderKL.from_single_file(tmp_path / "hostile-False.ckpt")
+    with pytest.raises(CheckpointError, match=r"zen\.ckpt: holds pickled objects .* this\.payload\.Zen"):
+        codec.AutoencoderKL.from_single_file(tmp_path / "zen.ckpt")
+    assert this_loaded or "this" not in sys.modules  # an installed package the file names is never imported
     whole = (tmp_path / "lightning-False.ckpt").read_bytes()
     for cut in range(200, 1400, 37):
         (tmp_path / "truncated.ckpt").write_bytes(whole[:cut])
