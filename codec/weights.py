@@ -90,24 +90,29 @@ def load_from_hub(
         RevisionNotFoundError,
     )
 
+    not_cached: list[Exception] = []
+
     def fetch(filename: str, folder: str | None) -> Path | None:
-        """The file, downloaded or from the cache; None where the repository has no such file."""
+        """The file, downloaded or from the cache; None where the repository has no such file, or (offline) the
+        cache does not hold it."""
         try:
             return Path(huggingface_hub.hf_hub_download(repo_id, filename, subfolder=folder, revision=revision))
         # LocalEntryNotFoundError (offline, not cached) subclasses EntryNotFoundError: it must be caught first.
         except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
-            # Offline, the cache also remembers which files the repository lacks (a sharded VAE has no single
-            # weights file): those are missing, not unreachable.
-            path = f"{folder}/{filename}" if folder else filename
-            if _known_absent(huggingface_hub.try_to_load_from_cache(repo_id, path, revision=revision)):
-                return None
-            raise _hub_unreachable(repo_id, error) from None
+            # Offline, a file missing from the cache may be one the repository lacks (a sharded VAE has no single
+            # weights file, a pipeline no config.json at its root): the other candidates are tried, and the hub is
+            # called unreachable only if none of them is cached.
+            not_cached.append(error)
+            return None
         except EntryNotFoundError:
             return None
         except RevisionNotFoundError:
             raise CheckpointError(f"{repo_id}: no revision {revision!r} (a branch, tag or commit)") from None
         except (HfHubHTTPError, OSError) as error:
             raise _hub_unreachable(repo_id, error) from None
+
+    def missing(message: str) -> CheckpointError:
+        return _hub_unreachable(repo_id, not_cached[-1]) if not_cached else CheckpointError(f"{repo_id}: {message}")
 
     for folder in [subfolder] if subfolder else [None, "vae"]:  # a VAE repository, or a pipeline's vae/
         config_path = fetch(CONFIG_NAME, folder)
@@ -122,19 +127,12 @@ def load_from_hub(
                 index = fetch(index_name, folder)
                 if index is not None:  # sharded: fetch every shard it names into the same snapshot folder
                     for shard in sorted(set(_weight_map(index).values())):
-                        fetch(shard, folder)
+                        if fetch(shard, folder) is None:
+                            raise missing(f"{index_name} names {shard}, which is not there")
                     return _finish(cls, config, _read_sharded(index), f"{repo_id}/{index.name}", torch_dtype)
         where = f"{folder}/" if folder else "the repository root"
-        raise CheckpointError(
-            f"{repo_id}: no weights file in {where}; expected one of {', '.join(_weight_names(variant))}"
-        )
-    where = f"in {subfolder}/" if subfolder else "at the root or in vae/"
-    raise CheckpointError(f"{repo_id}: no config.json {where}")
-
-
-def _known_absent(cached: object) -> bool:
-    """try_to_load_from_cache's answer: a path (cached), None (unknown), or a marker for "the repository lacks it"."""
-    return cached is not None and not isinstance(cached, str)
+        raise missing(f"no weights file in {where}; expected one of {', '.join(_weight_names(variant))}")
+    raise missing(f"no config.json {f'in {subfolder}/' if subfolder else 'at the root or in vae/'}")
 
 
 def _hub_unreachable(repo_id: str, error: Exception) -> CheckpointError:
