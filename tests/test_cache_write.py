@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import zlib
 from pathlib import Path
 
@@ -151,6 +152,19 @@ def test_a_rerun_with_nothing_to_do_never_marks_the_cache_incomplete(tmp_path, m
         build(folder, out, model_dir)
     assert written == [True]  # only the final one: a trainer starting meanwhile still finds a complete cache
     assert len(codec.LatentDataset(out, codec=codec.AutoencoderKL.load(model_dir))) == len(SIZES)
+
+    # A source that lost its last shard's images: nothing to encode, but a shard to remove, so the cache is marked
+    # incomplete before the shard goes (a reader would otherwise find a complete manifest naming a missing file).
+    shrunk = tmp_path / "shrunk"
+    shutil.copytree(folder, shrunk)
+    monkeypatch.setattr(manifest, "write_manifest", real)
+    build(shrunk, tmp_path / "out2", model_dir)  # 10 images in shards of 3: the last holds one
+    max(shrunk.iterdir()).unlink()
+    monkeypatch.setattr(manifest, "write_manifest", write_then_die)
+    written.clear()
+    with pytest.raises(KeyboardInterrupt):
+        build(shrunk, tmp_path / "out2", model_dir)
+    assert written == [False] and len(list((tmp_path / "out2" / "data").glob("shard-*.parquet"))) == 4
 
 
 def _png_bomb(path: Path) -> None:

@@ -188,8 +188,10 @@ class _ShardBuilder:
         shards.write_shard(out, self.index, table, meta)
 
 
-def _clean(out: Path, n_shards: int) -> None:
-    """Before any rank writes: drop temporary files of killed runs and shards past the end of a shrunk source."""
+def _clean(out: Path, n_shards: int, before_removing_shards: Callable[[], None]) -> None:
+    """Before any rank writes: drop temporary files of killed runs and shards past the end of a shrunk source
+    (calling `before_removing_shards` first: the manifest must stop calling the cache complete before any of the
+    shards it lists goes)."""
     for name in (shards.MANIFEST, shards.SKIPPED):
         for tmp in out.glob(f".{name}.*.tmp"):
             tmp.unlink(missing_ok=True)
@@ -198,6 +200,7 @@ def _clean(out: Path, n_shards: int) -> None:
         return
     for tmp in data.glob(".shard-*.tmp"):
         tmp.unlink(missing_ok=True)
+    surplus = []
     for path in data.glob("shard-*.parquet"):
         number = path.stem.removeprefix("shard-")
         if not number.isdigit() or int(number) >= n_shards:
@@ -208,8 +211,12 @@ def _clean(out: Path, n_shards: int) -> None:
                     path,
                 )
                 continue
-            log.info("removing %s: not a shard of this plan", path)
-            path.unlink()
+            surplus.append(path)
+    if surplus:
+        before_removing_shards()
+    for path in surplus:
+        log.info("removing %s: not a shard of this plan", path)
+        path.unlink()
 
 
 def _identities_as_recorded(existing: dict | None, vae, identities: dict[str, str]) -> dict[str, str]:
@@ -269,7 +276,7 @@ def build_cache(
                 meta = shards.read_shard_meta(path)
                 if meta is not None and meta.get("compat") != chash:
                     shards.check_compatible(meta.get("record", {}), compat, path)
-        _clean(out, n_shards)
+        _clean(out, n_shards, lambda: manifest.write_manifest(out, manifest.build_manifest(*args)))
     group.barrier()
 
     summary = Summary(images=n, shards=n_shards)
@@ -290,8 +297,9 @@ def build_cache(
             why = "its source files changed" if current else "its settings were recorded differently"
             log.info("%s is stale (%s); encoding it again", shards.shard_path(out, index), why)
         todo.append(_ShardBuilder(index, keys, fingerprint))
-    # Marked incomplete only where a shard will be written, so that the codec and settings are on record from the
-    # first shard on; a rerun with nothing to do leaves a complete cache complete, even if it is interrupted.
+    # Marked incomplete only where a shard will be written (or, above, removed), so that the codec and settings
+    # are on record from the first shard on; a rerun with nothing to do leaves a complete cache complete, even if
+    # it is interrupted.
     if group.sum(len(todo)) and group.is_main:
         manifest.write_manifest(out, manifest.build_manifest(*args))
     group.barrier()
