@@ -298,7 +298,7 @@ def unscale_latents(latents: torch.Tensor, config: AutoencoderKLConfig) -> torch
 def _latent_statistics(config: AutoencoderKLConfig, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     if config.latents_mean is None or config.latents_std is None:
         return None
-    if like.dim() < 3:
+    if like.dim() not in (3, 4):  # (C, 1, 1) below would scale a video's (B, C, T, h, w) along T
         raise ValueError(f"latents of shape {tuple(like.shape)}: expected (C, h, w) or (B, C, h, w)")
     shape = (-1, 1, 1)  # per channel: (C, 1, 1) broadcasts over (C, h, w) and (B, C, h, w) alike
     mean, std = (

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 WEIGHTS_STEM = "diffusion_pytorch_model"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")  # .sft: FLUX's ae.sft
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
-SHARD_NAME = re.compile(rf"{WEIGHTS_STEM}(\.\w+)?-\d{{5}}-of-\d{{5}}(\.\w+)?\.(safetensors|bin)")
+SHARD_NAME = re.compile(rf"{WEIGHTS_STEM}(\.[\w-]+)?-\d{{5}}-of-\d{{5}}(\.[\w-]+)?\.(safetensors|bin)")
 
 
 def _weight_names(variant: str | None) -> list[str]:

@@ -160,3 +160,5 @@ def test_per_channel_scaling_takes_one_latent_or_a_batch():
     torch.testing.assert_close(vae.scale_latents(z[1]), batch[1])  # a LatentDataset item's (C, h, w)
     assert torch.allclose(batch[:, 3], (z[:, 3] - 4.0) * config.scaling_factor / 8)
     torch.testing.assert_close(vae.unscale_latents(batch), z)
+    with pytest.raises(ValueError, match=r"expected \(C, h, w\) or \(B, C, h, w\)"):
+        vae.scale_latents(torch.randn(1, 4, 4, 4, 4))  # a video's (B, C, T, h, w) would be scaled along T

@@ -148,8 +148,14 @@ class RunningMeans:
         self._counts: dict[str, int] = {}
 
     def add(self, values: dict[str, torch.Tensor | float]) -> None:
+        # Python numbers join the tensors on their device (a fill there, not a copy from the host), so that a sum
+        # started from a float (a discriminator's zeros before it starts) does not pull later tensors to the CPU.
+        device = next((v.device for v in values.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
         for name, value in values.items():
-            value = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+            if isinstance(value, torch.Tensor):
+                value = value.detach().float()
+            else:
+                value = torch.full((), float(value), device=device)
             self._sums[name] = self._sums[name] + value.to(self._sums[name].device) if name in self._sums else value
             self._counts[name] = self._counts.get(name, 0) + 1
 

@@ -44,3 +44,16 @@ def test_running_means_average_every_micro_batch_and_start_afresh():
     means.add({"loss": torch.tensor(5.0)})
     assert means.read(accelerator) == {"loss": 5.0}  # only what came since the last read
     assert means.read(accelerator) == {}
+    means.add({"g_adv": 0.0, "loss": torch.tensor(1.0, dtype=torch.float64)})  # numbers join the tensors' device
+    assert all(total.device == torch.device("cpu") and total.dtype == torch.float32 for total in means._sums.values())
+
+
+def test_a_runs_own_model_config_is_read_strictly(tmp_path):
+    import json
+
+    import codec
+
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps({**codec.preset("tiny").to_dict(), "block_out_channel": [8, 16]}))  # misspelt
+    with pytest.raises(codec.ConfigError, match="block_out_channel"):
+        build_autoencoder(ModelConfig(config=str(path)))  # not a default architecture trained for hours
