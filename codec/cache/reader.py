@@ -102,8 +102,8 @@ class LatentDataset(torch.utils.data.Dataset):
         elif has_statistics:
             log.warning(
                 "%s: the codec records per-channel latents_mean/std (`codec stats --channel-stats`), which "
-                "normalize='scaling' (asked for, or implied by a scaling_factor or shift_factor given) leaves "
-                "unused (scaling factor %s); the default applies them",
+                "normalize='scaling' leaves unused (asked for, or implied by a scaling_factor or shift_factor "
+                "given; scaling factor %s); the default applies them",
                 self.root,
                 self.scaling_factor,
             )
