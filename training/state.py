@@ -137,35 +137,38 @@ def prune_checkpoints(output_dir: Path, keep: int, current: Path) -> None:
 
 
 class RunningMeans:
-    """Means of the logged values since the last log step, over micro-batches and then over processes.
+    """Means of the logged values since the last log step, over the micro-batches of every process.
 
     Values stay detached tensors on the device until `read`: a float() per step would make the CPU wait for the
-    GPU every step. Every process must call `read` at the same steps with the same names (it is a collective).
+    GPU every step. Every process must call `add` for every micro-batch and `read` at the same steps (it is a
+    collective); a micro-batch added with weight 0 (a blank stand-in for unreadable images) counts for nothing.
     """
 
     def __init__(self) -> None:
         self._sums: dict[str, torch.Tensor] = {}
-        self._counts: dict[str, int] = {}
+        self._counts: dict[str, float] = {}
 
-    def add(self, values: dict[str, torch.Tensor | float]) -> None:
+    def add(self, values: dict[str, torch.Tensor | float], weight: float = 1.0) -> None:
         # Python numbers join the tensors on their device (a fill there, not a copy from the host), so that a sum
         # started from a float (a discriminator's zeros before it starts) does not pull later tensors to the CPU.
         device = next((v.device for v in values.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
         for name, value in values.items():
             if isinstance(value, torch.Tensor):
-                value = value.detach().float()
+                value = value.detach().float() * weight
             else:
-                value = torch.full((), float(value), device=device)
+                value = torch.full((), float(value) * weight, device=device)
             self._sums[name] = self._sums[name] + value.to(self._sums[name].device) if name in self._sums else value
-            self._counts[name] = self._counts.get(name, 0) + 1
+            self._counts[name] = self._counts.get(name, 0.0) + weight
 
     def read(self, accelerator) -> dict[str, float]:
-        """The means, averaged over processes; then starts afresh."""
+        """The means since the last read, over every process's micro-batches; then starts afresh."""
         if not self._sums:
             return {}
         names = sorted(self._sums)
-        means = torch.stack([(self._sums[n] / self._counts[n]).to(accelerator.device) for n in names])
-        if accelerator.num_processes > 1:
-            means = accelerator.reduce(means, reduction="mean")
+        sums = torch.stack([self._sums[n].to(accelerator.device) for n in names])
+        counts = torch.tensor([self._counts[n] for n in names], device=accelerator.device)
+        if accelerator.num_processes > 1:  # sums and counts apart: a process with fewer real batches weighs less
+            sums, counts = accelerator.reduce(torch.stack([sums, counts]), reduction="sum")
+        means = sums / counts.clamp_min(1.0)
         self._sums, self._counts = {}, {}
         return dict(zip(names, means.tolist(), strict=True))

@@ -247,7 +247,7 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
                     if d_loss.requires_grad:
                         disc_step(d_loss * 0.0 if blank else d_loss)
                     logs = {**logs, **d_logs}
-            means.add({**logs, "loss": loss})  # every micro-batch counts in what is logged, not just the last
+            means.add({**logs, "loss": loss}, weight=0.0 if blank else 1.0)  # every real micro-batch counts
             if not accelerator.sync_gradients:
                 continue
             state.step += 1

@@ -44,6 +44,11 @@ def test_running_means_average_every_micro_batch_and_start_afresh():
     means.add({"loss": torch.tensor(5.0)})
     assert means.read(accelerator) == {"loss": 5.0}  # only what came since the last read
     assert means.read(accelerator) == {}
+    means.add({"loss": torch.tensor(7.0)}, weight=0.0)  # a blank stand-in batch: counts for nothing
+    means.add({"loss": torch.tensor(3.0)})
+    assert means.read(accelerator) == {"loss": 3.0}
+    means.add({"loss": torch.tensor(7.0)}, weight=0.0)  # only blank batches since the last read: 0, not NaN
+    assert means.read(accelerator) == {"loss": 0.0}
     means.add({"g_adv": 0.0, "loss": torch.tensor(1.0, dtype=torch.float64)})  # numbers join the tensors' device
     assert all(total.device == torch.device("cpu") and total.dtype == torch.float32 for total in means._sums.values())
 
