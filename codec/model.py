@@ -12,6 +12,7 @@ non-finite. `encode_latents`/`decode_latents` add the scaling and shift a diffus
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 import os
 from dataclasses import dataclass
@@ -29,19 +30,28 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 
 @dataclass
-class AutoencoderKLOutput:
-    latent_dist: DiagonalGaussianDistribution
+class _Output:
+    """As diffusers' BaseOutput: indexed by position or by field name, and `to_tuple()`."""
 
-    def __getitem__(self, index: int) -> DiagonalGaussianDistribution:
-        return (self.latent_dist,)[index]
+    def to_tuple(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+    def __getitem__(self, key: int | str):
+        if isinstance(key, str):
+            if key not in {f.name for f in dataclasses.fields(self)}:
+                raise KeyError(key)
+            return getattr(self, key)
+        return self.to_tuple()[key]
 
 
 @dataclass
-class DecoderOutput:
-    sample: torch.Tensor
+class AutoencoderKLOutput(_Output):
+    latent_dist: DiagonalGaussianDistribution
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return (self.sample,)[index]
+
+@dataclass
+class DecoderOutput(_Output):
+    sample: torch.Tensor
 
 
 class AutoencoderKL(nn.Module):

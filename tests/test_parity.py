@@ -128,6 +128,12 @@ def test_return_dict_false_gives_tuples(ours, diffusers_vae, images):
         assert type(their_forward) is type(forward)
         _assert_parity("forward tuple", forward[0], their_forward[0])
         _assert_parity("decode tuple", decoded[0], forward[0])
+        # The output objects are read as diffusers' are: by position, by name, or as a tuple.
+        ours_out, their_out = ours(images), diffusers_vae(images)
+        for key in (0, "sample"):
+            _assert_parity(f"output[{key!r}]", ours_out[key], their_out[key])
+        assert len(ours_out.to_tuple()) == len(their_out.to_tuple()) == 1
+        assert ours.encode(images)["latent_dist"] is not None
 
 
 def _loss(model, x: torch.Tensor) -> torch.Tensor:
