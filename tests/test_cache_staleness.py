@@ -125,3 +125,14 @@ def test_a_stray_caption_in_an_uncaptioned_folder_is_left_out_with_columns_none(
     code, stdout, stderr = cli([*base, "-o", tmp_path / "out", "--columns", "none"])
     assert code == 0, stderr
     assert "(1 already done, 0 written here)" in stdout and "caption" not in read_rows(tmp_path / "out")[0]
+
+
+def test_a_list_whose_every_path_fails_says_the_cache_is_empty(tmp_path, model_dir):
+    folder = image_folder(tmp_path / "images", [(32, 32)] * 2)
+    listing = tmp_path / "lists" / "train.txt"
+    listing.parent.mkdir()
+    listing.write_text("images/img000.png\nimages/img001.png\n")  # relative to the list's folder: both wrong
+    base = ["cache", listing, "--model", model_dir, "--resolution", 32, "--num-workers", 0, "--device", "cpu"]
+    code, stdout, _ = cli([*base, "-o", tmp_path / "out"])
+    assert code == 0 and "warning: every image was skipped, so the cache is empty" in stdout
+    assert folder.is_dir()

@@ -162,3 +162,11 @@ def test_per_channel_scaling_takes_one_latent_or_a_batch():
     torch.testing.assert_close(vae.unscale_latents(batch), z)
     with pytest.raises(ValueError, match=r"expected \(C, h, w\) or \(B, C, h, w\)"):
         vae.scale_latents(torch.randn(1, 4, 4, 4, 4))  # a video's (B, C, T, h, w) would be scaled along T
+
+
+def test_roundtrip_into_the_inputs_folder_refuses_to_replace_them(tmp_path, capsys):
+    image = tmp_path / "a.png"
+    _image(image, 16, 16, 0)
+    before = image.read_bytes()
+    assert main(["roundtrip", str(image), "-o", str(tmp_path), "--model", "preset:tiny"]) == 2
+    assert "would replace input image(s)" in capsys.readouterr().err and image.read_bytes() == before

@@ -164,6 +164,11 @@ def run_cache(args: argparse.Namespace) -> int:
         )
         if summary.skipped:
             print(f"skipped {summary.skipped} unreadable images; reasons in {args.output / 'skipped.jsonl'}")
+        if summary.images and not summary.rows:
+            print(
+                f"warning: every image was skipped, so the cache is empty (a .txt list's paths are relative to "
+                f"the list); the reasons are in {args.output / 'skipped.jsonl'}"
+            )
         _warn_upscaled(summary.upscaled, summary.rows, args.resolution)
     return 0
 

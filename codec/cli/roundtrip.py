@@ -36,12 +36,22 @@ def _save_png(image, path: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     from PIL import Image
 
+    stems = output_stems([str(path) for path in args.images])
+    inputs = {Path(path).resolve() for path in args.images}
+    clobbered = [
+        str(target)
+        for stem in stems
+        for target in (args.output / f"{stem}.png", args.output / f"{stem}_compare.png")
+        if target.resolve() in inputs
+    ]
+    if clobbered:  # -o is the inputs' own folder: the reconstruction would replace its original
+        raise ValueError(f"-o {args.output}: writing there would replace input image(s) {', '.join(clobbered)}")
     vae = load_model(args)
     if args.tile:
         vae.enable_tiling()
     args.output.mkdir(parents=True, exist_ok=True)
     rows = []
-    for path, stem in zip(args.images, output_stems([str(path) for path in args.images]), strict=True):
+    for path, stem in zip(args.images, stems, strict=True):
         x = image_to_tensor(path)
         start = time.perf_counter()
         reconstruction = vae(x.to(vae.device, vae.dtype)).sample
