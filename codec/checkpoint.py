@@ -103,12 +103,13 @@ _STAND_IN_PREFIXES = ("pytorch_lightning.", "lightning.")
 def _load_pickle(path: Path, mmap: bool):
     # weights_only refuses arbitrary pickled code: a checkpoint from the internet must not run programs.
     allowed: dict[str, object] = {}
+    zipped = zipfile.is_zipfile(path)
     for _ in range(64):  # one round per refused global in the legacy format, which names them one at a time
         try:
             with torch.serialization.safe_globals(list(allowed.values())):
                 return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
         except Exception as error:
-            refused = [name for name in _refused_globals(path, error) if name not in allowed]
+            refused = [name for name in _refused_globals(path, zipped, error) if name not in allowed]
             if not refused:
                 # Garbage bytes reach the unpickler in many ways (UnpicklingError, EOFError, IndexError, ...): any
                 # failure that is not a refused global means the file is not a checkpoint we can read.
@@ -116,7 +117,7 @@ def _load_pickle(path: Path, mmap: bool):
                     f"{path}: not a readable PyTorch checkpoint, perhaps truncated or corrupt ({_first_line(error)})"
                 ) from None
         unsafe = [name for name in refused if _harmless(name) is None]
-        if unsafe and not zipfile.is_zipfile(path) and not any(_importable(name) for name in unsafe):
+        if unsafe and not zipped and not any(_importable(name) for name in unsafe):
             # The legacy format names what it refuses from the bytes it read: a file cut short names a fragment
             # ("torch.FloatStor"). A name that resolves to nothing is more likely damage than a payload.
             raise CheckpointError(
@@ -139,10 +140,10 @@ def _load_pickle(path: Path, mmap: bool):
     raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (too many pickled classes)")
 
 
-def _refused_globals(path: Path, error: Exception) -> list[str]:
+def _refused_globals(path: Path, zipped: bool, error: Exception) -> list[str]:
     """The globals safe loading refused: all of them for torch's zip format; for the legacy format, which cannot be
     inspected without unpickling, the one its error names."""
-    if zipfile.is_zipfile(path):
+    if zipped:
         try:
             return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
         except Exception:
