@@ -26,11 +26,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_cpu_processes_write_disjoint_complete_shards_that_a_single_process_resumes(tmp_path):
-    model_dir = tiny_model_dir(tmp_path / "model")
-    folder = image_folder(tmp_path / "images", SIZES)
-    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    out = tmp_path / "out"
+def _launch_two(tmp_path: Path, folder: Path, out: Path, model_dir: Path) -> subprocess.CompletedProcess:
     accelerate = Path(sys.executable).parent / "accelerate"
     command = [
         accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -40,9 +36,17 @@ def test_two_cpu_processes_write_disjoint_complete_shards_that_a_single_process_
     ]  # fmt: skip
     # HF_HOME keeps a developer's own `accelerate config` out of the test; one thread each on a shared machine.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}
-    result = subprocess.run(
+    return subprocess.run(
         [str(c) for c in command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
     )
+
+
+def test_two_cpu_processes_write_disjoint_complete_shards_that_a_single_process_resumes(tmp_path):
+    model_dir = tiny_model_dir(tmp_path / "model")
+    folder = image_folder(tmp_path / "images", SIZES)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    out = tmp_path / "out"
+    result = _launch_two(tmp_path, folder, out, model_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("9 of 10 images cached in 5 shards") == 1  # printed by the main process only
 
@@ -67,3 +71,22 @@ def test_two_cpu_processes_write_disjoint_complete_shards_that_a_single_process_
     for a, b in zip(read_rows(out), read_rows(single), strict=True):
         assert a["key"] == b["key"]
         np.testing.assert_allclose(np.asarray(a["mean"], np.float32), np.asarray(b["mean"], np.float32), atol=1e-3)
+
+
+def test_a_shard_one_rank_refuses_stops_every_rank_with_the_reason_and_no_torch_traceback(tmp_path):
+    # Rank 1 alone reads shard 1, written at another resolution; rank 0 had died in its next collective, on the
+    # closed connection, with a traceback from inside torch.distributed.
+    model_dir = tiny_model_dir(tmp_path / "model")
+    folder = image_folder(tmp_path / "images", SIZES[:8])
+    out, other = tmp_path / "out", tmp_path / "other"
+    build(folder, out, model_dir, shard_size=2)
+    build(folder, other, model_dir, shard_size=2, resolution=16)
+    shard = out / "data" / "shard-00001.parquet"
+    shard.write_bytes((other / "data" / "shard-00001.parquet").read_bytes())
+
+    result = _launch_two(tmp_path, folder, out, model_dir)
+    assert result.returncode != 0
+    assert "shard-00001.parquet was made with different settings" in result.stderr
+    assert "stopped, since rank 1 refused" in result.stderr  # rank 0 says why it stops too
+    assert "[rank0]: Traceback" not in result.stderr and "[rank1]: Traceback" not in result.stderr
+    assert read_shard_meta(shard)["record"]["preprocessing"]["resolution"] == 16  # nothing was overwritten

@@ -102,6 +102,24 @@ class Group:
 
         return sum(gather_object([value]))
 
+    def stop_together(self, refusal: Exception | None) -> None:
+        """Raise on every rank if any rank refused (`refusal`, or None where its checks passed).
+
+        A rank that raised alone left the others in their next collective, to die of its closed connection with
+        a traceback from inside torch; the user should read the reason once per rank, plainly."""
+        if self.accelerator is None or self.world == 1:
+            if refusal is not None:
+                raise refusal
+            return
+        from accelerate.utils import gather_object
+
+        reasons = gather_object([None if refusal is None else str(refusal)])
+        if refusal is not None:
+            raise refusal
+        for rank, reason in enumerate(reasons):
+            if reason is not None:
+                raise shards.CacheError(f"stopped, since rank {rank} refused: {reason}")
+
 
 @torch.no_grad()
 def _encode(vae, items: list[_Loaded], flip: bool) -> list[tuple[torch.Tensor, ...]]:
@@ -228,6 +246,32 @@ def _identities_as_recorded(existing: dict | None, vae, identities: dict[str, st
     return identities
 
 
+def _stale_shards(
+    out: Path, source, settings: Settings, group: Group, chash: str, compat: dict, summary: Summary
+) -> list[_ShardBuilder]:
+    """This rank's shards that must be encoded (counting those already done in `summary.reused`); refuses a shard
+    written with other settings."""
+    n = len(source.keys)
+    todo = []
+    for index in range(group.rank, math.ceil(n / settings.shard_size), group.world):
+        keys = range(index * settings.shard_size, min(n, (index + 1) * settings.shard_size))
+        fingerprint = source.fingerprint(keys)
+        meta = shards.read_shard_meta(shards.shard_path(out, index))
+        if meta is not None and meta.get("compat") != chash:
+            shards.check_compatible(meta.get("record", {}), compat, shards.shard_path(out, index))
+        # Reused only under this run's exact record: one that compares equal but hashes otherwise (written by an
+        # older version) is encoded again, or the final check below would count it as missing.
+        current = meta is not None and meta.get("compat") == chash
+        if current and meta.get("fingerprint") == fingerprint and meta.get("count") == len(keys):
+            summary.reused += 1
+            continue
+        if meta is not None:
+            why = "its source files changed" if current else "its settings were recorded differently"
+            log.info("%s is stale (%s); encoding it again", shards.shard_path(out, index), why)
+        todo.append(_ShardBuilder(index, keys, fingerprint))
+    return todo
+
+
 def build_cache(
     source,
     out: str | Path,
@@ -270,33 +314,26 @@ def build_cache(
     n = len(source.keys)
     n_shards = math.ceil(n / settings.shard_size)
     args = (vae, identities, model_name, source, settings, compat, chash, n_shards)
+    refusal = None
     if group.is_main:
-        if existing is None:  # shards without a manifest (deleted by hand?): their footers say what they are
-            for path in sorted((out / shards.DATA_DIR).glob("shard-*.parquet")):
-                meta = shards.read_shard_meta(path)
-                if meta is not None and meta.get("compat") != chash:
-                    shards.check_compatible(meta.get("record", {}), compat, path)
-        _clean(out, n_shards, lambda: manifest.write_manifest(out, manifest.build_manifest(*args)))
-    group.barrier()
+        try:
+            if existing is None:  # shards without a manifest (deleted by hand?): their footers say what they are
+                for path in sorted((out / shards.DATA_DIR).glob("shard-*.parquet")):
+                    meta = shards.read_shard_meta(path)
+                    if meta is not None and meta.get("compat") != chash:
+                        shards.check_compatible(meta.get("record", {}), compat, path)
+            _clean(out, n_shards, lambda: manifest.write_manifest(out, manifest.build_manifest(*args)))
+        except (OSError, ValueError) as error:
+            refusal = error
+    group.stop_together(refusal)
 
     summary = Summary(images=n, shards=n_shards)
-    todo = []
-    for index in range(group.rank, n_shards, group.world):
-        keys = range(index * settings.shard_size, min(n, (index + 1) * settings.shard_size))
-        fingerprint = source.fingerprint(keys)
-        meta = shards.read_shard_meta(shards.shard_path(out, index))
-        if meta is not None and meta.get("compat") != chash:
-            shards.check_compatible(meta.get("record", {}), compat, shards.shard_path(out, index))
-        # Reused only under this run's exact record: one that compares equal but hashes otherwise (written by an
-        # older version) is encoded again, or the final check below would count it as missing.
-        current = meta is not None and meta.get("compat") == chash
-        if current and meta.get("fingerprint") == fingerprint and meta.get("count") == len(keys):
-            summary.reused += 1
-            continue
-        if meta is not None:
-            why = "its source files changed" if current else "its settings were recorded differently"
-            log.info("%s is stale (%s); encoding it again", shards.shard_path(out, index), why)
-        todo.append(_ShardBuilder(index, keys, fingerprint))
+    refusal, todo = None, []
+    try:
+        todo = _stale_shards(out, source, settings, group, chash, compat, summary)
+    except (OSError, ValueError) as error:
+        refusal = error
+    group.stop_together(refusal)
     # Marked incomplete only where a shard will be written (or, above, removed), so that the codec and settings
     # are on record from the first shard on; a rerun with nothing to do leaves a complete cache complete, even if
     # it is interrupted.
