@@ -170,3 +170,15 @@ def test_roundtrip_into_the_inputs_folder_refuses_to_replace_them(tmp_path, caps
     before = image.read_bytes()
     assert main(["roundtrip", str(image), "-o", str(tmp_path), "--model", "preset:tiny"]) == 2
     assert "would replace input image(s)" in capsys.readouterr().err and image.read_bytes() == before
+
+
+def test_decode_into_the_folder_the_images_were_encoded_from_refuses_to_replace_them(tmp_path, capsys):
+    image = tmp_path / "a.png"
+    _image(image, 16, 16, 0)
+    before = image.read_bytes()
+    latents = tmp_path / "z.safetensors"
+    assert main(["encode", str(image), "-o", str(latents), "--model", "preset:tiny"]) == 0
+    assert main(["decode", str(latents), "-o", str(tmp_path), "--model", "preset:tiny"]) == 2
+    assert "would replace the encoded image(s)" in capsys.readouterr().err and image.read_bytes() == before
+    assert main(["decode", str(latents), "-o", str(tmp_path / "out"), "--model", "preset:tiny"]) == 0
+    assert (tmp_path / "out" / "a.png").is_file()

@@ -73,6 +73,7 @@ def run_encode(args: argparse.Namespace) -> int:
         "latents_mean": json.dumps(vae.config.latents_mean),  # null, or the per-channel statistics it scaled with
         "latents_std": json.dumps(vae.config.latents_std),
         "sources": json.dumps(sources),
+        "paths": json.dumps([str(path.resolve()) for path in args.images]),  # so decode never writes over one
         "sizes": json.dumps(sizes),
         "model": _recorded_model(args.model),
         "posterior": "sample" if args.sample else "mean",
@@ -108,6 +109,7 @@ def read_latents_file(path: Path) -> tuple[list[torch.Tensor], dict]:
             "latents_mean": _optional_tuple(metadata.get("latents_mean")),  # files of 0.2.0 and before lack them
             "latents_std": _optional_tuple(metadata.get("latents_std")),
             "sources": json.loads(metadata["sources"]),
+            "paths": json.loads(metadata.get("paths", "[]")),  # files of 0.2.x and before lack them
             "sizes": json.loads(metadata["sizes"]),
             "model": metadata.get("model"),
         }
@@ -163,8 +165,14 @@ def run_decode(args: argparse.Namespace) -> int:
         )
         print(f"warning: {args.latents} was scaled with {differ}; unscaling with the file's values")
     recorded = dataclasses.replace(vae.config, **scaling)
-    args.output.mkdir(parents=True, exist_ok=True)
     stems = output_stems(info["sources"])
+    originals = {Path(path) for path in info["paths"]}
+    clobbered = [
+        str(args.output / f"{stem}.png") for stem in stems if (args.output / f"{stem}.png").resolve() in originals
+    ]
+    if clobbered:  # -o is the folder the images were encoded from
+        raise ValueError(f"-o {args.output}: writing there would replace the encoded image(s) {', '.join(clobbered)}")
+    args.output.mkdir(parents=True, exist_ok=True)
     for latent, stem, (height, width) in zip(latents, stems, info["sizes"], strict=True):
         z = unscale_latents(latent[None].to(vae.device, vae.dtype), recorded)
         image = vae.decode(z).sample[..., :height, :width]
