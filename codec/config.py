@@ -84,6 +84,45 @@ class AutoencoderKLConfig:
             if stats is not None and len(stats) != self.latent_channels:
                 raise ConfigError(f"{name} has {len(stats)} values but latent_channels is {self.latent_channels}")
 
+    def with_settings(self, **settings) -> AutoencoderKLConfig:
+        """A copy with new values for fields that leave the weights' meaning alone (SETTING_FIELDS); the
+        architecture fields of a built model cannot change, and an unknown name is a typo."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise TypeError(f"unknown AutoencoderKL config field(s) {', '.join(map(repr, unknown))}")
+        fixed = sorted(
+            name for name in settings if name not in SETTING_FIELDS and settings[name] != getattr(self, name)
+        )
+        if fixed:
+            raise ConfigError(
+                f"{', '.join(fixed)} would change the architecture of built weights; build a model from a new config "
+                f"instead (settings that can change: {', '.join(SETTING_FIELDS)})"
+            )
+        return dataclasses.replace(self, **settings)
+
+    # Read like diffusers' FrozenDict config too (`config["scaling_factor"]`, `"shift_factor" in config`, `.get`,
+    # `dict(config)`), which some pipelines and trainers use instead of attributes.
+    def keys(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self)]
+
+    def __getitem__(self, name: str):
+        if name not in self.keys():
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.keys()
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def get(self, name: str, default=None):
+        return getattr(self, name) if name in self.keys() else default
+
+    def items(self) -> list[tuple[str, object]]:
+        return [(name, getattr(self, name)) for name in self.keys()]
+
     @property
     def downsample_factor(self) -> int:
         """Pixels per latent value along each side: 2 per block after the first."""
@@ -143,6 +182,8 @@ class AutoencoderKLConfig:
 
 
 ACTIVATIONS = ("silu", "swish", "gelu", "relu", "mish")
+# Fields that say how the latents are scaled and how the model is run, not what the weights compute.
+SETTING_FIELDS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std", "force_upcast", "sample_size")
 
 
 def _sd_family(**overrides) -> AutoencoderKLConfig:

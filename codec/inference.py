@@ -165,6 +165,10 @@ def _run(vae, x: torch.Tensor, *, encode: bool) -> torch.Tensor:
         # slicing and fp32 fallback, rather than the plain graph-building forward.
         with torch.no_grad():
             return _run(vae, x, encode=encode)
+    if vae.offloaded:
+        # accelerate's sequential offload brings each layer's weights in as that layer runs: only the plain
+        # forward lets it (tiling, streaming and the fp32 fallback's copy read weights outside their layers).
+        return vae.encode_moments(x) if encode else vae.decode_raw(x)
     if not torch.is_grad_enabled() and precision.emulated_on_cpu(vae.dtype, x.device):
         return _run(precision.fp32_copy(vae), x.float(), encode=encode).to(x.dtype)
     config = vae.config

@@ -98,7 +98,10 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (torch.is_grad_enabled() and (x.requires_grad or self.conv.weight.requires_grad)):
+        # The phase kernels read the conv's weight directly: not where accelerate's offload keeps it on the meta
+        # device until the conv itself runs.
+        training = torch.is_grad_enabled() and (x.requires_grad or self.conv.weight.requires_grad)
+        if not training and not self.conv.weight.is_meta:
             return upsample_conv_padded(F.pad(x, (1, 1, 1, 1)), self.conv)
         # Training: the textbook form (its backward is torch's). bf16 nearest upsampling is missing or slow on
         # some backends; fp32 costs one copy and is exact.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,12 @@ class _Output:
                 raise KeyError(key)
             return getattr(self, key)
         return self.to_tuple()[key]
+
+    def keys(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self)]
+
+    def items(self) -> list[tuple[str, object]]:
+        return [(name, getattr(self, name)) for name in self.keys()]
 
 
 @dataclass
@@ -112,7 +119,20 @@ class AutoencoderKL(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        """Where the weights are, or, offloaded by accelerate (a pipeline's `enable_sequential_cpu_offload`:
+        weights on the meta device until each layer runs), where its hooks run them."""
+        device = next(self.parameters()).device
+        if device.type == "meta":
+            for module in self.modules():
+                execution_device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+                if execution_device is not None:
+                    return torch.device(execution_device)
+        return device
+
+    @property
+    def offloaded(self) -> bool:
+        """Whether accelerate's sequential offload holds the weights (they reach a layer only as it runs)."""
+        return next(self.parameters()).device.type == "meta"
 
     @property
     def downsample_factor(self) -> int:
@@ -143,6 +163,7 @@ class AutoencoderKL(nn.Module):
     def encode(self, x: torch.Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple:
         from codec import inference
 
+        self._run_offload_hook()
         posterior = DiagonalGaussianDistribution(inference.encode_moments(self, x))
         return AutoencoderKLOutput(posterior) if return_dict else (posterior,)
 
@@ -151,6 +172,7 @@ class AutoencoderKL(nn.Module):
     ) -> DecoderOutput | tuple:
         from codec import inference
 
+        self._run_offload_hook()
         sample = inference.decode(self, z)
         return DecoderOutput(sample) if return_dict else (sample,)
 
@@ -166,6 +188,13 @@ class AutoencoderKL(nn.Module):
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         decoded = self.decode(z).sample[..., : sample.shape[-2], : sample.shape[-1]]
         return DecoderOutput(decoded) if return_dict else (decoded,)
+
+    def _run_offload_hook(self) -> None:
+        # accelerate's offload hooks (a pipeline's enable_model_cpu_offload) wrap forward, and pipelines call
+        # encode and decode: diffusers runs the hook from those too, so that the model is on the execution device.
+        hook = getattr(self, "_hf_hook", None)
+        if hook is not None and hasattr(hook, "pre_forward"):
+            hook.pre_forward(self)
 
     # ---- latents as a diffusion model sees them -----------------------------------------------
 
@@ -193,16 +222,25 @@ class AutoencoderKL(nn.Module):
     def enable_tiling(self, tile_latent_size: int | None = None) -> None:
         """Tile encode and decode; `tile_latent_size`: the tile's side in latent pixels (None: the largest that
         fits the memory budget, at least 16). Under 16 the shared statistics are estimated from few pixels."""
-        if tile_latent_size is not None:
-            given = tile_latent_size
-            try:
-                tile_latent_size = operator.index(tile_latent_size)  # an int, a numpy int; not 2.5
-            except TypeError:
-                tile_latent_size = 0
-            if tile_latent_size < 2:
-                raise ValueError(f"tile_latent_size must be a whole number of latent pixels >= 2, got {given!r}")
         self.use_tiling = True
-        self.tile_latent_size = tile_latent_size
+        self.tile_latent_size = _checked_tile(tile_latent_size)
+
+    # diffusers' names for the tile size, in pixels and in latent positions (the overlap is ours, an eighth).
+    @property
+    def tile_sample_min_size(self) -> int | None:
+        return None if self.tile_latent_size is None else self.tile_latent_size * self.config.downsample_factor
+
+    @tile_sample_min_size.setter
+    def tile_sample_min_size(self, pixels: int | None) -> None:
+        self.tile_latent_size = None if pixels is None else _checked_tile(pixels // self.config.downsample_factor)
+
+    @property
+    def tile_latent_min_size(self) -> int | None:
+        return self.tile_latent_size
+
+    @tile_latent_min_size.setter
+    def tile_latent_min_size(self, size: int | None) -> None:
+        self.tile_latent_size = _checked_tile(size)
 
     def disable_tiling(self) -> None:
         self.use_tiling = False
@@ -241,24 +279,74 @@ class AutoencoderKL(nn.Module):
     @classmethod
     def from_pretrained(
         cls,
-        path_or_hub_id: str | os.PathLike,
+        pretrained_model_name_or_path: str | os.PathLike,
         subfolder: str | None = None,
         variant: str | None = None,
         torch_dtype: torch.dtype | None = None,
         revision: str | None = None,
+        *,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+        use_safetensors: bool | None = None,
+        low_cpu_mem_usage: bool = True,
+        **settings,
     ) -> AutoencoderKL:
         """Load a diffusers folder (or a pipeline's `vae/` subfolder) or a hub id (at `revision`: a branch, tag or
-        commit; sharded weights are fetched shard by shard). Hub access follows huggingface_hub's environment:
-        HF_TOKEN, HF_HOME / HF_HUB_CACHE, HF_HUB_OFFLINE=1 for the cache alone."""
-        from codec.weights import load_pretrained
+        commit; sharded weights are fetched shard by shard). Hub access follows huggingface_hub's environment
+        (HF_TOKEN, HF_HOME / HF_HUB_CACHE, HF_HUB_OFFLINE=1 for the cache alone) or cache_dir, token and
+        local_files_only. As in diffusers, keyword arguments named after settings (`force_upcast=False`,
+        `scaling_factor=...`) override config.json's. use_safetensors and low_cpu_mem_usage are accepted for
+        diffusers' callers and change nothing: safetensors is read first when both formats are there, straight
+        into place."""
+        from codec.weights import HubOptions, load_pretrained
 
-        return load_pretrained(cls, path_or_hub_id, subfolder, variant, torch_dtype, revision)
+        hub = HubOptions(cache_dir=cache_dir, token=token, local_files_only=local_files_only)
+        model = load_pretrained(cls, pretrained_model_name_or_path, subfolder, variant, torch_dtype, revision, hub)
+        if settings:
+            model.register_to_config(**settings)
+        return model
 
-    def save_pretrained(self, directory: str | os.PathLike, variant: str | None = None) -> None:
-        """Write config.json and diffusion_pytorch_model.safetensors, as diffusers does."""
+    def save_pretrained(
+        self,
+        directory: str | os.PathLike,
+        variant: str | None = None,
+        *,
+        is_main_process: bool = True,
+        safe_serialization: bool = True,
+    ) -> None:
+        """Write config.json and diffusion_pytorch_model.safetensors, as diffusers does (only the main process
+        writes, where a training script says which it is). Weights are written as safetensors only."""
         from codec.weights import save_pretrained
 
-        save_pretrained(self, directory, variant=variant)
+        if not safe_serialization:
+            raise ValueError("save_pretrained writes safetensors only (a pickled .bin can carry code)")
+        if is_main_process:
+            save_pretrained(self, directory, variant=variant)
+
+    @classmethod
+    def from_config(cls, config: AutoencoderKLConfig | Mapping) -> AutoencoderKL:
+        """A model with freshly initialised weights, from a config or a dict of one (diffusers' `from_config`,
+        which also takes a diffusers model's `config`)."""
+        if not isinstance(config, AutoencoderKLConfig):
+            config = AutoencoderKLConfig.from_dict(dict(config), source="from_config")
+        return cls(config)
+
+    def register_to_config(self, **settings) -> None:
+        """Change settings that leave the weights' meaning alone (`codec.config.SETTING_FIELDS`: scaling and
+        shift, latent statistics, force_upcast, sample_size), as diffusers' `register_to_config` does."""
+        self.config = self.config.with_settings(**settings)
+
+    # Accepted for diffusers' and kohya's callers, and nothing to do: attention runs through torch's
+    # scaled_dot_product_attention, which picks a memory-efficient kernel by itself.
+    def enable_xformers_memory_efficient_attention(self, attention_op=None) -> None:
+        pass
+
+    def disable_xformers_memory_efficient_attention(self) -> None:
+        pass
+
+    def set_use_memory_efficient_attention_xformers(self, valid: bool = True, attention_op=None) -> None:
+        pass
 
     @classmethod
     def from_single_file(
@@ -284,6 +372,19 @@ class AutoencoderKL(nn.Module):
         from codec.weights import load_any
 
         return load_any(cls, spec, torch_dtype=torch_dtype)
+
+
+def _checked_tile(size: int | None) -> int | None:
+    """A tile side in latent positions: a whole number >= 2, or None for the largest the budget allows."""
+    if size is None:
+        return None
+    try:
+        checked = operator.index(size)  # an int, a numpy int; not 2.5
+    except TypeError:
+        checked = 0
+    if checked < 2:
+        raise ValueError(f"tile_latent_size must be a whole number of latent pixels >= 2, got {size!r}")
+    return checked
 
 
 def scale_latents(z: torch.Tensor, config: AutoencoderKLConfig) -> torch.Tensor:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,6 +18,17 @@ from codec.config import CONFIG_NAME, PRESETS, AutoencoderKLConfig, preset
 from codec.keys import upgrade_legacy_attention_keys
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HubOptions:
+    """What huggingface_hub's downloads take besides the file (None: its environment's defaults)."""
+
+    cache_dir: str | os.PathLike | None = None
+    token: str | bool | None = None
+    local_files_only: bool = False
+
+
 WEIGHTS_STEM = "diffusion_pytorch_model"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")  # .sft: FLUX's ae.sft
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -80,6 +93,7 @@ def load_from_hub(
     variant: str | None,
     torch_dtype: torch.dtype | None,
     revision: str | None = None,
+    hub: HubOptions | None = None,
 ):
     import huggingface_hub
     from huggingface_hub.errors import (
@@ -96,7 +110,11 @@ def load_from_hub(
         """The file, downloaded or from the cache; None where the repository has no such file, or (offline) the
         cache does not hold it."""
         try:
-            return Path(huggingface_hub.hf_hub_download(repo_id, filename, subfolder=folder, revision=revision))
+            return Path(
+                huggingface_hub.hf_hub_download(
+                    repo_id, filename, subfolder=folder, revision=revision, **dataclasses.asdict(hub or HubOptions())
+                )
+            )
         # LocalEntryNotFoundError (offline, not cached) subclasses EntryNotFoundError: it must be caught first.
         except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
             # Offline, a file missing from the cache may be one the repository lacks (a sharded VAE has no single
@@ -143,7 +161,7 @@ def _hub_unreachable(repo_id: str, error: Exception) -> CheckpointError:
     )
 
 
-def load_pretrained(cls, path_or_hub_id, subfolder=None, variant=None, torch_dtype=None, revision=None):
+def load_pretrained(cls, path_or_hub_id, subfolder=None, variant=None, torch_dtype=None, revision=None, hub=None):
     name = str(path_or_hub_id)
     path = Path(name).expanduser()  # `--model=~/vae`: the shell leaves a ~ after = alone
     if subfolder:
@@ -154,7 +172,7 @@ def load_pretrained(cls, path_or_hub_id, subfolder=None, variant=None, torch_dty
         raise CheckpointError(f"{path}: is a file; use AutoencoderKL.from_single_file for single-file checkpoints")
     if isinstance(path_or_hub_id, os.PathLike) or name.startswith((".", "/", "~")) or not HUB_ID.fullmatch(name):
         raise CheckpointError(f"{name}: no such folder, and not a hub id of the form owner/name")
-    return load_from_hub(cls, name, subfolder, variant, torch_dtype, revision)
+    return load_from_hub(cls, name, subfolder, variant, torch_dtype, revision, hub)
 
 
 def save_pretrained(model, directory: str | os.PathLike, variant: str | None = None) -> None:
