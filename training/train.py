@@ -88,6 +88,9 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
     # convolution algorithms pays for itself within the first steps.
     if accelerator.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    if run.mixed_precision == "fp16" and accelerator.device.type == "cpu" and accelerator.is_main_process:
+        # accelerate runs fp16 on a CPU as plain fp32 (no autocast, no loss scaling), without a word.
+        log.warning("run.mixed_precision fp16: on a CPU accelerate trains in fp32; bf16 is the CPU's half precision")
     resume_from = resolve_resume(run.resume, output_dir)  # first: a refused run must not touch the folder
     if run.resume is True and resume_from is None and accelerator.is_main_process:
         log.warning("run.resume: no checkpoint in %s yet, so this is a new run from step 0", output_dir / "checkpoints")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -308,3 +309,9 @@ def test_ema_follows_the_model_to_its_device():
     model.to("meta")
     ema.update(model)
     assert all(shadow.device.type == "meta" for shadow in ema.shadow.values())
+
+
+def test_fp16_on_a_cpu_says_it_trains_in_fp32(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="training"):
+        run_training(tmp_path / "run", "run.max_steps=1", "run.mixed_precision=fp16")
+    assert "on a CPU accelerate trains in fp32" in caplog.text
