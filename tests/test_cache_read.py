@@ -111,6 +111,22 @@ def test_mean_latents_are_the_scaled_encoding_of_the_preprocessed_image(cache, m
     assert dataset[2]["caption"] == "two" and dataset[0]["caption"] is None
 
 
+def test_per_channel_statistics_and_the_scaling_factor_apply_together(cache, model_dir):
+    """As diffusers' SDXL pipelines: (z - latents_mean) * scaling_factor / latents_std. Playground v2.5 has
+    scaling 0.5 beside its statistics; a reader that dropped the factor would give latents twice too large."""
+    out, _ = cache
+    vae = codec.AutoencoderKL.load(model_dir)
+    plain = codec.LatentDataset(out, codec=vae, posterior="mean", flip=False, scaling_factor=1.0, shift_factor=0.0)
+    mean, std = (0.1, -0.2, 0.3, 0.0), (1.5, 0.5, 2.0, 1.0)
+    vae.register_to_config(latents_mean=mean, latents_std=std, scaling_factor=0.5)
+    channel = codec.LatentDataset(out, codec=vae, posterior="mean", flip=False)
+    view = (-1, 1, 1)
+    for index in (0, 3):
+        z = plain[index]["latents"]
+        expected = (z - torch.tensor(mean).view(view)) * 0.5 / torch.tensor(std).view(view)
+        torch.testing.assert_close(channel[index]["latents"], expected)
+
+
 def test_samples_are_seeded_per_epoch_and_flips_are_the_mirrored_images_latents(cache, model_dir):
     out, _ = cache
     vae = codec.AutoencoderKL.load(model_dir)

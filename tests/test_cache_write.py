@@ -75,11 +75,35 @@ def test_cli_refuses_another_model_or_preprocessing_in_the_same_output(tmp_path,
     assert code == 2 and "preprocessing resolution: cache has 32, this run has 64" in stderr
     code, _, stderr = cli([*base, "--model", model_dir, "--latent-dtype", "bf16"])
     assert code == 2 and "latent_dtype" in stderr
+    code, _, stderr = cli([*base, "--model", model_dir, "--shard-size", 3])  # the last one given counts
+    assert code == 2 and "shard_size: cache has 4, this run has 3" in stderr  # every shard's range would move
     assert read_rows(out) == before  # refused before touching anything
     code, stdout, _ = cli(["cache", "verify", out, "--model", model_dir])
     assert code == 0 and "OK, 10 rows" in stdout
     code, stdout, _ = cli(["cache", "verify", out, "--model", other])
     assert code == 1 and "made with codec" in stdout
+
+
+def test_a_moved_source_folder_is_the_same_source_and_files_are_readable_by_others(tmp_path, model_dir):
+    from codec.cache import manifest
+
+    folder = image_folder(tmp_path / "images", SIZES[:4])
+    out = tmp_path / "out"
+    build(folder, out, model_dir)
+    shard = out / "data" / "shard-00000.parquet"
+    before = shard.stat().st_mtime_ns
+    moved = folder.rename(tmp_path / "elsewhere")
+    summary = build(moved, out, model_dir)
+    assert (summary.reused, summary.written) == (2, 0) and shard.stat().st_mtime_ns == before
+    # Written through temporary files (mkstemp makes them 0600), yet with an ordinary new file's mode: other
+    # users' training jobs read a cache.
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (shard, out / "manifest.json", out / "skipped.jsonl"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+    # The digest of the keys verify checks: a key boundary counts, and the format is fixed (old caches verify).
+    assert manifest.keys_digest(["ab", "c"]) != manifest.keys_digest(["a", "bc"])
+    assert manifest.keys_digest(["a"]) == "sha256:87428fc522803d31065e7bce3cf03fe475096631e5e07bbd7a0fde60c4cf25c7"
 
 
 def test_shards_without_their_manifest_still_refuse_another_model(tmp_path, model_dir, folder):

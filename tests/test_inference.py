@@ -47,7 +47,17 @@ def test_tiles_cover_the_axis_with_the_overlap_and_alignment(length, max_tile, o
 
 def test_an_axis_that_fits_is_one_tile():
     assert tiling.plan_axis(20, 32, 8) == (20, [0])
+    assert tiling.plan_axis(32, 32, 8) == (32, [0])  # exactly one tile (a 512-pixel side at tile 64)
     assert tiling.plan_axis(128, 64, 8) == (48, [0, 40, 80])
+
+
+def test_a_tiles_blend_weights_drop_the_outer_quarter_of_an_overlap_and_ramp_across_the_middle_half():
+    weights = tiling._edge_weights(16, 8, 0)  # an overlap of 8 with the previous tile, none with the next
+    torch.testing.assert_close(weights[:8], torch.tensor([0, 0, 0.125, 0.375, 0.625, 0.875, 1, 1]))
+    assert torch.equal(weights[8:], torch.ones(8))
+    mirrored = tiling._edge_weights(16, 0, 8)
+    assert torch.equal(mirrored, weights.flip(0))
+    assert torch.equal(weights[:8] + mirrored[8:], torch.ones(8))  # neighbours' weights sum to 1 in the overlap
 
 
 def test_shared_stats_from_the_full_input_reproduce_the_untiled_output(vae_no_attention, monkeypatch):

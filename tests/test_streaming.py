@@ -217,3 +217,15 @@ def test_a_near_pass_that_stops_early_leaves_the_last_block_to_the_far_pass(vae,
     for key in full:  # a smaller pass under the minimum: the near pass runs whole, every norm extrapolated
         torch.testing.assert_close(coarse[key][0], full[key][0])
         torch.testing.assert_close(coarse[key][1], full[key][1])
+
+
+def test_a_spill_file_cut_short_is_an_error_not_garbage(tmp_path):
+    bands = [torch.randn(1, 3, 2, 5), torch.randn(1, 3, 1, 5)]
+    with open(tmp_path / "spill", "w+b") as file:
+        spill = streaming._Spill(file)
+        for band in bands:
+            spill.write(band)
+        assert all(torch.equal(a, b) for a, b in zip(spill.read(), bands, strict=True))
+        file.truncate(file.tell() - 4)
+        with pytest.raises(RuntimeError, match="truncated"):
+            list(spill.read())

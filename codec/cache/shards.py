@@ -42,21 +42,11 @@ RESERVED_COLUMNS = (
 )  # fmt: skip
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()
-
-
 def atomic_write(path: Path, write) -> None:
-    """Write through `write(tmp)` to a temporary file, then rename. mkstemp makes files 0600; a cache is read by
-    other users' training jobs, so the file gets the mode an ordinary new file would have."""
+    """Write through `write(tmp)` to a temporary file, then rename (atomic_path gives it the mode of an ordinary
+    new file, not mkstemp's 0600: a cache is read by other users' training jobs)."""
     with atomic_path(path) as tmp:
         write(tmp)
-        os.chmod(tmp, _FILE_MODE)
 
 
 class CacheError(ValueError):
