@@ -46,7 +46,7 @@ class AutoencoderKLConfig:
     mid_block_add_attention: bool = True
 
     def __post_init__(self) -> None:
-        # JSON gives lists; tuples keep the config hashable and comparable.
+        # JSON gives lists; tuples compare equal to the defaults and cannot be changed in place.
         for name in ("down_block_types", "up_block_types", "block_out_channels", "latents_mean", "latents_std"):
             value = getattr(self, name)
             if value is not None:
@@ -87,10 +87,8 @@ class AutoencoderKLConfig:
     def with_settings(self, **settings) -> AutoencoderKLConfig:
         """A copy with new values for fields that leave the weights' meaning alone (SETTING_FIELDS); the
         architecture fields of a built model cannot change, and an unknown name is a typo."""
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(settings) - known)
-        if unknown:
-            raise TypeError(f"unknown AutoencoderKL config field(s) {', '.join(map(repr, unknown))}")
+        check_setting_names(settings)
+        settings = {name: tuple(v) if isinstance(v, list) else v for name, v in settings.items()}  # JSON's lists
         fixed = sorted(
             name for name in settings if name not in SETTING_FIELDS and settings[name] != getattr(self, name)
         )
@@ -184,6 +182,14 @@ class AutoencoderKLConfig:
 ACTIVATIONS = ("silu", "swish", "gelu", "relu", "mish")
 # Fields that say how the latents are scaled and how the model is run, not what the weights compute.
 SETTING_FIELDS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std", "force_upcast", "sample_size")
+
+
+def check_setting_names(settings: dict) -> None:
+    """Refuse a name that is no config field (a typo) before any work, such as a download, is done."""
+    known = {f.name for f in dataclasses.fields(AutoencoderKLConfig)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise TypeError(f"unknown AutoencoderKL config field(s) {', '.join(map(repr, unknown))}")
 
 
 def _sd_family(**overrides) -> AutoencoderKLConfig:

@@ -12,6 +12,7 @@ import functools
 import logging
 import math
 import sys
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -168,6 +169,9 @@ def _run(vae, x: torch.Tensor, *, encode: bool) -> torch.Tensor:
     if vae.offloaded:
         # accelerate's sequential offload brings each layer's weights in as that layer runs: only the plain
         # forward lets it (tiling, streaming and the fp32 fallback's copy read weights outside their layers).
+        if vae.use_tiling:  # stacklevel 1: this line, so warned once, not at every pipeline step
+            message = "sequential offload: encode and decode run untiled (tiling reads weights outside layers)"
+            warnings.warn(message, stacklevel=1)
         return vae.encode_moments(x) if encode else vae.decode_raw(x)
     if not torch.is_grad_enabled() and precision.emulated_on_cpu(vae.dtype, x.device):
         return _run(precision.fp32_copy(vae), x.float(), encode=encode).to(x.dtype)

@@ -299,8 +299,10 @@ class AutoencoderKL(nn.Module):
         `scaling_factor=...`) override config.json's. use_safetensors and low_cpu_mem_usage are accepted for
         diffusers' callers and change nothing: safetensors is read first when both formats are there, straight
         into place."""
+        from codec.config import check_setting_names
         from codec.weights import HubOptions, load_pretrained
 
+        check_setting_names(settings)  # a typo fails now, not after a download
         hub = HubOptions(cache_dir=cache_dir, token=token, local_files_only=local_files_only)
         model = load_pretrained(cls, pretrained_model_name_or_path, subfolder, variant, torch_dtype, revision, hub)
         if settings:
@@ -329,7 +331,8 @@ class AutoencoderKL(nn.Module):
         """A model with freshly initialised weights, from a config or a dict of one (diffusers' `from_config`,
         which also takes a diffusers model's `config`)."""
         if not isinstance(config, AutoencoderKLConfig):
-            config = AutoencoderKLConfig.from_dict(dict(config), source="from_config")
+            # Keys a newer diffusers adds are ignored with a warning, as diffusers does.
+            config = AutoencoderKLConfig.from_dict(dict(config), source="from_config", strict=False)
         return cls(config)
 
     def register_to_config(self, **settings) -> None:

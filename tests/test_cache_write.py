@@ -106,6 +106,22 @@ def test_a_moved_source_folder_is_the_same_source_and_files_are_readable_by_othe
     assert manifest.keys_digest(["a"]) == "sha256:87428fc522803d31065e7bce3cf03fe475096631e5e07bbd7a0fde60c4cf25c7"
 
 
+def test_a_shard_whose_footer_has_another_shape_is_encoded_again(tmp_path, model_dir):
+    import pyarrow.parquet as pq
+
+    from codec.cache.shards import META_KEY
+
+    folder = image_folder(tmp_path / "images", SIZES[:4])
+    out = tmp_path / "out"
+    build(folder, out, model_dir)
+    before = read_rows(out)
+    shard = out / "data" / "shard-00000.parquet"
+    table = pq.read_table(shard)
+    pq.write_table(table.replace_schema_metadata({META_KEY: b'{"compat": "old", "record": null}'}), shard)
+    summary = build(folder, out, model_dir)  # had raised AttributeError from inside the shard check
+    assert (summary.reused, summary.written) == (1, 1) and read_rows(out) == before and verify_cache(out).ok
+
+
 def test_shards_without_their_manifest_still_refuse_another_model(tmp_path, model_dir, folder):
     out = tmp_path / "out"
     build(folder, out, model_dir)

@@ -180,5 +180,8 @@ def test_decode_into_the_folder_the_images_were_encoded_from_refuses_to_replace_
     assert main(["encode", str(image), "-o", str(latents), "--model", "preset:tiny"]) == 0
     assert main(["decode", str(latents), "-o", str(tmp_path), "--model", "preset:tiny"]) == 2
     assert "would replace the encoded image(s)" in capsys.readouterr().err and image.read_bytes() == before
+    (tmp_path / "link").symlink_to(tmp_path, target_is_directory=True)  # the same folder by another name
+    assert main(["decode", str(latents), "-o", str(tmp_path / "link"), "--model", "preset:tiny"]) == 2
+    assert str(tmp_path) not in latents.read_bytes().decode("latin-1")  # no folder or user names recorded
     assert main(["decode", str(latents), "-o", str(tmp_path / "out"), "--model", "preset:tiny"]) == 0
     assert (tmp_path / "out" / "a.png").is_file()

@@ -59,6 +59,9 @@ def test_accelerate_offload_hooks_run_for_encode_and_decode(ours, images):
     with torch.no_grad():
         torch.testing.assert_close(offloaded.encode(images).latent_dist.mean, mean, atol=1e-4, rtol=0)
         torch.testing.assert_close(offloaded.decode(mean).sample, decoded, atol=1e-4, rtol=0)
+        offloaded.enable_tiling(2)
+        with pytest.warns(UserWarning, match="run untiled"):
+            torch.testing.assert_close(offloaded.decode(mean).sample, decoded, atol=1e-4, rtol=0)
 
 
 def test_the_config_reads_like_diffusers_frozen_dict(ours, diffusers_vae):
@@ -88,7 +91,9 @@ def test_from_config_and_register_to_config(ours, diffusers_vae):
         model.register_to_config(norm_num_groups=4)
     with pytest.raises(TypeError, match="scaling_facter"):
         model.register_to_config(scaling_facter=0.5)
-    model.register_to_config(latent_channels=4)  # unchanged values are fine
+    model.register_to_config(latent_channels=4, block_out_channels=list(ours.config.block_out_channels))  # unchanged
+    extended = {**dict(diffusers_vae.config), "a_key_from_a_newer_diffusers": 1}
+    assert codec.AutoencoderKL.from_config(extended).config == fresh.config  # ignored with a warning
 
 
 def test_from_pretrained_and_save_pretrained_take_diffusers_arguments(ours, diffusers_folder, tmp_path):
@@ -97,8 +102,8 @@ def test_from_pretrained_and_save_pretrained_take_diffusers_arguments(ours, diff
         low_cpu_mem_usage=True, local_files_only=True,
     )  # fmt: skip
     assert loaded.config.force_upcast is False and loaded.config.scaling_factor == ours.config.scaling_factor
-    with pytest.raises(TypeError, match="forse_upcast"):
-        codec.AutoencoderKL.from_pretrained(diffusers_folder, forse_upcast=False)
+    with pytest.raises(TypeError, match="forse_upcast"):  # before loading: no download for a typo
+        codec.AutoencoderKL.from_pretrained("owner/not-on-any-hub", forse_upcast=False)
 
     loaded.save_pretrained(tmp_path / "other", is_main_process=False)
     assert not (tmp_path / "other").exists()  # a training script's other ranks write nothing

@@ -276,7 +276,11 @@ def test_a_strips_statistics_passes_are_sized_by_area_not_by_its_longer_side(vae
         tiling.estimate_norm_stats(vae.decoder, run, features, 32, 1, low_precision=False, fraction=3 / 8)
     (near_h, near_w), (far_h, far_w) = shapes
     assert near_h * near_w <= 32 * 32 and near_h * near_w >= 0.9 * (3 / 8) ** 2 * 16 * 192
-    assert abs(near_w / near_h - 12) < 1.5 and abs(far_h - near_h / 2) <= 2 and abs(far_w - near_w / 2) <= 2
+    assert abs(near_w / near_h - 12) < 1.5 and abs(far_w / far_h - 12) < 1.5 and far_h * far_w <= 16 * 16
+    # A side too thin to shrink stays at the alignment, and the other is cut so that the area stays in budget.
+    for h, w in ((8, 40000), (40000, 8), (9, 70)):
+        passed = tiling.downscale_to_fit(torch.zeros(1, 1, h, w), 16, 8).shape[-2:]
+        assert passed[0] * passed[1] <= 16 * 16 and (passed[0] <= passed[1]) == (h <= w) and min(passed) == 8
 
 
 def test_a_thin_strip_of_a_photo_tiles_close_to_untiled_with_the_embedded_model():

@@ -195,9 +195,11 @@ def read_shard_meta(path: Path) -> dict | None:
 
     try:
         metadata = pq.read_schema(path).metadata or {}
-        return json.loads(metadata[META_KEY])
+        meta = json.loads(metadata[META_KEY])
     except (OSError, KeyError, ValueError, pa.ArrowException):
         return None
+    # A footer of another shape (edited by hand, or another tool's under our key) is no shard of ours either.
+    return meta if isinstance(meta, dict) and isinstance(meta.get("record", {}), dict) else None
 
 
 def int_rows(column, width: int, dtype) -> np.ndarray:

@@ -323,7 +323,7 @@ def build_cache(
                     if meta is not None and meta.get("compat") != chash:
                         shards.check_compatible(meta.get("record", {}), compat, path)
             _clean(out, n_shards, lambda: manifest.write_manifest(out, manifest.build_manifest(*args)))
-        except (OSError, ValueError) as error:
+        except Exception as error:  # any: the other ranks must not be left waiting for this one
             refusal = error
     group.stop_together(refusal)
 
@@ -331,7 +331,7 @@ def build_cache(
     refusal, todo = None, []
     try:
         todo = _stale_shards(out, source, settings, group, chash, compat, summary)
-    except (OSError, ValueError) as error:
+    except Exception as error:  # any (a footer of another shape, a vanished file): every rank stops with it
         refusal = error
     group.stop_together(refusal)
     # Marked incomplete only where a shard will be written (or, above, removed), so that the codec and settings

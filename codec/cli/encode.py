@@ -73,7 +73,10 @@ def run_encode(args: argparse.Namespace) -> int:
         "latents_mean": json.dumps(vae.config.latents_mean),  # null, or the per-channel statistics it scaled with
         "latents_std": json.dumps(vae.config.latents_std),
         "sources": json.dumps(sources),
-        "paths": json.dumps([str(path.resolve()) for path in args.images]),  # so decode never writes over one
+        # Which files the images were, by device and inode rather than by path (no user or folder names in a
+        # file that may be shared; links, bind mounts and case-insensitive names still match): decode refuses
+        # to write over one.
+        "files": json.dumps([_file_id(path) for path in args.images]),
         "sizes": json.dumps(sizes),
         "model": _recorded_model(args.model),
         "posterior": "sample" if args.sample else "mean",
@@ -82,6 +85,11 @@ def run_encode(args: argparse.Namespace) -> int:
         save_file(tensors, str(tmp), metadata=metadata)
     print(f"wrote {len(tensors)} latents to {args.output}")
     return 0
+
+
+def _file_id(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return (stat.st_dev, stat.st_ino)
 
 
 def _recorded_model(spec: str) -> str:
@@ -109,7 +117,7 @@ def read_latents_file(path: Path) -> tuple[list[torch.Tensor], dict]:
             "latents_mean": _optional_tuple(metadata.get("latents_mean")),  # files of 0.2.0 and before lack them
             "latents_std": _optional_tuple(metadata.get("latents_std")),
             "sources": json.loads(metadata["sources"]),
-            "paths": json.loads(metadata.get("paths", "[]")),  # files of 0.2.x and before lack them
+            "files": [tuple(f) for f in json.loads(metadata.get("files", "[]"))],  # 0.2.x files lack them
             "sizes": json.loads(metadata["sizes"]),
             "model": metadata.get("model"),
         }
@@ -166,10 +174,9 @@ def run_decode(args: argparse.Namespace) -> int:
         print(f"warning: {args.latents} was scaled with {differ}; unscaling with the file's values")
     recorded = dataclasses.replace(vae.config, **scaling)
     stems = output_stems(info["sources"])
-    originals = {Path(path) for path in info["paths"]}
-    clobbered = [
-        str(args.output / f"{stem}.png") for stem in stems if (args.output / f"{stem}.png").resolve() in originals
-    ]
+    originals = set(info["files"])
+    targets = [args.output / f"{stem}.png" for stem in stems]
+    clobbered = [str(target) for target in targets if target.exists() and _file_id(target) in originals]
     if clobbered:  # -o is the folder the images were encoded from
         raise ValueError(f"-o {args.output}: writing there would replace the encoded image(s) {', '.join(clobbered)}")
     args.output.mkdir(parents=True, exist_ok=True)
