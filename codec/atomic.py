@@ -14,7 +14,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it replaces `path` in one rename, on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # The temporary name adds about 14 bytes to the real one: a name near the 255-byte limit gets a shorter prefix.
+    label = path.name if len(os.fsencode(path.name)) <= 200 else path.name[:40]
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{label}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,12 +47,49 @@ class AutoencoderKLConfig:
     mid_block_add_attention: bool = True
 
     def __post_init__(self) -> None:
+        self._check_types()
         # JSON gives lists; tuples compare equal to the defaults and cannot be changed in place.
         for name in ("down_block_types", "up_block_types", "block_out_channels", "latents_mean", "latents_std"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, tuple(value))
         self.validate()
+
+    def _check_types(self) -> None:
+        """Every field of the type and in the range a real AutoencoderKL has: a config.json written by hand must
+        fail here with its field's name, not deep inside torch (or allocate without end: the upper bounds are
+        far beyond any released VAE)."""
+        for name, high in WHOLE_NUMBER_FIELDS.items():
+            _whole(name, getattr(self, name), high)
+        for name in ("force_upcast", "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("down_block_types", "up_block_types", "block_out_channels"):
+            if not isinstance(getattr(self, name), (list, tuple)):
+                raise ConfigError(f"{name} must be a list, got {getattr(self, name)!r}")
+        if len(self.block_out_channels) > MAX_BLOCKS:
+            raise ConfigError(f"block_out_channels: at most {MAX_BLOCKS} blocks, got {len(self.block_out_channels)}")
+        for channels in self.block_out_channels:
+            _whole("block_out_channels", channels, MAX_CHANNELS)
+        if not isinstance(self.sample_size, (list, tuple)):
+            _whole("sample_size", self.sample_size, MAX_SIDE)
+        else:
+            for side in self.sample_size:
+                _whole("sample_size", side, MAX_SIDE)
+        if not _finite(self.scaling_factor) or self.scaling_factor <= 0:
+            raise ConfigError(f"scaling_factor must be a positive number, got {self.scaling_factor!r}")
+        if self.shift_factor is not None and not _finite(self.shift_factor):
+            raise ConfigError(f"shift_factor must be a number or null, got {self.shift_factor!r}")
+        for name in ("latents_mean", "latents_std"):
+            stats = getattr(self, name)
+            if stats is None:
+                continue
+            if not isinstance(stats, (list, tuple)) or not all(_finite(v) for v in stats):
+                raise ConfigError(f"{name} must be a list of numbers, one per latent channel, or null; got {stats!r}")
+        if self.latents_std is not None and any(v <= 0 for v in self.latents_std):
+            raise ConfigError(f"latents_std must be positive, got {self.latents_std!r}")
+        if not isinstance(self.act_fn, str):
+            raise ConfigError(f"act_fn must be a name, got {self.act_fn!r}")
 
     def validate(self) -> None:
         n = len(self.block_out_channels)
@@ -180,6 +218,23 @@ class AutoencoderKLConfig:
 
 
 ACTIVATIONS = ("silu", "swish", "gelu", "relu", "mish")
+# Upper bounds for the whole-number fields: far beyond any released VAE (SD: 3 channels, 2 layers per block, 4
+# latent channels, 32 groups; FLUX.2: 32 latent channels), so only a typo reaches them.
+WHOLE_NUMBER_FIELDS = {
+    "in_channels": 64, "out_channels": 64, "layers_per_block": 64, "latent_channels": 4096, "norm_num_groups": 4096,
+}  # fmt: skip
+MAX_BLOCKS, MAX_CHANNELS, MAX_SIDE = 8, 16384, 65536
+
+
+def _whole(name: str, value, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+        raise ConfigError(f"{name} must be a whole number from 1 to {high}, got {value!r}")
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 # Fields that say how the latents are scaled and how the model is run, not what the weights compute.
 SETTING_FIELDS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std", "force_upcast", "sample_size")
 

@@ -35,3 +35,9 @@ def test_a_failed_write_leaves_neither_file_nor_temporary(tmp_path):
         tmp.write_bytes(b"half")
         raise RuntimeError("interrupted")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_name_near_the_length_limit_is_written(tmp_path):
+    name = "x" * 240 + ".png"  # valid; the temporary file's longer name had failed with ENAMETOOLONG
+    atomic_write_text(tmp_path / name, "ok")
+    assert (tmp_path / name).read_text() == "ok" and [p.name for p in tmp_path.iterdir()] == [name]

@@ -49,3 +49,10 @@ def test_sizes_must_be_multiples_of_the_codec_factor():
         Preprocessing(48, buckets=True, bucket_step=12).check_factor(8)
     with pytest.raises(ValueError, match="smaller than the bucket step"):
         Preprocessing(32, buckets=True)
+    # Each had failed deep inside: a ZeroDivisionError, every image "unreadable", a machine-wide OOM kill.
+    with pytest.raises(ValueError, match="--bucket-step must be positive"):
+        Preprocessing(32, buckets=True, bucket_step=0)
+    with pytest.raises(ValueError, match="--max-aspect must be at least 1, got nan"):
+        Preprocessing(64, buckets=True, bucket_step=16, max_aspect=float("nan"))
+    with pytest.raises(ValueError, match="--resolution must be from 1 to 16384"):
+        Preprocessing(1_000_000)

@@ -371,3 +371,22 @@ def test_a_cache_written_before_encoder_identities_stays_valid(tmp_path, model_d
         codec.LatentDataset(out, codec=other)
     with pytest.raises(CacheError, match="codec identity"):
         build(folder, out, tmp_path / "other")
+
+
+def test_a_manifest_edited_into_another_shape_is_named_not_a_type_error(tmp_path, model_dir, folder):
+    from codec.cache.stats import cache_stats
+
+    out = tmp_path / "out"
+    build(folder, out, model_dir)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for field, value in (("codec", 5), ("counts", "x"), ("shards", [3])):
+        (out / "manifest.json").write_text(json.dumps({**manifest, field: value}))
+        report = verify_cache(out)
+        assert not report.ok and f"not the manifest `codec cache` writes ({field}" in " ".join(report.problems)
+        for attempt in (
+            lambda: codec.LatentDataset(out, codec=None),
+            lambda: cache_stats(out),
+            lambda: build(folder, out, model_dir),
+        ):
+            with pytest.raises(CacheError, match=f"not the manifest `codec cache` writes \\({field}"):
+                attempt()

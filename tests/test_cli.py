@@ -198,6 +198,36 @@ def test_decode_rejects_a_file_that_is_not_latents(tmp_path, model_dir, capsys):
     assert str(weights) in err and "Traceback" not in err
 
 
+def test_decode_names_latents_metadata_that_does_not_describe_the_tensors(tmp_path, model_dir, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    image = tmp_path / "a.png"
+    Image.fromarray(np.full((16, 24, 3), 90, np.uint8)).save(image)
+    latents = tmp_path / "z.safetensors"
+    assert main(["encode", str(image), "-o", str(latents), "--model", str(model_dir)]) == 0
+    with safe_open(str(latents), "pt") as handle:
+        tensor, metadata = handle.get_tensor("latent.0"), handle.metadata()
+    cases = {
+        "sources": ({"sources": "[1]"}, tensor),
+        "sizes": ({"sizes": "[]"}, tensor),
+        "latent.0 is not": ({"sizes": "[[-16, 24]]"}, tensor),
+        "NaN or infinite": ({}, torch.full_like(tensor, float("nan"))),
+        "larger than its latent decodes": ({"sizes": "[[160, 24]]"}, tensor),
+        "over the limit": ({"sizes": "[[16, 24]]"}, torch.zeros(4, 2000, 2000)),
+    }
+    capsys.readouterr()
+    for expected, (changes, values) in cases.items():
+        edited = tmp_path / f"edited-{len(expected)}.safetensors"
+        save_file({"latent.0": values}, str(edited), metadata={**metadata, **changes})
+        out = tmp_path / f"out-{len(expected)}"
+        assert main(["decode", str(edited), "-o", str(out), "--model", str(model_dir)]) == 2, expected
+        err = capsys.readouterr().err
+        assert expected in err and str(edited) in err and "Traceback" not in err
+        assert not out.exists()  # nothing written before the refusal
+    assert json.loads(metadata["sizes"]) == [[16, 24]]
+
+
 # ---- convert / info ---------------------------------------------------------------------------------------
 
 

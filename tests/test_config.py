@@ -182,6 +182,24 @@ def test_other_invalid_configs_raise():
         AutoencoderKLConfig.from_dict({**base, "down_block_types": ["CrossAttnDownBlock2D"] * 4})
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("norm_num_groups", 0), ("norm_num_groups", -32), ("latent_channels", "4"), ("latent_channels", -4),
+        ("block_out_channels", [-32, -64, -64, -64]), ("block_out_channels", [32.0, 64, 64, 64]),
+        ("block_out_channels", [2**40] * 4), ("block_out_channels", "abcd"), ("layers_per_block", 1.5),
+        ("layers_per_block", 1_000_000), ("use_quant_conv", "false"), ("force_upcast", "no"), ("sample_size", "x"),
+        ("scaling_factor", "big"), ("scaling_factor", 0), ("scaling_factor", float("nan")), ("shift_factor", "x"),
+        ("latents_std", [1.0, 0.0, 1.0, 1.0]), ("latents_mean", ["a", 0, 0, 0]),
+    ],
+)  # fmt: skip
+def test_a_field_of_the_wrong_type_or_range_is_named_before_any_tensor_is_made(field, value):
+    # Each had surfaced as a TypeError, ZeroDivisionError or allocation error from inside torch, hung building a
+    # million layers, or been taken silently ("false" as true, a zero scaling factor as all-zero latents).
+    with pytest.raises(ConfigError, match=field):
+        AutoencoderKLConfig.from_dict({**codec.preset("tiny").to_dict(), field: value})
+
+
 @pytest.mark.parametrize("size", [(64, 48), (37, 53), (8, 8), (1, 1), (65, 63)])
 def test_latent_shape_pads_up(tiny_config, size):
     height, width = size

@@ -23,7 +23,30 @@ def read_manifest(out: Path) -> dict | None:
         raise CacheError(f"{path}: unreadable manifest ({error})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CacheError(f'{path}: not a latent cache manifest (no "format": {FORMAT!r})')
+    _check_shape(path, manifest)
     return manifest
+
+
+# The sections every reader of a manifest indexes into, and what each must be.
+_SECTIONS = {"codec": dict, "preprocessing": dict, "storage": dict, "compat_record": dict, "compat": str}
+_COMPLETE_SECTIONS = {"counts": dict, "shards": list}
+
+
+def _check_shape(path: Path, manifest: dict) -> None:
+    """A manifest edited by hand (or by another tool) must fail here, by name, not as a TypeError in a reader."""
+    wanted = {**_SECTIONS, **(_COMPLETE_SECTIONS if manifest.get("complete") else {})}
+    wrong = [name for name, kind in wanted.items() if not isinstance(manifest.get(name), kind)]
+    codec_info = manifest.get("codec")
+    if isinstance(codec_info, dict) and not isinstance(codec_info.get("identities"), dict):
+        wrong.append("codec.identities")
+    shards = manifest.get("shards")
+    if isinstance(shards, list) and not all(isinstance(e, dict) and isinstance(e.get("file"), str) for e in shards):
+        wrong.append("shards")
+    if wrong:
+        raise CacheError(
+            f"{path}: not the manifest `codec cache` writes ({', '.join(wrong)} missing or of another type); "
+            "write the cache again into a new folder"
+        )
 
 
 def write_manifest(out: Path, manifest: dict) -> None:

@@ -27,6 +27,9 @@ class Prepared:
     crop_top_left: tuple[int, int]  # (top, left) in the image resized to cover the bucket (SDXL conditioning)
 
 
+MAX_RESOLUTION = 16384  # pixels a side; a bucket of 16384x16384 is already 268 million pixels
+
+
 def make_buckets(resolution: int, step: int, max_aspect: float) -> list[tuple[int, int]]:
     """(H, W) pairs with sides multiples of `step`, H * W <= resolution ** 2, aspect at most `max_aspect`.
 
@@ -62,13 +65,15 @@ class Preprocessing:
         # and a cache made through the Python API must be the same cache when the CLI (floats) resumes it.
         for name, kind in (("resolution", int), ("bucket_step", int), ("max_pixels", int), ("max_aspect", float)):
             object.__setattr__(self, name, kind(getattr(self, name)))
-        if self.resolution < 1:
-            raise ValueError(f"--resolution must be positive, got {self.resolution}")
+        if not 1 <= self.resolution <= MAX_RESOLUTION:  # beyond: a typo that would allocate without end
+            raise ValueError(f"--resolution must be from 1 to {MAX_RESOLUTION}, got {self.resolution}")
         if self.max_pixels < 1:
             raise ValueError(f"--max-pixels must be positive, got {self.max_pixels}")
         if self.buckets:
-            if self.max_aspect < 1:
+            if not self.max_aspect >= 1:  # NaN too
                 raise ValueError(f"--max-aspect must be at least 1, got {self.max_aspect}")
+            if self.bucket_step < 1:
+                raise ValueError(f"--bucket-step must be positive, got {self.bucket_step}")
             object.__setattr__(
                 self, "bucket_list", tuple(make_buckets(self.resolution, self.bucket_step, self.max_aspect))
             )

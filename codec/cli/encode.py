@@ -21,6 +21,7 @@ from codec.images import image_to_tensor, tensor_to_pil
 from codec.model import unscale_latents
 
 SCALING_FIELDS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
+MAX_DECODED_PIXELS = 2 * 89_478_485  # twice Pillow's decompression-bomb warning, where it refuses to open one
 
 
 def add_parsers(subparsers) -> None:
@@ -121,9 +122,32 @@ def read_latents_file(path: Path) -> tuple[list[torch.Tensor], dict]:
             "sizes": json.loads(metadata["sizes"]),
             "model": metadata.get("model"),
         }
-    except (KeyError, ValueError) as error:
+    except KeyError as error:
         raise ValueError(f"{path}: not a latents file written by `codec encode` (missing {error})") from None
+    except ValueError as error:
+        raise ValueError(f"{path}: not a latents file written by `codec encode` ({error})") from None
+    _check_latents_record(path, latents, info)
     return latents, info
+
+
+def _check_latents_record(path: Path, latents: list[torch.Tensor], info: dict) -> None:
+    """The metadata must describe the tensors: a file edited or written by another tool fails here, by name."""
+    sources, sizes = info["sources"], info["sizes"]
+    if not latents:
+        raise ValueError(f"{path}: holds no latents")
+    if not isinstance(sources, list) or len(sources) != len(latents) or not all(isinstance(s, str) for s in sources):
+        raise ValueError(f"{path}: its 'sources' metadata is not one file name per latent ({len(latents)})")
+    if not isinstance(sizes, list) or len(sizes) != len(latents):
+        raise ValueError(f"{path}: its 'sizes' metadata is not one [height, width] per latent ({len(latents)})")
+    for index, (latent, size) in enumerate(zip(latents, sizes, strict=True)):
+        whole = isinstance(size, list) and len(size) == 2 and all(type(v) is int and v > 0 for v in size)
+        if latent.dim() != 3 or not latent.is_floating_point() or min(latent.shape) < 1 or not whole:
+            raise ValueError(
+                f"{path}: latent.{index} is not a (channels, height, width) latent with its image size "
+                f"(shape {tuple(latent.shape)}, size {size!r})"
+            )
+        if not torch.isfinite(latent).all():
+            raise ValueError(f"{path}: latent.{index} holds NaN or infinite values")
 
 
 def _optional_tuple(text: str | None) -> tuple[float, ...] | None:
@@ -173,6 +197,13 @@ def run_decode(args: argparse.Namespace) -> int:
         )
         print(f"warning: {args.latents} was scaled with {differ}; unscaling with the file's values")
     recorded = dataclasses.replace(vae.config, **scaling)
+    factor = vae.config.downsample_factor
+    for latent, (height, width), name in zip(latents, info["sizes"], info["sources"], strict=True):
+        full = (latent.shape[-2] * factor, latent.shape[-1] * factor)
+        if height > full[0] or width > full[1]:
+            raise ValueError(f"{args.latents}: {name} is recorded as {height}x{width}, larger than its latent decodes")
+        if full[0] * full[1] > MAX_DECODED_PIXELS:  # as Pillow refuses a decompression bomb
+            raise ValueError(f"{args.latents}: {name} would decode to {full[0]}x{full[1]} pixels, over the limit")
     stems = output_stems(info["sources"])
     originals = set(info["files"])
     targets = [args.output / f"{stem}.png" for stem in stems]
