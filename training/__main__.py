@@ -38,12 +38,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"training: output in {train(config)}")
     except (
         CheckpointConflict, CheckpointError, ConfigError, ModelConfigError, SourceError, ImageError, LPIPSUnavailable,
-        DistributedSetupError,
+        DistributedSetupError, OSError,
     ) as error:  # fmt: skip
-        # What a user can act on (data, weights, a model config, LPIPS' weights), said in one line; a bug in
-        # the trainer still shows its traceback.
+        # What a user can act on (data, weights, a model config, LPIPS' weights, a folder it cannot write), said
+        # in one line; a bug in the trainer still shows its traceback.
         print(f"training: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # checkpoints are written whole or not at all: --resume continues from the last
+        print(f"training: interrupted; `--resume` continues from the last checkpoint in {config.run.output_dir}")
+        return 130
     return 0
 
 

@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from codec import AutoencoderKL, AutoencoderKLConfig
-from codec.checkpoint import load_checked
-from training.config import load_config
+from codec.checkpoint import CheckpointError, load_checked, read_tensors
+from codec.config import ConfigError as ModelConfigError
+from training.config import ConfigError, load_config
 from training.model import build_autoencoder
 
 # The architecture (and scaling factors) of the run's model, written by train.py when the run starts.
@@ -24,15 +24,24 @@ MODEL_CONFIG = "model-config.json"
 
 def export_checkpoint(checkpoint: Path, out: Path, use_ema: bool = True, dtype: torch.dtype | None = None):
     checkpoint = Path(checkpoint)
+    if not (checkpoint / "model.safetensors").is_file():
+        raise CheckpointError(
+            f"{checkpoint}: not a checkpoint (a run's checkpoints/step-N folder, with model.safetensors)"
+        )
     run_dir = checkpoint.parent.parent
     architecture = run_dir / MODEL_CONFIG
+    if not architecture.is_file() and not (run_dir / "config.yaml").is_file():
+        raise CheckpointError(
+            f"{checkpoint}: its run folder {run_dir} has neither {MODEL_CONFIG} nor config.yaml, which say the "
+            "architecture; export a checkpoint inside its run folder"
+        )
     if architecture.is_file():
         # The checkpoint holds every weight: the run's model.init (a folder that may have moved, a hub id offline)
         # is not read again.
         vae = AutoencoderKL(AutoencoderKLConfig.from_json(architecture)).eval()
     else:  # a run from before MODEL_CONFIG was written
         vae = build_autoencoder(load_config(run_dir / "config.yaml").model).eval()
-    trained = load_file(str(checkpoint / "model.safetensors"))
+    trained = read_tensors(checkpoint / "model.safetensors")  # a damaged file is named, with why
     # The checkpoint holds TrainingAutoencoder's state: the autoencoder's keys under `vae.`.
     load_checked(vae, {k.removeprefix("vae."): v for k, v in trained.items()}, str(checkpoint / "model.safetensors"))
     shadow = _ema_shadow(checkpoint) if use_ema else None
@@ -66,7 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-ema", action="store_true", help="export the trained weights, not their EMA")
     parser.add_argument("--fp16", action="store_true", help="store the weights in half precision")
     args = parser.parse_args(argv)
-    export_checkpoint(args.checkpoint, args.output, not args.no_ema, torch.float16 if args.fp16 else None)
+    try:
+        export_checkpoint(args.checkpoint, args.output, not args.no_ema, torch.float16 if args.fp16 else None)
+    except (CheckpointError, ConfigError, ModelConfigError, OSError) as error:
+        print(f"training.export: error: {error}", file=sys.stderr)
+        return 2
     print(f"wrote {args.output} and {args.output / 'vae.safetensors'}")
     return 0
 

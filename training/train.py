@@ -22,7 +22,8 @@ from codec.atomic import atomic_write_text
 from codec.distributed import make_accelerator, shutdown
 from codec.distributions import DiagonalGaussianDistribution
 from codec.layers import preferred_memory_format
-from training.config import TrainConfig, load_config, save_config
+from codec.sources import SourceError
+from training.config import ConfigError, TrainConfig, load_config, save_config
 from training.data import IndexedImages, build_data, collate_indexed, images_in_full_steps
 from training.discriminator import PatchGANDiscriminator, discriminator_step_loss, generator_step_loss
 from training.export import MODEL_CONFIG
@@ -91,6 +92,8 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
     if run.mixed_precision == "fp16" and accelerator.device.type == "cpu" and accelerator.is_main_process:
         # accelerate runs fp16 on a CPU as plain fp32 (no autocast, no loss scaling), without a word.
         log.warning("run.mixed_precision fp16: on a CPU accelerate trains in fp32; bf16 is the CPU's half precision")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"run.output_dir {output_dir}: is a file, not a folder")
     resume_from = resolve_resume(run.resume, output_dir)  # first: a refused run must not touch the folder
     if run.resume is True and resume_from is None and accelerator.is_main_process:
         log.warning("run.resume: no checkpoint in %s yet, so this is a new run from step 0", output_dir / "checkpoints")
@@ -183,7 +186,7 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
     start = time.perf_counter()
     # Skipped images and the logged losses are summed across processes only at log steps: a per-step reduce (or
     # loss.item()) would make the CPU wait for the GPU every step instead of queueing the next one.
-    pending_skipped = 0
+    pending_skipped = pending_real = 0
     means = RunningMeans()
     while state.step < run.max_steps:
         train_images.set_epoch(state.epoch)
@@ -251,6 +254,7 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
                         disc_step(d_loss * 0.0 if blank else d_loss)
                     logs = {**logs, **d_logs}
             means.add({**logs, "loss": loss}, weight=0.0 if blank else 1.0)  # every real micro-batch counts
+            pending_real += not blank
             if not accelerator.sync_gradients:
                 continue
             state.step += 1
@@ -264,7 +268,12 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
                 last = True
             if at_log_step or last:  # the skipped-image count is summed here, so before every checkpoint
                 state.skipped_images += _sum_over_processes(accelerator, pending_skipped)
-                pending_skipped = 0
+                if not _sum_over_processes(accelerator, pending_real):  # the same total, so every rank stops
+                    raise SourceError(
+                        f"{config.data.train}: every image read since the last log step was unreadable "
+                        f"({state.skipped_images} skipped so far; the reasons are logged above)"
+                    )
+                pending_skipped = pending_real = 0
                 _log_step(accelerator, state, means.read(accelerator), progress, start)
             if state.step % run.validate_every == 0 or last:
                 _validate(

@@ -315,3 +315,60 @@ def test_fp16_on_a_cpu_says_it_trains_in_fp32(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="training"):
         run_training(tmp_path / "run", "run.max_steps=1", "run.mixed_precision=fp16")
     assert "on a CPU accelerate trains in fp32" in caplog.text
+
+
+def test_a_run_whose_every_image_is_unreadable_stops_with_an_error(tmp_path, capsys):
+    from training.__main__ import main
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for index in range(8):
+        (bad / f"img{index}.png").write_bytes(b"not an image" if index % 2 else b"")
+    _reset_accelerate()
+    try:
+        code = main(["--config", "tiny", *FAST, f"data.train={bad}", f"run.output_dir={tmp_path / 'run'}",
+                     "run.max_steps=4", "run.log_every=2", "run.checkpoint_every=100"])  # fmt: skip
+    finally:
+        _reset_accelerate()
+    assert code == 2  # it had trained on blank stand-ins, exported final/ and exited 0
+    assert "every image read since the last log step was unreadable" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_an_output_dir_that_is_a_file_and_exports_of_what_is_no_checkpoint_are_one_line_errors(tmp_path, capsys):
+    from training.__main__ import main
+    from training.export import main as export_main
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["--config", "tiny", f"run.output_dir={afile}"]) == 2
+    assert f"run.output_dir {afile}: is a file" in capsys.readouterr().err
+
+    out = run_training(tmp_path / "run", "run.max_steps=1", "run.checkpoint_every=1")
+    capsys.readouterr()  # the run's progress bar
+    step = out / "checkpoints" / "step-0000001"
+    lone = tmp_path / "lone" / "step-1"  # a checkpoint copied out of its run folder
+    shutil.copytree(step, lone)
+    damaged = tmp_path / "damaged" / "checkpoints" / "step-1"
+    shutil.copytree(step, damaged)
+    shutil.copy(out / "model-config.json", tmp_path / "damaged")
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    for checkpoint, reason in ((tmp_path / "nope", "not a checkpoint"), (lone, "has neither"), (damaged, "")):
+        assert export_main([str(checkpoint), str(tmp_path / "exported")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("training.export: error:") and reason in err and "Traceback" not in err
+        assert str(checkpoint) in err
+    assert not (tmp_path / "exported").exists()
+
+
+def test_ctrl_c_says_how_to_resume_instead_of_a_traceback(tmp_path, capsys, monkeypatch):
+    import training.train
+    from training.__main__ import main
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.train, "train", interrupted)
+    assert main(["--config", "tiny", f"run.output_dir={tmp_path / 'run'}"]) == 130
+    assert f"`--resume` continues from the last checkpoint in {tmp_path / 'run'}" in capsys.readouterr().out
