@@ -187,6 +187,8 @@ def test_errors_are_reported_plainly(tmp_path, data_dir, capsys):
     assert "missing: no such file or folder" in capsys.readouterr().err
     assert main(["bench", "--model", "bicubic", "--data", str(data_dir), "--classic", "gif", "-o", str(tmp_path)]) == 2
     assert "gif" in capsys.readouterr().err
+    args = ["bench", "--model", "bicubic", "--data", str(data_dir), "-o", str(tmp_path / "g"), "--grid-images", "-1"]
+    assert main(args) == 2 and "--grid-images must be 0" in capsys.readouterr().err  # had said grids/ was written
 
 
 def test_a_killed_or_failed_run_leaves_the_earlier_benchmark_and_nothing_of_its_own(tmp_path, model_dir, data_dir):

@@ -110,6 +110,8 @@ def test_statistics_of_a_dataset_encode_it_first(cached):
     np.testing.assert_allclose(direct["latents_std"], cache_stats(out)["latents_std"], rtol=1e-3)
     code, stdout, _ = cli([*args, "--limit", 3])
     assert json.loads(stdout)["images"] == 3
+    code, _, stderr = cli([*args, "--limit", 0])  # had meant every image
+    assert code == 2 and "--limit must be at least 1, got 0" in stderr
 
 
 def test_the_text_report_says_how_many_images_were_unreadable(cached, tmp_path):

@@ -105,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.grid_images < 0:
+        raise ValueError(f"--grid-images must be 0 (no grids) or more, got {args.grid_images}")
     if args.output.exists() and not args.output.is_dir():
         raise ValueError(f"{args.output}: is a file; -o takes the folder to write the benchmark in")
     options = BenchOptions(

@@ -202,6 +202,8 @@ def run_verify(args: argparse.Namespace) -> int:
 def run_stats(args: argparse.Namespace) -> int:
     from codec.cache.stats import cache_stats, write_config
 
+    if args.limit is not None and args.limit < 1:  # 0 had meant every image
+        raise ValueError(f"--limit must be at least 1, got {args.limit}")
     if args.channel_stats and not args.write_config:
         raise ValueError("--channel-stats says what --write-config DIR writes; give both")
     root = Path(args.source)
