@@ -11,6 +11,7 @@ import torch
 from cache_testing import build, cli, image_folder, perturbed_copy, read_rows, tiny_model_dir
 
 import codec
+from codec.cache import writer
 from codec.cache.identity import model_identity
 from codec.cache.shards import CacheError
 from codec.cache.stats import LatentStats, cache_stats
@@ -110,6 +111,12 @@ def test_statistics_of_a_dataset_encode_it_first(cached):
     np.testing.assert_allclose(direct["latents_std"], cache_stats(out)["latents_std"], rtol=1e-3)
     code, stdout, _ = cli([*args, "--limit", 3])
     assert json.loads(stdout)["images"] == 3
+    encoded = []
+    real_build = writer.build_cache
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(writer, "build_cache", lambda *a, **k: encoded.append(1) or real_build(*a, **k))
+        code, _, stderr = cli([*args, "--write-config", folder / "no-model-here"])
+    assert code == 2 and "no-model-here" in stderr and not encoded  # refused before encoding anything
     code, _, stderr = cli([*args, "--limit", 0])  # had meant every image
     assert code == 2 and "--limit must be at least 1, got 0" in stderr
 

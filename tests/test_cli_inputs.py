@@ -185,3 +185,16 @@ def test_decode_into_the_folder_the_images_were_encoded_from_refuses_to_replace_
     assert str(tmp_path) not in latents.read_bytes().decode("latin-1")  # no folder or user names recorded
     assert main(["decode", str(latents), "-o", str(tmp_path / "out"), "--model", "preset:tiny"]) == 0
     assert (tmp_path / "out" / "a.png").is_file()
+
+
+def test_outputs_that_are_files_and_seeds_out_of_range_are_said_before_any_work(tmp_path, capsys):
+    image = tmp_path / "a.png"
+    _image(image, 16, 16, 0)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for command in (["roundtrip", str(image)], ["demo"]):
+        assert main([*command, "-o", str(afile), "--model", "preset:tiny"]) == 2  # had been a bare [Errno 17]
+        assert f"{afile}: is a file; -o takes the folder" in capsys.readouterr().err
+    z = str(tmp_path / "z.safetensors")
+    assert main(["encode", str(image), "-o", z, "--sample", "--seed", str(10**23), "--model", "preset:tiny"]) == 2
+    assert "--seed must be from" in capsys.readouterr().err  # had been "Overflow when unpacking long long"

@@ -206,6 +206,11 @@ def run_stats(args: argparse.Namespace) -> int:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
     if args.channel_stats and not args.write_config:
         raise ValueError("--channel-stats says what --write-config DIR writes; give both")
+    target = None
+    if args.write_config:  # before the encoding, which may take long: a wrong folder must fail first
+        from codec.model import AutoencoderKL
+
+        target = AutoencoderKL.load(args.write_config)
     root = Path(args.source)
     if (root / "manifest.json").is_file():
         result = cache_stats(root, args.posterior)
@@ -227,11 +232,10 @@ def run_stats(args: argparse.Namespace) -> int:
         result.update(cache=None, source=str(args.source), skipped=summary.skipped, upscaled=summary.upscaled)
         if not args.json:
             _warn_upscaled(summary.upscaled, summary.rows, args.resolution)
-    if args.write_config:
+    if target is not None:
         from codec.cache.identity import same_codec
-        from codec.model import AutoencoderKL
 
-        if not same_codec(AutoencoderKL.load(args.write_config), [result["identity"]]):
+        if not same_codec(target, [result["identity"]]):
             raise ValueError(f"{args.write_config}: not the codec these latents were made with ({result['identity']})")
         result["wrote"] = str(write_config(args.write_config, result, channel_stats=args.channel_stats))
     if args.json:

@@ -54,8 +54,10 @@ def run(args: argparse.Namespace) -> int:
     paths = args.images or list_images(SAMPLES)
     if not paths:
         raise ValueError(f"{SAMPLES}: no sample photos; pass image paths")
-    vae = load_model(args)
     out = args.output
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: is a file; -o takes the folder to write the demo in")
+    vae = load_model(args)
     out.mkdir(parents=True, exist_ok=True)
     f, channels = vae.config.downsample_factor, vae.config.latent_channels
     rows, lines, latents = [], [], []

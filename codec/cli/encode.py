@@ -48,6 +48,8 @@ def run_encode(args: argparse.Namespace) -> int:
     # Before any work: a bad path late in a long list, or an output that cannot be written, would waste it all.
     if args.output.is_dir():
         raise ValueError(f"{args.output}: is a folder; -o takes the .safetensors file to write")
+    if args.seed is not None and not -(2**63) <= args.seed < 2**64:  # what torch's generators take
+        raise ValueError(f"--seed must be from -2**63 to 2**64 - 1, got {args.seed}")
     if args.seed is not None and not args.sample:
         raise ValueError("--seed seeds --sample; without it the posterior's mean is taken and there is nothing to seed")
     if args.output.suffix.lower() != ".safetensors":

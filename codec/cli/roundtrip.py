@@ -36,6 +36,8 @@ def _save_png(image, path: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     from PIL import Image
 
+    if args.output.exists() and not args.output.is_dir():
+        raise ValueError(f"{args.output}: is a file; -o takes the folder to write the reconstructions in")
     stems = output_stems([str(path) for path in args.images])
     inputs = {Path(path).resolve() for path in args.images}
     clobbered = [
