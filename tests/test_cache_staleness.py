@@ -136,3 +136,12 @@ def test_a_list_whose_every_path_fails_says_the_cache_is_empty(tmp_path, model_d
     code, stdout, _ = cli([*base, "-o", tmp_path / "out"])
     assert code == 0 and "warning: every image was skipped, so the cache is empty" in stdout
     assert folder.is_dir()
+
+
+def test_a_file_whose_name_is_not_utf8_is_left_out_with_a_warning(tmp_path, model_dir, caplog):
+    folder = image_folder(tmp_path / "images", [(32, 32), (32, 32)])
+    bad = folder / os.fsdecode(b"bad\xff.png")  # a name Linux allows and Parquet's UTF-8 strings do not
+    bad.write_bytes((folder / "img000.png").read_bytes())
+    summary = build(folder, tmp_path / "out", model_dir)  # had ended the whole run at the first shard
+    assert summary.rows == 2 and [row["key"] for row in read_rows(tmp_path / "out")] == ["img000.png", "img001.png"]
+    assert "bad\\xff.png" in caplog.text and "not UTF-8" in caplog.text

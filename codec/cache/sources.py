@@ -12,6 +12,7 @@ raises ImageError with the reason, and the item is skipped and reported, never f
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from PIL import Image
 from codec import sources
 from codec.images import ImageError
 from codec.sources import SourceError, decode_image
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DatasetSource", "FileSource", "SampleSource", "SourceError", "decode_image", "open_source"]
 
@@ -154,7 +157,7 @@ def open_source(
         captions = "caption" in columns
     if opened.kind == "folder":
         keys = [image.relative_to(opened.path).as_posix() for image in opened.paths]
-        return FileSource(name, "folder", keys, opened.paths, captions)
+        return FileSource(name, "folder", *_utf8_named(name, keys, opened.paths), captions)
     return FileSource(name, "list", _list_keys(opened), opened.paths, captions=False)
 
 
@@ -177,6 +180,20 @@ def _read_caption(sidecar: Path) -> str | None:
     except (OSError, UnicodeDecodeError) as error:
         # Raised as the image's reason (the item is skipped and reported): say it was the caption that failed.
         raise ImageError(f"its caption {sidecar} cannot be read: {error}") from None
+
+
+def _utf8_named(name: str, keys: list[str], paths: list[Path]) -> tuple[list[str], list[Path]]:
+    """Files whose names are not UTF-8 cannot be keys (Parquet's strings and the manifest's JSON are UTF-8): they
+    are left out with a warning that names them, rather than ending the run when the first shard is written."""
+    kept = []
+    for key, path in zip(keys, paths, strict=True):
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:
+            log.warning("%s: %r left out: its name is not UTF-8, so it cannot be a key", name, os.fsencode(key))
+            continue
+        kept.append((key, path))
+    return [key for key, _ in kept], [path for _, path in kept]
 
 
 def _list_keys(opened: sources.ImageFiles) -> list[str]:
