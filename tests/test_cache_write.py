@@ -75,6 +75,8 @@ def test_cli_refuses_another_model_or_preprocessing_in_the_same_output(tmp_path,
     assert code == 2 and "preprocessing resolution: cache has 32, this run has 64" in stderr
     code, _, stderr = cli([*base, "--model", model_dir, "--latent-dtype", "bf16"])
     assert code == 2 and "latent_dtype" in stderr
+    code, _, stderr = cli([*base, "--model", model_dir, "--num-workers", -1])
+    assert code == 2 and "--num-workers must be 0" in stderr  # had left the manifest marked incomplete
     code, _, stderr = cli([*base, "--model", model_dir, "--shard-size", 3])  # the last one given counts
     assert code == 2 and "shard_size: cache has 4, this run has 3" in stderr  # every shard's range would move
     assert read_rows(out) == before  # refused before touching anything

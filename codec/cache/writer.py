@@ -295,6 +295,8 @@ def build_cache(
         raise ValueError(
             f"shard size and batch size must be positive, got {settings.shard_size}, {settings.batch_size}"
         )
+    if settings.num_workers < 0:  # before the manifest: the DataLoader's own refusal came after it
+        raise ValueError(f"--num-workers must be 0 (decode in this process) or more, got {settings.num_workers}")
     clashes = [name for name in source.carried_schema().names if name in shards.RESERVED_COLUMNS]
     if clashes:
         raise ValueError(
