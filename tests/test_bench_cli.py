@@ -217,7 +217,10 @@ def test_a_killed_or_failed_run_leaves_the_earlier_benchmark_and_nothing_of_its_
     (bad / "broken.png").write_bytes(b"\x89PNG not really")
     fresh = tmp_path / "fresh"
     assert main(["bench", "--model", "bicubic", "--data", str(bad), *common[4:-1], str(fresh)]) == 2
-    assert not any(fresh.iterdir())  # a failed first run leaves no partial benchmark
+    assert not fresh.exists()  # a failed first run leaves no partial benchmark, nor the folder it made
+    fresh.mkdir()  # a folder the user made stays, empty
+    assert main(["bench", "--model", "bicubic", "--data", str(bad), *common[4:-1], str(fresh)]) == 2
+    assert fresh.is_dir() and not any(fresh.iterdir())
 
 
 def test_an_interrupted_run_and_an_output_that_is_a_file_are_said_plainly(tmp_path, data_dir, capsys, monkeypatch):

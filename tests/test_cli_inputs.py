@@ -198,3 +198,11 @@ def test_outputs_that_are_files_and_seeds_out_of_range_are_said_before_any_work(
     z = str(tmp_path / "z.safetensors")
     assert main(["encode", str(image), "-o", z, "--sample", "--seed", str(10**23), "--model", "preset:tiny"]) == 2
     assert "--seed must be from" in capsys.readouterr().err  # had been "Overflow when unpacking long long"
+
+
+def test_a_demo_with_an_unreadable_photo_writes_nothing(tmp_path, capsys):
+    good, bad = tmp_path / "a.png", tmp_path / "b.png"
+    _image(good, 16, 16, 0)
+    bad.write_bytes(b"not a png")
+    assert main(["demo", str(good), str(bad), "-o", str(tmp_path / "demo"), "--model", "preset:tiny"]) == 2
+    assert str(bad) in capsys.readouterr().err and not (tmp_path / "demo").exists()

@@ -19,6 +19,7 @@ log = logging.getLogger("codec.bench")
 BENCH_OUTPUTS = ("reference", "reconstructions", "grids", "plots", "summary.json", "summary.md", "per_image.csv")
 PREVIOUS = ".previous-benchmark"
 RUNNING = ".benchmark-running"
+CREATED = "created the folder"  # a line of the RUNNING marker
 
 
 def is_benchmark(folder: Path) -> bool:
@@ -63,8 +64,10 @@ def prepare(output: Path) -> str | None:
             f"{output}: already holds {', '.join(foreign)}, not from a benchmark; a benchmark writes "
             f"{', '.join(BENCH_OUTPUTS)} there and would mix with (or replace) them: choose another -o"
         )
+    created = not output.exists()
     output.mkdir(parents=True, exist_ok=True)
-    (output / RUNNING).write_text("a codec bench run is writing here\n")
+    # The marker also says whether this run made the folder: a failed run then takes an empty one away with it.
+    (output / RUNNING).write_text("a codec bench run is writing here\n" + (f"{CREATED}\n" if created else ""))
     return None
 
 
@@ -86,4 +89,8 @@ def abandon(output: Path) -> None:
         if (aside / name).exists():
             (aside / name).rename(partial)
     shutil.rmtree(aside, ignore_errors=True)
-    (output / RUNNING).unlink(missing_ok=True)
+    marker = output / RUNNING
+    created = marker.is_file() and CREATED in marker.read_text().splitlines()
+    marker.unlink(missing_ok=True)
+    if created and not any(output.iterdir()):
+        output.rmdir()

@@ -57,13 +57,14 @@ def run(args: argparse.Namespace) -> int:
     out = args.output
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: is a file; -o takes the folder to write the demo in")
+    images = [image_to_tensor(path) for path in paths]  # an unreadable photo fails before anything is written
     vae = load_model(args)
     out.mkdir(parents=True, exist_ok=True)
     f, channels = vae.config.downsample_factor, vae.config.latent_channels
     rows, lines, latents = [], [], []
     total_start = time.perf_counter()
-    for path, stem in zip(paths, output_stems([str(path) for path in paths]), strict=True):
-        x = image_to_tensor(path).to(vae.device, vae.dtype)
+    for path, image, stem in zip(paths, images, output_stems([str(path) for path in paths]), strict=True):
+        x = image.to(vae.device, vae.dtype)
         start = time.perf_counter()
         z = vae.encode(x).latent_dist.mode()
         reconstruction = vae.decode(z).sample[..., : x.shape[-2], : x.shape[-1]]
