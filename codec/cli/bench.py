@@ -10,7 +10,7 @@ import argparse
 import shlex
 from pathlib import Path
 
-from codec.cli.common import DTYPES, resolve_device
+from codec.cli.common import DTYPES, check_output_folder, resolve_device
 
 
 def add_parsers(subparsers) -> None:
@@ -107,8 +107,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.grid_images < 0:
         raise ValueError(f"--grid-images must be 0 (no grids) or more, got {args.grid_images}")
-    if args.output.exists() and not args.output.is_dir():
-        raise ValueError(f"{args.output}: is a file; -o takes the folder to write the benchmark in")
+    check_output_folder(args.output, "the benchmark")
     options = BenchOptions(
         models=args.models,
         data=args.data,

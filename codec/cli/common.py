@@ -20,6 +20,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="inference precision (default fp32)")
 
 
+def check_output_folder(path: Path, holds: str) -> None:
+    """Before any work: an -o that names a file would otherwise fail at the first write, with a bare errno."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path}: is a file; -o takes the folder to write {holds} in")
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

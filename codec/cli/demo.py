@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from codec.atomic import atomic_path, atomic_write_text
-from codec.cli.common import add_model_options, format_ssim, load_model, output_stems, ssim_or_none
+from codec.cli.common import add_model_options, check_output_folder, format_ssim, load_model, output_stems, ssim_or_none
 from codec.images import image_to_tensor, list_images, tensor_to_pil, tensor_to_uint8
 from codec.metrics import psnr
 from codec.visual import HEATMAP_LABEL, error_heatmap, grid, side_by_side
@@ -55,8 +55,7 @@ def run(args: argparse.Namespace) -> int:
     if not paths:
         raise ValueError(f"{SAMPLES}: no sample photos; pass image paths")
     out = args.output
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out}: is a file; -o takes the folder to write the demo in")
+    check_output_folder(out, "the demo")
     images = [image_to_tensor(path) for path in paths]  # an unreadable photo fails before anything is written
     vae = load_model(args)
     out.mkdir(parents=True, exist_ok=True)

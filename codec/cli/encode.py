@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from codec.atomic import atomic_path
-from codec.cli.common import add_model_options, load_model, output_stems
+from codec.cli.common import add_model_options, check_output_folder, load_model, output_stems
 from codec.images import image_to_tensor, tensor_to_pil
 from codec.model import unscale_latents
 
@@ -177,8 +177,7 @@ def _decoding_model(given: str | None, recorded: str | None, source: Path) -> st
 
 @torch.no_grad()
 def run_decode(args: argparse.Namespace) -> int:
-    if args.output.exists() and not args.output.is_dir():
-        raise ValueError(f"{args.output}: is a file; -o takes the folder to write the PNGs in")
+    check_output_folder(args.output, "the PNGs")
     latents, info = read_latents_file(args.latents)
     args.model = _decoding_model(args.model, info["model"], args.latents)
     vae = load_model(args)

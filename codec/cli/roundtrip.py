@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from codec.atomic import atomic_path, atomic_write_text
-from codec.cli.common import add_model_options, format_ssim, load_model, output_stems, ssim_or_none
+from codec.cli.common import add_model_options, check_output_folder, format_ssim, load_model, output_stems, ssim_or_none
 from codec.images import image_to_tensor, tensor_to_uint8
 from codec.metrics import psnr
 from codec.visual import HEATMAP_LABEL, error_heatmap, side_by_side
@@ -36,8 +36,7 @@ def _save_png(image, path: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    if args.output.exists() and not args.output.is_dir():
-        raise ValueError(f"{args.output}: is a file; -o takes the folder to write the reconstructions in")
+    check_output_folder(args.output, "the reconstructions")
     stems = output_stems([str(path) for path in args.images])
     inputs = {Path(path).resolve() for path in args.images}
     clobbered = [
