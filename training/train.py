@@ -243,8 +243,7 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
                 if accelerator.sync_gradients and opt_config.max_grad_norm:
                     clip_autoencoder_gradients(accelerator, optimizer, trainable, opt_config.max_grad_norm)
                 optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
+                weights_changed = step_schedules(accelerator, optimizer, scheduler)
                 optimizer.zero_grad(set_to_none=True)
                 if use_disc:
                     d_loss, d_logs = discriminator_step_loss(
@@ -258,7 +257,7 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
             if not accelerator.sync_gradients:
                 continue
             state.step += 1
-            if ema is not None:
+            if ema is not None and weights_changed:
                 ema.update(unwrapped.vae)
             progress.update(1)
             last = state.step == run.max_steps
@@ -306,6 +305,20 @@ def _available_tracker(name: str | None) -> str | None:
         )  # fmt: skip
         return None
     return name
+
+
+def step_schedules(accelerator, optimizer, scheduler) -> bool:
+    """Advance the learning-rate schedule after an optimizer step that changed the weights; say whether it did.
+
+    Under fp16 the loss scaler skips a step whose gradients overflowed (several at the start, while it finds its
+    scale). accelerate's own scheduler wrapper would skip those too, but only when it steps with the optimizer,
+    which it does num_processes times per step; ours steps once, so the check is here. The EMA follows the same
+    answer: averaging in weights that did not move would only shorten its memory.
+    """
+    if not accelerator.sync_gradients or optimizer.step_was_skipped:
+        return False
+    scheduler.step()
+    return True
 
 
 def clip_autoencoder_gradients(accelerator, optimizer, parameters: list, max_norm: float) -> None:

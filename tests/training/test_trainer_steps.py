@@ -231,3 +231,37 @@ def test_an_fp16_discriminator_resumes_from_a_checkpoint_saved_without_its_scale
     finally:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
+
+
+def test_a_step_the_fp16_scaler_skips_leaves_the_schedule_where_it_was():
+    # An overflowing gradient: the scaler skips the optimizer step, so the warm-up must not advance either (it would
+    # spend its first steps on weights that never moved). The next, finite step advances it by one.
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from training.train import step_schedules
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        accelerator = Accelerator(mixed_precision="fp16", cpu=True, step_scheduler_with_optimizer=False)
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+        model = torch.nn.Linear(2, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: step + 1.0)
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        accelerator.native_amp = True
+        stepped = []
+        for value in (float("inf"), 1.0):
+            before = model.weight.detach().clone()
+            with accelerator.accumulate(model):
+                accelerator.backward(model(torch.full((1, 2), value)).sum())
+                optimizer.step()
+                stepped.append(step_schedules(accelerator, optimizer, scheduler))
+                optimizer.zero_grad(set_to_none=True)
+            assert torch.equal(before, model.weight.detach()) != stepped[-1]
+            stepped.append(scheduler.get_last_lr()[0])
+        assert stepped == [False, 1.0, True, 2.0]
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
