@@ -101,12 +101,16 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
         _log_changed_settings(output_dir / "config.yaml", config)
     train_images, val_images = build_data(config)  # before the run folder: bad data must not leave one behind
     full_steps = images_in_full_steps(config.run, len(train_images), accelerator.num_processes)
+    # The model and LPIPS also come before the run folder: a model.init that does not load, or LPIPS weights
+    # that cannot be downloaded, must not leave a folder holding only config.yaml.
+    vae = build_autoencoder(config.model)
+    lpips_loss = None
+    if loss_config.lpips_weight > 0:
+        lpips_loss = LPIPSLoss(loss_config.lpips_net, loss_config.lpips_weight, pretrained=lpips_pretrained)
+        lpips_loss = lpips_loss.to(accelerator.device)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, output_dir / "config.yaml")
-
-    vae = build_autoencoder(config.model)
-    if accelerator.is_main_process:
         vae.config.to_json(output_dir / MODEL_CONFIG)  # what training.export rebuilds, without model.init
     # The model keeps its conv weights in its device's layout (codec.layers.preferred_memory_format), and the
     # batches below follow: channels-last on a CPU, where an fp32 training step of the builtin config took 15 s
@@ -115,10 +119,6 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
     model = TrainingAutoencoder(vae)
     resolution = config.data.resolution
     pixel_loss = PixelLoss(loss_config.pixel, loss_config.pixel_weight)
-    lpips_loss = None
-    if loss_config.lpips_weight > 0:
-        lpips_loss = LPIPSLoss(loss_config.lpips_net, loss_config.lpips_weight, pretrained=lpips_pretrained)
-        lpips_loss = lpips_loss.to(accelerator.device)
     # kl_weight is in LDM's convention, where the reconstruction loss is summed over the 3*R*R values of an
     # image; ours are means over them, so the same balance needs the weight divided by that count.
     kl_loss = KLLoss(loss_config.kl_weight / (3 * resolution * resolution))

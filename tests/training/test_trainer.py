@@ -372,3 +372,31 @@ def test_ctrl_c_says_how_to_resume_instead_of_a_traceback(tmp_path, capsys, monk
     monkeypatch.setattr(training.train, "train", interrupted)
     assert main(["--config", "tiny", f"run.output_dir={tmp_path / 'run'}"]) == 130
     assert f"`--resume` continues from the last checkpoint in {tmp_path / 'run'}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        (["model.preset=null", "model.init={missing}"], "no such folder or file"),
+        (["loss.lpips_weight=0.1"], "could not be fetched"),  # LPIPS' trunk weights, offline
+    ],
+)
+def test_a_model_or_lpips_that_cannot_load_leaves_no_run_folder(tmp_path, capsys, monkeypatch, overrides, reason):
+    import socket
+    import urllib.error
+
+    from training.__main__ import main
+    from training.losses import lpips_available
+
+    def no_network(url, *args, **kwargs):
+        raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    lpips_available.cache_clear()
+    out = tmp_path / "run"
+    filled = [o.format(missing=tmp_path / "missing") for o in overrides]
+    assert main(["--config", "tiny", *FAST, *filled, f"run.output_dir={out}"]) == 2
+    assert reason in capsys.readouterr().err
+    assert not out.exists()
+    lpips_available.cache_clear()
