@@ -4,6 +4,7 @@ names that do not exist here."""
 from __future__ import annotations
 
 import csv
+import os
 
 import numpy as np
 import pytest
@@ -206,3 +207,27 @@ def test_a_demo_with_an_unreadable_photo_writes_nothing(tmp_path, capsys):
     bad.write_bytes(b"not a png")
     assert main(["demo", str(good), str(bad), "-o", str(tmp_path / "demo"), "--model", "preset:tiny"]) == 2
     assert str(bad) in capsys.readouterr().err and not (tmp_path / "demo").exists()
+
+
+def test_roundtrip_reads_every_input_before_replacing_any_output(clashing, tmp_path, capsys):
+    model = ["--model", "preset:tiny", "--device", "cpu"]
+    out = tmp_path / "rt"
+    out.mkdir()
+    (out / "a_png.png").write_bytes(b"an earlier run's output")
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    assert main(["roundtrip", str(clashing[0]), str(clashing[1]), str(corrupt), "-o", str(out), *model]) == 2
+    assert "corrupt.png" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["a_png.png"]
+    assert (out / "a_png.png").read_bytes() == b"an earlier run's output"
+
+
+def test_roundtrip_takes_a_file_name_that_is_not_utf8(clashing, tmp_path, capsys):
+    latin1 = tmp_path / os.fsdecode(b"caf\xe9.png")
+    latin1.write_bytes(clashing[0].read_bytes())
+    out = tmp_path / "rt"
+    assert main(["roundtrip", str(latin1), str(clashing[2]), "-o", str(out), "--model", "preset:tiny"]) == 0
+    assert "caf\ufffd.png: PSNR" in capsys.readouterr().out
+    with (out / "metrics.csv").open(encoding="utf-8") as file:
+        assert [row["image"] for row in csv.DictReader(file)] == ["caf\ufffd.png", "x.png"]
+    assert (out / os.fsdecode(b"caf\xe9.png")).is_file()

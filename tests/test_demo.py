@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import numpy as np
@@ -35,12 +36,12 @@ def test_demo_writes_pictures_and_a_truthful_report(tmp_path, ours, capsys):
     assert "comparison.png" in capsys.readouterr().out
 
 
-def test_demo_takes_the_users_photos(tmp_path, ours):
+def test_demo_takes_the_users_photos_whatever_their_names(tmp_path, ours):
     model = tmp_path / "model"
     ours.save_pretrained(model)
-    photo = tmp_path / "mine.png"
+    photo = tmp_path / os.fsdecode(b"min\xe9.png")  # not UTF-8 (Latin-1): the report shows U+FFFD for the byte
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(photo)
     out = tmp_path / "demo"
     assert main(["demo", str(photo), "--model", str(model), "-o", str(out)]) == 0
-    assert (out / "mine_reconstruction.png").is_file()
-    assert "| mine.png | 40x48 |" in (out / "report.md").read_text()
+    assert (out / os.fsdecode(b"min\xe9_reconstruction.png")).is_file()
+    assert "| min\ufffd.png | 40x48 |" in (out / "report.md").read_text(encoding="utf-8")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -24,6 +25,12 @@ def check_output_folder(path: Path, holds: str) -> None:
     """Before any work: an -o that names a file would otherwise fail at the first write, with a bare errno."""
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path}: is a file; -o takes the folder to write {holds} in")
+
+
+def display_name(path: Path) -> str:
+    """The file name for printing and for UTF-8 reports. A name that is not UTF-8 arrives with its bytes as lone
+    surrogates, which stdout and UTF-8 files refuse; each such byte shows as U+FFFD instead."""
+    return os.fsencode(path.name).decode("utf-8", errors="replace")
 
 
 def resolve_device(name: str) -> torch.device:

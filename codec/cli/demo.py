@@ -14,7 +14,15 @@ from pathlib import Path
 import torch
 
 from codec.atomic import atomic_path, atomic_write_text
-from codec.cli.common import add_model_options, check_output_folder, format_ssim, load_model, output_stems, ssim_or_none
+from codec.cli.common import (
+    add_model_options,
+    check_output_folder,
+    display_name,
+    format_ssim,
+    load_model,
+    output_stems,
+    ssim_or_none,
+)
 from codec.images import image_to_tensor, list_images, tensor_to_pil, tensor_to_uint8
 from codec.metrics import psnr
 from codec.visual import HEATMAP_LABEL, error_heatmap, grid, side_by_side
@@ -74,12 +82,12 @@ def run(args: argparse.Namespace) -> int:
         rows.append([Image.fromarray(original), Image.fromarray(recon), error_heatmap(original, recon)])
         ratio = (3 * x.shape[-2] * x.shape[-1]) / z[0].numel()
         lines.append(
-            f"| {Path(path).name} | {x.shape[-1]}x{x.shape[-2]} | {tuple(z.shape[1:])} | {ratio:.0f}x "
+            f"| {display_name(Path(path))} | {x.shape[-1]}x{x.shape[-2]} | {tuple(z.shape[1:])} | {ratio:.0f}x "
             f"| {image_psnr:.2f} | {format_ssim(image_ssim)} | {seconds:.2f} |"
         )
         latents.append(_center_square(x.float(), 256).to(vae.dtype))
         print(
-            f"{Path(path).name}: PSNR {image_psnr:.2f} dB, SSIM {format_ssim(image_ssim)}, latent {tuple(z.shape[1:])}"
+            f"{display_name(Path(path))}: PSNR {image_psnr:.2f} dB, SSIM {format_ssim(image_ssim)}, latent {tuple(z.shape[1:])}"
         )
     comparison = grid(rows, ["original", "reconstruction", HEATMAP_LABEL])
     _save(comparison, out / "comparison.png")

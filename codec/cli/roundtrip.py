@@ -12,7 +12,15 @@ from pathlib import Path
 import torch
 
 from codec.atomic import atomic_path, atomic_write_text
-from codec.cli.common import add_model_options, check_output_folder, format_ssim, load_model, output_stems, ssim_or_none
+from codec.cli.common import (
+    add_model_options,
+    check_output_folder,
+    display_name,
+    format_ssim,
+    load_model,
+    output_stems,
+    ssim_or_none,
+)
 from codec.images import image_to_tensor, tensor_to_uint8
 from codec.metrics import psnr
 from codec.visual import HEATMAP_LABEL, error_heatmap, side_by_side
@@ -47,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
     ]
     if clobbered:  # -o is the inputs' own folder: the reconstruction would replace its original
         raise ValueError(f"-o {args.output}: writing there would replace input image(s) {', '.join(clobbered)}")
+    for path in args.images:  # every input read once first: a bad one is named before any output is replaced
+        image_to_tensor(path)
     vae = load_model(args)
     if args.tile:
         vae.enable_tiling()
@@ -66,8 +76,9 @@ def run(args: argparse.Namespace) -> int:
             ["original", f"reconstruction {image_psnr:.2f} dB", HEATMAP_LABEL],
         )
         _save_png(comparison, args.output / f"{stem}_compare.png")
-        rows.append((path.name, original.shape[1], original.shape[0], image_psnr, image_ssim, seconds))
-        print(f"{path.name}: PSNR {image_psnr:.2f} dB  SSIM {format_ssim(image_ssim)}  ({seconds:.2f} s)")
+        name = display_name(path)
+        rows.append((name, original.shape[1], original.shape[0], image_psnr, image_ssim, seconds))
+        print(f"{name}: PSNR {image_psnr:.2f} dB  SSIM {format_ssim(image_ssim)}  ({seconds:.2f} s)")
     if len(rows) > 1:
         mean_psnr = sum(r[3] for r in rows) / len(rows)
         ssims = [r[4] for r in rows if r[4] is not None]
