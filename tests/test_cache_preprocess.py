@@ -56,3 +56,7 @@ def test_sizes_must_be_multiples_of_the_codec_factor():
         Preprocessing(64, buckets=True, bucket_step=16, max_aspect=float("nan"))
     with pytest.raises(ValueError, match="--resolution must be from 1 to 16384"):
         Preprocessing(1_000_000)
+    # Without buckets these change nothing, yet a cache records them: a forgotten --buckets, most likely.
+    for setting in ({"bucket_step": 32}, {"max_aspect": 2.0}):
+        with pytest.raises(ValueError, match="shape aspect buckets: add --buckets, or leave them out"):
+            Preprocessing(64, **setting)

@@ -47,14 +47,18 @@ def make_buckets(resolution: int, step: int, max_aspect: float) -> list[tuple[in
     return sorted({pair for height, width in widest.items() for pair in ((height, width), (width, height))})
 
 
+DEFAULT_BUCKET_STEP = 64
+DEFAULT_MAX_ASPECT = 4.0
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """How images become pixels; recorded in the manifest, and a cache refuses to mix two of them."""
 
     resolution: int
     buckets: bool = False
-    bucket_step: int = 64
-    max_aspect: float = 4.0
+    bucket_step: int = DEFAULT_BUCKET_STEP
+    max_aspect: float = DEFAULT_MAX_ASPECT
     flip: bool = False  # also encode the mirrored image (stored beside the original, for flip augmentation)
     max_pixels: int = Image.MAX_IMAGE_PIXELS or 89_478_485  # larger images are skipped before decoding
     resample: str = "bicubic"
@@ -78,6 +82,12 @@ class Preprocessing:
                 self, "bucket_list", tuple(make_buckets(self.resolution, self.bucket_step, self.max_aspect))
             )
         else:
+            # Recorded in the manifest even here, where they change nothing: a cache made with them would refuse a
+            # rerun without them. Given without buckets they are most likely a forgotten --buckets, so say so.
+            if (self.bucket_step, self.max_aspect) != (DEFAULT_BUCKET_STEP, DEFAULT_MAX_ASPECT):
+                raise ValueError(
+                    "--bucket-step and --max-aspect shape aspect buckets: add --buckets, or leave them out"
+                )
             object.__setattr__(self, "bucket_list", ((self.resolution, self.resolution),))
 
     def check_factor(self, factor: int) -> None:

@@ -13,6 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from codec.cache.preprocess import DEFAULT_BUCKET_STEP, DEFAULT_MAX_ASPECT
 from codec.cli.common import DTYPES, add_model_options, resolve_device
 
 CACHE_USAGE = "codec cache SRC -o OUT [options]\n       codec cache verify OUT [--model M]"
@@ -31,8 +32,18 @@ def _add_encoding_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--buckets", action="store_true", help="aspect-ratio buckets of about R*R pixels instead of R x R crops"
     )
-    group.add_argument("--bucket-step", type=int, default=64, help="bucket sides are multiples of this (default 64)")
-    group.add_argument("--max-aspect", type=float, default=4.0, help="most elongated bucket allowed (default 4)")
+    group.add_argument(
+        "--bucket-step",
+        type=int,
+        default=DEFAULT_BUCKET_STEP,
+        help="with --buckets: bucket sides are multiples of this (default 64)",
+    )
+    group.add_argument(
+        "--max-aspect",
+        type=float,
+        default=DEFAULT_MAX_ASPECT,
+        help="with --buckets: most elongated bucket allowed (default 4)",
+    )
     group.add_argument(
         "--max-pixels", type=int, default=None, help="skip larger images undecoded (default PIL's bomb limit)"
     )
@@ -135,6 +146,7 @@ def run_cache(args: argparse.Namespace) -> int:
     from codec.cache.writer import Group, build_cache
     from codec.distributed import launched_world_size, make_accelerator, shutdown
 
+    settings = _settings(args, args.flip, args.latent_dtype, args.shard_size)  # refused settings cost no model load
     accelerator = None
     if launched_world_size() > 1:
         from datetime import timedelta
@@ -150,7 +162,6 @@ def run_cache(args: argparse.Namespace) -> int:
     if args.columns is not None:  # "none" (or "") carries none: a stray NAME.txt must not change what is carried
         columns = [c.strip() for c in args.columns.split(",") if c.strip() and c.strip().lower() != "none"]
     source = open_source(args.source, split=args.split, image_column=args.image_column, columns=columns)
-    settings = _settings(args, args.flip, args.latent_dtype, args.shard_size)
     group = Group(accelerator)
     summary = build_cache(
         source, args.output, vae, identities, settings, model_name=str(args.model or "builtin"), group=group
@@ -206,6 +217,7 @@ def run_stats(args: argparse.Namespace) -> int:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
     if args.channel_stats and not args.write_config:
         raise ValueError("--channel-stats says what --write-config DIR writes; give both")
+    settings = _settings(args)  # refused settings cost no model load
     target = None
     if args.write_config:  # before the encoding, which may take long: a wrong folder must fail first
         from codec.model import AutoencoderKL
@@ -225,9 +237,7 @@ def run_stats(args: argparse.Namespace) -> int:
         if args.limit:
             source = SampleSource(source, args.limit)
         with tempfile.TemporaryDirectory(prefix="codec-stats-") as tmp:
-            summary = build_cache(
-                source, tmp, vae, identities, _settings(args), model_name=str(args.model or "builtin")
-            )
+            summary = build_cache(source, tmp, vae, identities, settings, model_name=str(args.model or "builtin"))
             result = cache_stats(tmp, args.posterior)
         result.update(cache=None, source=str(args.source), skipped=summary.skipped, upscaled=summary.upscaled)
         if not args.json:
