@@ -142,7 +142,8 @@ class DataConfig(_Section):
     validation_fraction: float = 0.0  # split off the training set with a fixed seed when validation is None
     validation_images: int = 16
     image_column: str = "image"
-    split: str = "train"
+    split: str = "train"  # the split data.train reads, where it is a dataset with several
+    validation_split: str = "validation"  # the split data.validation reads (the same dataset with its held-out split)
     resolution: int = 256
     random_flip: bool = True
     num_workers: int = 2

@@ -110,6 +110,20 @@ def test_saved_to_disk_dataset_and_dataset_dict(tmp_path, datasets_cache):
     with pytest.raises(DataSourceError, match=r"no split 'test'"):
         open_image_source(tmp_path / "dict", split="test")
 
+    # A trainer given the same dataset for both reads its train split, and validates on the held-out one.
+    from training.config import load_config
+    from training.data import build_data
+
+    dataset = tmp_path / "dict"
+    train, val = build_data(load_config("tiny", [f"data.train={dataset}", f"data.validation={dataset}"]))
+    assert (len(train), len(val)) == (3, 1)
+    with pytest.raises(DataSourceError, match=r"no split 'held-out'"):
+        build_data(
+            load_config(
+                "tiny", [f"data.train={dataset}", f"data.validation={dataset}", "data.validation_split=held-out"]
+            )
+        )
+
 
 def test_missing_image_column_names_the_column_and_the_available_ones(tmp_path, datasets_cache):
     _photo_dataset(datasets_cache).to_parquet(str(tmp_path / "photos.parquet"))
