@@ -232,7 +232,9 @@ class AutoencoderKL(nn.Module):
 
     @tile_sample_min_size.setter
     def tile_sample_min_size(self, pixels: int | None) -> None:
-        self.tile_latent_size = None if pixels is None else _checked_tile(pixels // self.config.downsample_factor)
+        factor = self.config.downsample_factor
+        checked = _checked_tile(pixels, "tile_sample_min_size", "pixels", 2 * factor)
+        self.tile_latent_size = None if checked is None else checked // factor
 
     @property
     def tile_latent_min_size(self) -> int | None:
@@ -377,16 +379,18 @@ class AutoencoderKL(nn.Module):
         return load_any(cls, spec, torch_dtype=torch_dtype)
 
 
-def _checked_tile(size: int | None) -> int | None:
-    """A tile side in latent positions: a whole number >= 2, or None for the largest the budget allows."""
+def _checked_tile(
+    size: int | None, name: str = "tile_latent_size", unit: str = "latent pixels", minimum: int = 2
+) -> int | None:
+    """A tile side (by default in latent positions, at least 2), or None for the largest the budget allows."""
     if size is None:
         return None
     try:
         checked = operator.index(size)  # an int, a numpy int; not 2.5
     except TypeError:
         checked = 0
-    if checked < 2:
-        raise ValueError(f"tile_latent_size must be a whole number of latent pixels >= 2, got {size!r}")
+    if checked < minimum:
+        raise ValueError(f"{name} must be a whole number of {unit} >= {minimum}, got {size!r}")
     return checked
 
 

@@ -231,3 +231,16 @@ def test_roundtrip_takes_a_file_name_that_is_not_utf8(clashing, tmp_path, capsys
     with (out / "metrics.csv").open(encoding="utf-8") as file:
         assert [row["image"] for row in csv.DictReader(file)] == ["caf\ufffd.png", "x.png"]
     assert (out / os.fsdecode(b"caf\xe9.png")).is_file()
+
+
+def test_roundtrip_tile_sets_the_tile_size(clashing, tmp_path, capsys):
+    # --tile had enabled the budget's tile, under which any image that fits runs whole: it changed nothing.
+    model = [str(clashing[3]), "--model", "preset:tiny", "--device", "cpu"]  # 64x32
+    outputs = {}
+    for name, tile in (("whole", []), ("bare", ["--tile"]), ("small", ["--tile", "2"])):
+        assert main(["roundtrip", *model, "-o", str(tmp_path / name), *tile]) == 0
+        outputs[name] = np.array(Image.open(tmp_path / name / "x.png"))
+    assert np.array_equal(outputs["whole"], outputs["bare"])  # 64 latent positions: one tile, run whole
+    assert not np.array_equal(outputs["whole"], outputs["small"])
+    assert main(["roundtrip", *model, "-o", str(tmp_path / "one"), "--tile", "1"]) == 2
+    assert "--tile takes a tile side of at least 2 latent positions, got 1" in capsys.readouterr().err

@@ -25,12 +25,24 @@ from codec.images import image_to_tensor, tensor_to_uint8
 from codec.metrics import psnr
 from codec.visual import HEATMAP_LABEL, error_heatmap, side_by_side
 
+# An image that fits in one tile still runs whole (enable_tiling): a budget-sized tile, what a bare enable_tiling()
+# picks, would tile nothing the memory budget had not already tiled, so a bare --tile takes diffusers' tile instead.
+DIFFUSERS_TILE = 64
+
 
 def add_parsers(subparsers) -> None:
     parser = subparsers.add_parser("roundtrip", help="encode + decode images; write reconstructions and comparisons")
     parser.add_argument("images", nargs="+", type=Path)
     parser.add_argument("-o", "--output", type=Path, required=True, help="folder for the outputs")
-    parser.add_argument("--tile", action="store_true", help="always tile (default: only when memory requires)")
+    parser.add_argument(
+        "--tile",
+        type=int,
+        nargs="?",
+        const=DIFFUSERS_TILE,
+        metavar="N",
+        help=f"tile at N latent positions, N >= 2 (bare --tile: {DIFFUSERS_TILE}, diffusers' {8 * DIFFUSERS_TILE}-pixel "
+        "tile); left out, only where memory requires",
+    )
     add_model_options(parser)
     parser.set_defaults(run=run)
 
@@ -45,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
     from PIL import Image
 
     check_output_folder(args.output, "the reconstructions")
+    if args.tile is not None and args.tile < 2:
+        raise ValueError(f"--tile takes a tile side of at least 2 latent positions, got {args.tile}")
     stems = output_stems([str(path) for path in args.images])
     inputs = {Path(path).resolve() for path in args.images}
     clobbered = [
@@ -58,8 +72,8 @@ def run(args: argparse.Namespace) -> int:
     for path in args.images:  # every input read once first: a bad one is named before any output is replaced
         image_to_tensor(path)
     vae = load_model(args)
-    if args.tile:
-        vae.enable_tiling()
+    if args.tile is not None:
+        vae.enable_tiling(args.tile)
     args.output.mkdir(parents=True, exist_ok=True)
     rows = []
     for path, stem in zip(args.images, stems, strict=True):
