@@ -42,6 +42,16 @@ def test_center_crop_is_exact_at_scale_one_and_records_what_it_did():
     assert small.crop_box == (0.0, 0.0, 16.0, 16.0) and small.pixels.shape == (3, 32, 32)
 
 
+def test_the_recorded_resize_filter_is_the_one_used():
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (96, 80, 3), dtype=np.uint8))
+    for name, pil_filter in (("bicubic", Image.Resampling.BICUBIC), ("lanczos", Image.Resampling.LANCZOS)):
+        prepared = Preprocessing(32, resample=name)(image)
+        expected = np.array(image.resize((32, 32), pil_filter, box=prepared.crop_box))
+        np.testing.assert_array_equal(prepared.pixels.permute(1, 2, 0).numpy(), expected)
+    with pytest.raises(ValueError, match="--resample must be one of bicubic, lanczos, bilinear, box, got 'cubic'"):
+        Preprocessing(32, resample="cubic")
+
+
 def test_sizes_must_be_multiples_of_the_codec_factor():
     with pytest.raises(ValueError, match="--resolution 36 is not a multiple"):
         Preprocessing(36).check_factor(8)

@@ -15,7 +15,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-RESAMPLE = Image.Resampling.BICUBIC
+# PIL's filters by the names a manifest records. Lanczos is what SimpleTuner resizes with; bicubic is our default.
+RESAMPLE_FILTERS = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "bilinear": Image.Resampling.BILINEAR,
+    "box": Image.Resampling.BOX,
+}
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,8 @@ class Preprocessing:
             object.__setattr__(self, name, kind(getattr(self, name)))
         if not 1 <= self.resolution <= MAX_RESOLUTION:  # beyond: a typo that would allocate without end
             raise ValueError(f"--resolution must be from 1 to {MAX_RESOLUTION}, got {self.resolution}")
+        if self.resample not in RESAMPLE_FILTERS:
+            raise ValueError(f"--resample must be one of {', '.join(RESAMPLE_FILTERS)}, got {self.resample!r}")
         if self.max_pixels < 1:
             raise ValueError(f"--max-pixels must be positive, got {self.max_pixels}")
         if self.buckets:
@@ -118,7 +126,7 @@ class Preprocessing:
         box = (left / scale, top / scale, min(width, (left + bucket_w) / scale), min(height, (top + bucket_h) / scale))
         # Only the crop is resampled (PIL filters over the box's whole footprint): a 6000x4000 photo costs an
         # R x R resize, not a full-size one.
-        crop = image.resize((bucket_w, bucket_h), RESAMPLE, box=box)
+        crop = image.resize((bucket_w, bucket_h), RESAMPLE_FILTERS[self.resample], box=box)
         pixels = torch.from_numpy(np.array(crop, dtype=np.uint8)).permute(2, 0, 1).contiguous()
         return Prepared(pixels, (bucket_h, bucket_w), (height, width), box, (top, left))
 

@@ -13,7 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from codec.cache.preprocess import DEFAULT_BUCKET_STEP, DEFAULT_MAX_ASPECT
+from codec.cache.preprocess import DEFAULT_BUCKET_STEP, DEFAULT_MAX_ASPECT, RESAMPLE_FILTERS
 from codec.cli.common import DTYPES, add_model_options, resolve_device
 
 CACHE_USAGE = "codec cache SRC -o OUT [options]\n       codec cache verify OUT [--model M]"
@@ -43,6 +43,9 @@ def _add_encoding_options(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=DEFAULT_MAX_ASPECT,
         help="with --buckets: most elongated bucket allowed (default 4)",
+    )
+    group.add_argument(
+        "--resample", choices=sorted(RESAMPLE_FILTERS), default="bicubic", help="resize filter (default bicubic)"
     )
     group.add_argument(
         "--max-pixels", type=int, default=None, help="skip larger images undecoded (default PIL's bomb limit)"
@@ -118,6 +121,7 @@ def _settings(args: argparse.Namespace, flip: bool = False, latent_dtype: str = 
         bucket_step=args.bucket_step,
         max_aspect=args.max_aspect,
         flip=flip,
+        resample=args.resample,
         **extra,
     )
     return Settings(preprocessing, latent_dtype, args.batch_size, args.num_workers, shard_size)
