@@ -58,6 +58,8 @@ def _recorded_settings(metadata: dict[str, str]) -> dict:
         settings = json.loads(text) if text else {}
     except ValueError:
         return {}
+    if not isinstance(settings, dict):  # valid JSON of another shape: no record we wrote, so none at all
+        return {}
     settings = {name: value for name, value in settings.items() if name in RECORDED_SETTINGS}
     for name in ("latents_mean", "latents_std"):
         if isinstance(settings.get(name), list):

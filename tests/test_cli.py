@@ -359,6 +359,16 @@ def test_top_level_help_and_usage_errors(capsys):
     assert exit_info.value.code == 2
 
 
+@pytest.mark.parametrize(
+    ("command", "default"),
+    [("roundtrip", "default: 'builtin'"), ("decode", "default: the model the file records"), ("cache", "verify: the")],
+)
+def test_help_says_what_a_left_out_model_means(command, default, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert default in " ".join(capsys.readouterr().out.split())
+
+
 def test_console_script_help():
     script = Path(sys.executable).parent / "codec"
     if not script.is_file():

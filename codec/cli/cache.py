@@ -58,7 +58,7 @@ def _add_encoding_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--compile", action="store_true", help="torch.compile the encoder (compiles once per bucket shape: slow start)"
     )
-    add_model_options(parser)
+    add_model_options(parser, default_model="'builtin' (cache verify: the codec is not checked)")
     parser.set_defaults(model=None)  # None: 'builtin' to encode; for verify, no model check
 
 

@@ -11,11 +11,14 @@ import torch
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def add_model_options(parser: argparse.ArgumentParser) -> None:
+def add_model_options(parser: argparse.ArgumentParser, default_model: str = "'builtin'") -> None:
+    """--model, --device and --dtype. `default_model` says in --help what a left-out --model means; a command
+    whose default is not builtin sets its own with parser.set_defaults."""
     parser.add_argument(
         "--model",
         default="builtin",
-        help="diffusers folder, single .safetensors/.ckpt file, hub id, 'builtin' (default) or 'preset:NAME' (random)",
+        help="diffusers folder, single .safetensors/.ckpt file, hub id, 'builtin' or 'preset:NAME' (random); "
+        f"default: {default_model}",
     )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="inference precision (default fp32)")

@@ -36,8 +36,7 @@ def add_parsers(subparsers) -> None:
     parser = subparsers.add_parser("decode", help="a latents file from `codec encode` -> PNG images")
     parser.add_argument("latents", type=Path)
     parser.add_argument("-o", "--output", type=Path, required=True, help="folder for the PNGs")
-    add_model_options(parser)
-    # Left out, --model is the one the file records (`codec encode` writes it), else builtin.
+    add_model_options(parser, default_model="the model the file records (codec encode writes it), else 'builtin'")
     parser.set_defaults(run=run_decode, model=None)
 
 
