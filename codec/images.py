@@ -129,16 +129,11 @@ def scan_images(root: str | os.PathLike) -> tuple[list[Path], set[Path]]:
     return sorted(images), texts
 
 
-def read_image_list(path: str | os.PathLike) -> list[Path]:
-    """The image paths a .txt list names, one a line; blank lines and # comments skipped; relative lines are
-    relative to the list's folder. Existence is checked when an image is loaded, not here: stat-ing a long list
-    on a network disk before any work starts would be slow."""
-    return [image for _, _, image in read_image_list_lines(path)]
-
-
 def read_image_list_lines(path: str | os.PathLike) -> list[tuple[int, str, Path]]:
-    """`read_image_list` with, for each path, its line number and the line as written (stripped): for keys and
-    for messages that point at a line."""
+    """The image paths a .txt list names, one a line, each with its line number and the line as written
+    (stripped: for keys and for messages that point at a line). Blank lines and # comments are skipped; relative
+    lines are relative to the list's folder. Existence is checked when an image is loaded, not here: stat-ing a
+    long list on a network disk before any work starts would be slow."""
     path = Path(path)
     entries = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):

@@ -3,7 +3,8 @@ factor, batch slicing and tiling within a memory budget, the fp32 retry for half
 compute for half-precision weights on a CPU that would emulate them (codec.precision).
 
 With gradients enabled (training) only the checks and padding apply: tiling and slicing are inference tools,
-and a training step must see exactly the network it optimises.
+and a training step must see exactly the network it optimises. A frozen VAE on an input without gradient (a
+diffusion trainer encoding under autograd) has nothing to differentiate, so it takes the inference path.
 """
 
 from __future__ import annotations

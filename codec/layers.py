@@ -26,18 +26,6 @@ def preferred_memory_format(device: torch.device) -> torch.memory_format:
     return torch.channels_last if device.type == "cpu" else torch.contiguous_format
 
 
-def activation(name: str) -> nn.Module:
-    if name in ("silu", "swish"):
-        return nn.SiLU()
-    if name == "gelu":
-        return nn.GELU()
-    if name == "relu":
-        return nn.ReLU()
-    if name == "mish":
-        return nn.Mish()
-    raise ValueError(f"unsupported activation {name!r}")
-
-
 class ResnetBlock(nn.Module):
     """GroupNorm -> act -> 3x3 conv, twice, plus a (1x1 conv when channels change) shortcut."""
 

@@ -6,8 +6,6 @@ after quantisation to 8 bits, because that is the image a user saves and sees.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -95,7 +93,3 @@ def ms_ssim(reference, reconstruction, data_range: float = 255.0) -> torch.Tenso
             a, b = F.avg_pool2d(a, 2), F.avg_pool2d(b, 2)
     weights = torch.tensor(MS_SSIM_WEIGHTS, dtype=torch.float64)
     return torch.prod(torch.stack(values, dim=1) ** weights, dim=1)
-
-
-def psnr_db(mse: float, data_range: float = 255.0) -> float:
-    return math.inf if mse == 0 else 10.0 * math.log10(data_range**2 / mse)

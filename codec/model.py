@@ -73,7 +73,7 @@ class AutoencoderKL(nn.Module):
         # Inference settings, read by codec.inference; see enable_tiling / enable_slicing.
         self.use_tiling: bool | None = None  # None: tile only when the memory budget requires it
         self.use_slicing: bool | None = None  # None: split the batch only when the memory budget requires it
-        self.memory_budget: int | None = None  # bytes; None: chosen from the device (codec.inference)
+        self.memory_budget: float | None = None  # bytes (inf: never tile); None: chosen from the device
         self.tile_latent_size: int | None = None  # latent side of a tile; None: the largest that fits the budget
         self.compile_mode: str | None = None  # torch.compile mode for untiled inference; None: eager
         # Convolution weights in the layout inference feeds activations in on their device (channels-last on a

@@ -1,8 +1,10 @@
 """Single-file checkpoints as A1111, ComfyUI and the original LDM code write them.
 
 A VAE file holds bare keys (`encoder.down.0.block.0.conv1.weight`); a whole SD checkpoint holds them under
-`first_stage_model.`; some tools prefix `vae.`. The architecture is read off the tensor shapes; the scaling
-factor is not in the file, so it comes from `config` or from the family the shapes suggest, with a warning.
+`first_stage_model.`; some tools prefix `vae.`. The architecture is read off the tensor shapes. The scaling
+factor comes, in order, from `config`, from the settings our own files record in their metadata, from a whole
+checkpoint's family markers (SDXL's conditioner, SD3's and FLUX's keys, Playground's `edm_*`), or from the family
+the shapes suggest, with a warning.
 """
 
 from __future__ import annotations
@@ -84,7 +86,9 @@ def extract_vae_tensors(tensors: dict[str, torch.Tensor], source: str) -> dict[s
             break
     tensors = {k: v for k, v in tensors.items() if _is_vae_key(k)}
     if not tensors:
-        raise CheckpointError(f"{source}: no VAE weights found (no keys starting with encoder./decoder./quant_conv.)")
+        raise CheckpointError(
+            f"{source}: no VAE weights found (no keys starting with encoder./decoder./quant_conv./post_quant_conv.)"
+        )
     if is_ldm_layout(tensors):
         return ldm_to_diffusers(tensors)
     return upgrade_legacy_attention_keys(tensors)
@@ -246,4 +250,4 @@ def save_single_file(model, path: str | os.PathLike) -> None:
         elif path.suffix.lower() in (".ckpt", ".pt", ".pth"):
             torch.save({"state_dict": state, METADATA_KEY: settings}, str(tmp))
         else:
-            raise CheckpointError(f"{path}: unknown single-file format; use .safetensors or .ckpt")
+            raise CheckpointError(f"{path}: unknown single-file format; use .safetensors, .ckpt, .pt or .pth")

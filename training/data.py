@@ -2,8 +2,9 @@
 
 A source is list-like: a list of image paths, or a `DatasetColumn` over one column of a `datasets` dataset.
 `ImageDataset` turns its items into (3, R, R) tensors in [-1, 1]; an unreadable item becomes None (logged, never
-raised) and `collate_skip_bad` drops those, counting them in the batch so the main process sees the count even
-when DataLoader workers did the decoding. `build_data` makes a run's training and validation sets, and
+raised). The trainer wraps the dataset in `IndexedImages` and batches with `collate_indexed`, which drops those and
+counts them in the batch, so the main process sees the count even when DataLoader workers did the decoding;
+`collate_skip_bad` does the same for an `ImageDataset` used on its own. `build_data` makes a run's training and validation sets, and
 `images_in_full_steps` how many training images an epoch uses so that every optimizer step is whole.
 """
 
@@ -55,7 +56,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
     Random crop and flip when `train`, center crop otherwise. The randomness of item `index` (its index in the
     source, so it does not depend on `indices`) comes from a generator seeded by (seed, epoch, index): a resumed
-    run calling `set_epoch` sees the same crops. An unreadable item returns None; use `collate_skip_bad`.
+    run calling `set_epoch` sees the same crops. An unreadable item returns None (see `collate_skip_bad`).
     """
 
     def __init__(

@@ -1,6 +1,7 @@
 """`python -m training.export CHECKPOINT OUT`: a checkpoint of a run as a diffusers folder plus an LDM single file.
 
-The run's own `config.yaml` (two levels above the checkpoint) rebuilds the architecture; the weights are the
+The run's `model-config.json` (two levels above the checkpoint; `config.yaml` for runs older than it) rebuilds
+the architecture; the weights are the
 EMA's when the run kept one (as the end-of-run export does), else the trained weights themselves.
 """
 

@@ -275,9 +275,7 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
                 pending_skipped = pending_real = 0
                 _log_step(accelerator, state, means.read(accelerator), progress, start)
             if state.step % run.validate_every == 0 or last:
-                _validate(
-                    accelerator, unwrapped.vae, ema, val_loader, pixel_loss, lpips_loss, kl_loss, state, output_dir
-                )
+                _validate(accelerator, unwrapped.vae, ema, val_loader, pixel_loss, lpips_loss, state, output_dir)
             if state.step % run.checkpoint_every == 0 or last:
                 _checkpoint(accelerator, output_dir, state, run.checkpoints_to_keep)
             if last:
@@ -440,17 +438,17 @@ def _log_step(accelerator, state: LoopState, means: dict[str, float], progress, 
     accelerator.log(logs, step=state.step)
 
 
-def _validate(accelerator, vae, ema, loader, pixel_loss, lpips_loss, kl_loss, state, output_dir) -> None:
+def _validate(accelerator, vae, ema, loader, pixel_loss, lpips_loss, state, output_dir) -> None:
     averaged = vae
     if ema is not None:
         averaged = copy.deepcopy(vae)
         ema.copy_to(averaged)
-    metrics, samples = validate(accelerator, averaged, loader, pixel_loss, lpips_loss, kl_loss)
+    metrics, samples = validate(accelerator, averaged, loader, pixel_loss, lpips_loss)
     if ema is not None:
         # The average trails the weights by about 1 / (1 - decay) steps: in a short run that is still improving
         # fast (the GPU recipe gained 1 dB in its last 700 steps), the trained weights themselves can be the
         # better model. Their PSNR beside the average's says which export (EMA or --no-ema) to keep.
-        trained, _ = validate(accelerator, vae, loader, pixel_loss, lpips_loss, kl_loss)
+        trained, _ = validate(accelerator, vae, loader, pixel_loss, lpips_loss)
         if "psnr" in trained:
             metrics["trained_psnr"] = trained["psnr"]
     vae.train()

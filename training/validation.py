@@ -16,7 +16,7 @@ GRID_IMAGES = 8
 
 
 @torch.no_grad()
-def validate(accelerator, vae, loader, pixel_loss, lpips_loss, kl_loss) -> tuple[dict[str, float], list]:
+def validate(accelerator, vae, loader, pixel_loss, lpips_loss) -> tuple[dict[str, float], list]:
     """Mean metrics over the validation set (gathered across processes) and a few (original, recon) pairs."""
     vae.eval()
     totals: dict[str, list[torch.Tensor]] = {"psnr": [], "pixel": [], "kl": []}

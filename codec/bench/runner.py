@@ -68,11 +68,6 @@ class Group:
 
         return gather_object([obj])
 
-    def barrier(self) -> None:
-        """Every rank waits here for all the others (a gather of nothing)."""
-        if self.world > 1:
-            self.gather(None)
-
 
 @dataclass
 class Shard:

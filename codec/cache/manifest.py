@@ -90,7 +90,12 @@ def build_manifest(
         "source": {**source.descriptor(), "images": len(source.keys), "keys_sha256": keys_digest(source.keys)},
         "storage": {
             "latent_dtype": settings.latent_dtype,
-            "posterior": "mean and logvar, raw (unscaled); scale with (z - shift_factor) * scaling_factor",
+            "posterior": "mean and logvar, raw (unscaled); scale as the codec's encode_latents does: "
+            + (
+                "(z - latents_mean) * scaling_factor / latents_std, per channel"
+                if config.latents_mean is not None and config.latents_std is not None
+                else "(z - shift_factor) * scaling_factor"
+            ),
             "shard_size": settings.shard_size,
             "data_files": f"{DATA_DIR}/*.parquet",
         },

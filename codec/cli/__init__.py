@@ -1,4 +1,5 @@
-"""The `codec` command. Each subcommand lives in its own module with `add_parser` and `run`."""
+"""The `codec` command. Each module adds its subcommands with `add_parsers(subparsers)` and sets the function that
+runs each (`run`, or `run_decode`, `run_stats`... where one module holds two)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Options every subcommand shares (--model, --device, --dtype) and the model they select."""
+"""What the subcommands share: the --model, --device and --dtype options (all but convert; bench has its own), the
+model they select, output checks, output names and number formatting."""
 
 from __future__ import annotations
 
