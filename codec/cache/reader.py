@@ -28,7 +28,7 @@ import torch
 
 from codec.cache.identity import identity_of, same_codec
 from codec.cache.manifest import read_manifest
-from codec.cache.shards import RESERVED_COLUMNS, CacheError, int_rows, latent_arrays
+from codec.cache.shards import RESERVED_COLUMNS, CacheError, fixed_width_rows, latent_arrays
 
 log = logging.getLogger(__name__)
 _META_COLUMNS = ("key", "shape", "bucket", "original_size", "crop_top_left", "crop_box")
@@ -146,10 +146,10 @@ class LatentDataset(torch.utils.data.Dataset):
             self._meta = {}
         else:
             self.keys = table.column("key").to_pylist()
-            self._shapes = int_rows(table.column("shape"), 3, np.int64)
-            self._buckets = int_rows(table.column("bucket"), 2, np.int64)
+            self._shapes = fixed_width_rows(table.column("shape"), 3, np.int64)
+            self._buckets = fixed_width_rows(table.column("bucket"), 2, np.int64)
             self._meta = {
-                name: int_rows(table.column(name), width, dtype)
+                name: fixed_width_rows(table.column(name), width, dtype)
                 for name, width, dtype in (
                     ("original_size", 2, np.int64),
                     ("crop_top_left", 2, np.int64),

@@ -202,7 +202,7 @@ def read_shard_meta(path: Path) -> dict | None:
     return meta if isinstance(meta, dict) and isinstance(meta.get("record", {}), dict) else None
 
 
-def int_rows(column, width: int, dtype) -> np.ndarray:
+def fixed_width_rows(column, width: int, dtype) -> np.ndarray:
     """A list<int> / list<float> column of fixed-length rows (shape, bucket, ...) -> a (rows, width) array."""
     return np.asarray(column.combine_chunks().flatten(), dtype=dtype).reshape(-1, width)
 

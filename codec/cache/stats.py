@@ -76,7 +76,7 @@ def cache_stats(root: str | Path, posterior: str = "sample") -> dict:
     bf16 = manifest["storage"]["latent_dtype"] == "bf16"
     for entry in manifest["shards"]:
         table = pq.read_table(root / entry["file"], columns=["shape", "mean", "logvar"])
-        shapes = shards.int_rows(table.column("shape"), 3, np.int64)
+        shapes = shards.fixed_width_rows(table.column("shape"), 3, np.int64)
         columns = [shards.latent_arrays(table.column(name)) for name in ("mean", "logvar")]
         if bf16:
             columns = [(offsets, shards.bf16_to_float32(values)) for offsets, values in columns]

@@ -50,8 +50,8 @@ def _check_shard(path: Path, meta: dict, entry: dict, manifest: dict, report: Re
     if keys != sorted(set(keys)):
         report.problems.append(f"{path}: keys are not unique and sorted")
     info = manifest["codec"]
-    shapes = shards.int_rows(table.column("shape"), 3, np.int64)
-    buckets = shards.int_rows(table.column("bucket"), 2, np.int64)
+    shapes = shards.fixed_width_rows(table.column("shape"), 3, np.int64)
+    buckets = shards.fixed_width_rows(table.column("bucket"), 2, np.int64)
     if len(shapes) and (
         (shapes[:, 0] != info["latent_channels"]).any() or (shapes[:, 1:] * info["downsample_factor"] != buckets).any()
     ):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from codec.cli.common import DTYPES
 
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+WRITTEN_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 # Names that look like weights but that no tool loads from us as a single file: a folder so named would mislead.
 REFUSED_SUFFIXES = (".bin", ".sft", ".safetensor", ".pkl", ".json")
 
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         vae = AutoencoderKL.from_single_file(source, config=args.config, torch_dtype=dtype)
     else:
         vae = AutoencoderKL.load(args.source, torch_dtype=dtype)
-    if suffix in SINGLE_FILE_SUFFIXES:
+    if suffix in WRITTEN_SUFFIXES:
         vae.save_single_file(args.destination)
     else:
         vae.save_pretrained(args.destination)

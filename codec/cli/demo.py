@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     vae = load_model(args)
     out.mkdir(parents=True, exist_ok=True)
     f, channels = vae.config.downsample_factor, vae.config.latent_channels
-    rows, lines, latents = [], [], []
+    rows, lines, squares = [], [], []
     total_start = time.perf_counter()
     for path, image, stem in zip(paths, images, output_stems([str(path) for path in paths]), strict=True):
         x = image.to(vae.device, vae.dtype)
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
             f"| {display_name(Path(path))} | {x.shape[-1]}x{x.shape[-2]} | {tuple(z.shape[1:])} | {ratio:.0f}x "
             f"| {image_psnr:.2f} | {format_ssim(image_ssim)} | {seconds:.2f} |"
         )
-        latents.append(_center_square(x.float(), 256).to(vae.dtype))
+        squares.append(_center_square(x.float(), 256).to(vae.dtype))
         print(
             f"{display_name(Path(path))}: PSNR {image_psnr:.2f} dB, SSIM {format_ssim(image_ssim)}, latent {tuple(z.shape[1:])}"
         )
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     # Interpolation: a straight line between two images' latent means, decoded. A KL-regularised latent space
     # decodes the points in between to plausible cross-fades rather than garbage.
     print(f"interpolation: decoding {INTERPOLATION_STEPS} points between two latents ...", flush=True)
-    pair = torch.cat(latents[:2]) if len(latents) > 1 else torch.cat([latents[0], latents[0].flip(-1)])
+    pair = torch.cat(squares[:2]) if len(squares) > 1 else torch.cat([squares[0], squares[0].flip(-1)])
     ends = vae.encode(pair).latent_dist.mode()
     weights = torch.linspace(0, 1, INTERPOLATION_STEPS, device=ends.device, dtype=ends.dtype).view(-1, 1, 1, 1)
     path_latents = (1 - weights) * ends[:1] + weights * ends[1:2]
