@@ -7,13 +7,19 @@ that says how it was trained; `codec info` prints it.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from codec.checkpoint import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+
+    from codec.model import AutoencoderKL
 
 BUILTIN_DIR = Path(__file__).parent / "assets" / "builtin"
 
 
-def load_builtin(cls, torch_dtype=None):
+def load_builtin(cls: type[AutoencoderKL], torch_dtype: torch.dtype | None = None) -> AutoencoderKL:
     from codec.weights import load_folder
 
     if not (BUILTIN_DIR / "config.json").is_file():

@@ -11,8 +11,12 @@ processes that exit with the group alive sometimes abort ("terminate called with
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 class DistributedSetupError(RuntimeError):
@@ -27,7 +31,7 @@ def launched_world_size() -> int:
         return 1
 
 
-def make_accelerator(**kwargs):
+def make_accelerator(**kwargs: Any) -> Accelerator:
     """An `accelerate.Accelerator` that forms a real process group whenever the launch had several processes."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
@@ -45,7 +49,7 @@ def make_accelerator(**kwargs):
     return accelerator
 
 
-def shutdown(accelerator) -> None:
+def shutdown(accelerator: Accelerator) -> None:
     """Wait for every process, end trackers, and destroy the process group before the interpreter exits."""
     accelerator.wait_for_everyone()
     accelerator.end_training()

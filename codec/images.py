@@ -85,7 +85,7 @@ def _as_array(image) -> np.ndarray:
     raise ImageError(f"cannot make an image of a {type(image).__name__}")
 
 
-def image_to_tensor(image) -> torch.Tensor:
+def image_to_tensor(image: str | os.PathLike | Image.Image | np.ndarray) -> torch.Tensor:
     """One image (path, PIL image or HxWx3 uint8 array) -> (1, 3, H, W) float32 in [-1, 1]."""
     array = _as_array(image)
     tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float()

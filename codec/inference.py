@@ -15,6 +15,7 @@ import math
 import sys
 import warnings
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,9 @@ import torch.nn.functional as F
 from codec import memory, precision, streaming, tiling
 from codec.groupnorm import GroupNorm
 from codec.layers import preferred_memory_format
+
+if TYPE_CHECKING:
+    from codec.model import AutoencoderKL
 
 log = logging.getLogger(__name__)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -238,14 +242,14 @@ def _compiled(encode: bool, mode: str) -> Callable[[torch.nn.Module, torch.Tenso
     return torch.compile(network, mode=mode)
 
 
-def encode_moments(vae, x: torch.Tensor) -> torch.Tensor:
+def encode_moments(vae: AutoencoderKL, x: torch.Tensor) -> torch.Tensor:
     """Images (B, C, H, W) in [-1, 1], any H and W -> posterior moments for the image padded to the factor."""
     _check_input(x, vae.config.in_channels, "encode input")
     x = x.to(device=vae.device, dtype=vae.dtype)
     return _run(vae, pad_to_multiple(x, vae.config.downsample_factor), encode=True)
 
 
-def decode(vae, z: torch.Tensor) -> torch.Tensor:
+def decode(vae: AutoencoderKL, z: torch.Tensor) -> torch.Tensor:
     """Latents (B, latent_channels, h, w), unscaled -> images (B, 3, h * f, w * f)."""
     _check_input(z, vae.config.latent_channels, "decode input")
     z = z.to(device=vae.device, dtype=vae.dtype)

@@ -10,8 +10,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+# uint8 or float, (H, W, 3), (B, H, W, 3) or (B, 3, H, W), as numpy arrays or tensors.
+ImageBatch = torch.Tensor | np.ndarray
 
-def _as_float_nchw(images) -> torch.Tensor:
+
+def _as_float_nchw(images: ImageBatch) -> torch.Tensor:
     x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
     if x.dim() == 3:
         x = x.unsqueeze(0)
@@ -20,7 +23,7 @@ def _as_float_nchw(images) -> torch.Tensor:
     return x.double()
 
 
-def psnr(reference, reconstruction, data_range: float = 255.0) -> torch.Tensor:
+def psnr(reference: ImageBatch, reconstruction: ImageBatch, data_range: float = 255.0) -> torch.Tensor:
     """Per-image PSNR in dB; identical images give +inf."""
     a, b = _as_float_nchw(reference), _as_float_nchw(reconstruction)
     mse = (a - b).square().flatten(1).mean(1)
@@ -67,7 +70,7 @@ def _ssim_maps(a: torch.Tensor, b: torch.Tensor, data_range: float) -> tuple[tor
     return torch.stack(ssim_means, 1).mean(1), torch.stack(cs_means, 1).mean(1)
 
 
-def ssim(reference, reconstruction, data_range: float = 255.0) -> torch.Tensor:
+def ssim(reference: ImageBatch, reconstruction: ImageBatch, data_range: float = 255.0) -> torch.Tensor:
     """Per-image SSIM (Wang et al. 2004; Gaussian window as scikit-image's gaussian_weights=True)."""
     a, b = _as_float_nchw(reference), _as_float_nchw(reconstruction)
     if min(a.shape[-2:]) < SSIM_MIN_SIDE:
@@ -78,7 +81,7 @@ def ssim(reference, reconstruction, data_range: float = 255.0) -> torch.Tensor:
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
 
-def ms_ssim(reference, reconstruction, data_range: float = 255.0) -> torch.Tensor:
+def ms_ssim(reference: ImageBatch, reconstruction: ImageBatch, data_range: float = 255.0) -> torch.Tensor:
     """Per-image multi-scale SSIM over five scales (Wang et al. 2003), needing at least 176 pixels a side."""
     a, b = _as_float_nchw(reference), _as_float_nchw(reconstruction)
     smallest = 11 * 2 ** (len(MS_SSIM_WEIGHTS) - 1)  # the 11-pixel window must fit at the coarsest scale

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +22,9 @@ from codec.atomic import atomic_path
 from codec.checkpoint import CheckpointError, load_checked, read_checkpoint
 from codec.config import AutoencoderKLConfig, ConfigError, preset
 from codec.keys import diffusers_to_ldm, is_ldm_layout, ldm_to_diffusers, upgrade_legacy_attention_keys
+
+if TYPE_CHECKING:
+    from codec.model import AutoencoderKL
 
 log = logging.getLogger(__name__)
 PREFIXES = ("first_stage_model.", "vae.", "model.")
@@ -163,7 +167,7 @@ def infer_config(
         raise CheckpointError(f"{source}: inferred an invalid config ({error})") from None
 
 
-def resolve_config(config) -> AutoencoderKLConfig:
+def resolve_config(config: AutoencoderKLConfig | str | os.PathLike) -> AutoencoderKLConfig:
     if isinstance(config, AutoencoderKLConfig):
         return config
     text = str(config)
@@ -172,7 +176,12 @@ def resolve_config(config) -> AutoencoderKLConfig:
     return preset(text)
 
 
-def load_single_file(cls, path: str | os.PathLike, config=None, torch_dtype: torch.dtype | None = None):
+def load_single_file(
+    cls: type[AutoencoderKL],
+    path: str | os.PathLike,
+    config: AutoencoderKLConfig | str | os.PathLike | None = None,
+    torch_dtype: torch.dtype | None = None,
+) -> AutoencoderKL:
     path = Path(path).expanduser()
     source = str(path)
     checkpoint = read_checkpoint(path, keep=lambda name: _may_be_vae_key(name) or name in EDM_KEYS)
@@ -228,7 +237,7 @@ def _warn_about_ignored_tensors(names: list[str], source: str) -> None:
         log.warning("%s: ignored %d tensors that are not the VAE's: %s", source, len(ignored), shown)
 
 
-def save_single_file(model, path: str | os.PathLike) -> None:
+def save_single_file(model: AutoencoderKL, path: str | os.PathLike) -> None:
     """Bare LDM keys, as the VAE files A1111 and ComfyUI load; `.safetensors`, or `.ckpt` with a state_dict."""
     path = Path(path)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}

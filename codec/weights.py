@@ -9,6 +9,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,6 +17,9 @@ from codec.atomic import atomic_path
 from codec.checkpoint import CheckpointError, load_checked, read_tensors
 from codec.config import CONFIG_NAME, PRESETS, AutoencoderKLConfig, preset
 from codec.keys import upgrade_legacy_attention_keys
+
+if TYPE_CHECKING:
+    from codec.model import AutoencoderKL
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +76,9 @@ def _finish(cls, config: AutoencoderKLConfig, tensors: dict, source: str, torch_
     return model.eval()
 
 
-def load_folder(cls, folder: Path, variant: str | None, torch_dtype: torch.dtype | None):
+def load_folder(
+    cls: type[AutoencoderKL], folder: Path, variant: str | None, torch_dtype: torch.dtype | None
+) -> AutoencoderKL:
     if not (folder / CONFIG_NAME).is_file() and (folder / "vae" / CONFIG_NAME).is_file():
         folder = folder / "vae"  # a whole pipeline: its VAE lives in vae/
     config = AutoencoderKLConfig.from_json(folder / CONFIG_NAME)
@@ -161,7 +167,15 @@ def _hub_unreachable(repo_id: str, error: Exception) -> CheckpointError:
     )
 
 
-def load_pretrained(cls, path_or_hub_id, subfolder=None, variant=None, torch_dtype=None, revision=None, hub=None):
+def load_pretrained(
+    cls: type[AutoencoderKL],
+    path_or_hub_id: str | os.PathLike,
+    subfolder: str | None = None,
+    variant: str | None = None,
+    torch_dtype: torch.dtype | None = None,
+    revision: str | None = None,
+    hub: HubOptions | None = None,
+) -> AutoencoderKL:
     name = str(path_or_hub_id)
     path = Path(name).expanduser()  # `--model=~/vae`: the shell leaves a ~ after = alone
     if subfolder:
@@ -175,7 +189,7 @@ def load_pretrained(cls, path_or_hub_id, subfolder=None, variant=None, torch_dty
     return load_from_hub(cls, name, subfolder, variant, torch_dtype, revision, hub)
 
 
-def save_pretrained(model, directory: str | os.PathLike, variant: str | None = None) -> None:
+def save_pretrained(model: AutoencoderKL, directory: str | os.PathLike, variant: str | None = None) -> None:
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -240,7 +254,9 @@ def check_spec(spec: str | os.PathLike) -> None:
         raise CheckpointError(f"{text}: no such folder or file, and not a hub id of the form owner/name{hint}")
 
 
-def load_any(cls, spec: str | os.PathLike, torch_dtype: torch.dtype | None = None):
+def load_any(
+    cls: type[AutoencoderKL], spec: str | os.PathLike, torch_dtype: torch.dtype | None = None
+) -> AutoencoderKL:
     """Resolve what a user typed after --model: 'builtin', 'preset:NAME' (random weights), a folder, a file, a hub id."""
     text = str(spec)
     if text == "builtin":

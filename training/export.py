@@ -23,7 +23,9 @@ from training.model import build_autoencoder
 MODEL_CONFIG = "model-config.json"
 
 
-def export_checkpoint(checkpoint: Path, out: Path, use_ema: bool = True, dtype: torch.dtype | None = None):
+def export_checkpoint(
+    checkpoint: Path, out: Path, use_ema: bool = True, dtype: torch.dtype | None = None
+) -> AutoencoderKL:
     checkpoint = Path(checkpoint)
     if not (checkpoint / "model.safetensors").is_file():
         raise CheckpointError(

@@ -13,6 +13,7 @@ import functools
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -44,7 +45,7 @@ def posterior_noise(indices: torch.Tensor, shape: tuple[int, ...], seed: int, st
     return torch.stack(draws)
 
 
-def lr_lambda(config: TrainConfig):
+def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
     warmup, total, schedule = config.optimizer.warmup_steps, config.run.max_steps, config.optimizer.schedule
 
     def factor(step: int) -> float:

@@ -26,8 +26,12 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from codec.model import AutoencoderKL
 
 PREFIX = "sha256-encoder:"
 LEGACY_PREFIX = "sha256:"  # before 0.2: config and every weight
@@ -94,12 +98,12 @@ def is_legacy(identity: str) -> bool:
     return identity.startswith(LEGACY_PREFIX)
 
 
-def model_identity(vae, *, legacy: bool = False) -> str:
+def model_identity(vae: AutoencoderKL, *, legacy: bool = False) -> str:
     """The identity of a codec as it is now (its weights at their current dtype); `legacy`: as before 0.2."""
     return _hash(vae.config, _state(vae, legacy), None, legacy)
 
 
-def model_identities(vae) -> dict[str, str]:
+def model_identities(vae: AutoencoderKL) -> dict[str, str]:
     """Identities of these weights at float32, float16 and bfloat16; call it on the weights as loaded (float32)."""
     state = _state(vae, legacy=False)
     identities = {DTYPE_NAMES.get(vae.dtype, str(vae.dtype)): _hash(vae.config, state, None, False)}
@@ -108,7 +112,7 @@ def model_identities(vae) -> dict[str, str]:
     return identities
 
 
-def same_codec(codec, recorded: Iterable[str]) -> bool:
+def same_codec(codec: AutoencoderKL | str, recorded: Iterable[str]) -> bool:
     """Whether `codec` (an AutoencoderKL at any recorded precision, or an identity string) is one of `recorded`,
     comparing in the scheme the recorded identities were made in."""
     recorded = set(recorded)
@@ -126,7 +130,7 @@ def _check_identity_string(text: str) -> None:
         )
 
 
-def identity_of(codec) -> str:
+def identity_of(codec: AutoencoderKL | str) -> str:
     """An identity string as given, or the identity of an AutoencoderKL (or anything with config + state_dict)."""
     if isinstance(codec, str):
         return codec

@@ -236,3 +236,7 @@ class SampleSource:
 
     def descriptor(self) -> dict:
         return {**self._base.descriptor(), "carried_columns": [], "sample": len(self.keys)}
+
+
+# What the cache writer takes: every kind has keys, name, kind, carried_columns and the methods above.
+Source = FileSource | DatasetSource | SampleSource

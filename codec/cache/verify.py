@@ -11,12 +11,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from codec.cache import manifest as manifests
 from codec.cache import shards
 from codec.cache.identity import identity_of, same_codec
+
+if TYPE_CHECKING:
+    from codec.model import AutoencoderKL
 
 
 @dataclass
@@ -71,7 +75,7 @@ def _check_shard(path: Path, meta: dict, entry: dict, manifest: dict, report: Re
     return keys
 
 
-def verify_cache(root: str | Path, codec=None) -> Report:
+def verify_cache(root: str | Path, codec: AutoencoderKL | str | None = None) -> Report:
     """Check a cache; with `codec` (an AutoencoderKL or identity string), also that it was made with that codec."""
     root = Path(root)
     report = Report(root)

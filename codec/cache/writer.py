@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
@@ -23,6 +24,10 @@ from tqdm import tqdm
 from codec.cache import manifest, shards
 from codec.cache.identity import DTYPE_NAMES, is_legacy, same_codec
 from codec.cache.preprocess import Prepared, Preprocessing, to_model_input
+
+if TYPE_CHECKING:
+    from codec.cache.sources import Source
+    from codec.model import AutoencoderKL
 
 log = logging.getLogger(__name__)
 
@@ -273,9 +278,9 @@ def _stale_shards(
 
 
 def build_cache(
-    source,
+    source: Source,
     out: str | Path,
-    vae,
+    vae: AutoencoderKL,
     identities: dict[str, str],
     settings: Settings,
     *,
