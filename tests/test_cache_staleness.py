@@ -86,7 +86,7 @@ def test_the_api_and_the_cli_number_types_make_one_cache(tmp_path, model_dir):
     args = ["cache", folder, "-o", out, "--model", model_dir, "--resolution", 32, "--buckets", "--bucket-step", 16]
     code, stdout, stderr = cli([*args, "--max-aspect", 2, "--shard-size", 3, "--num-workers", 0, "--device", "cpu"])
     assert code == 0, stderr
-    assert "(2 already done, 0 written here)" in stdout  # the same settings: nothing to encode again
+    assert "(2 already done, 0 written now)" in stdout  # the same settings: nothing to encode again
     assert json.loads((out / "manifest.json").read_text())["complete"] is True
     assert verify_cache(out).ok
 
@@ -124,7 +124,7 @@ def test_a_stray_caption_in_an_uncaptioned_folder_is_left_out_with_columns_none(
     assert code == 2 and "carried_columns" in stderr
     code, stdout, stderr = cli([*base, "-o", tmp_path / "out", "--columns", "none"])
     assert code == 0, stderr
-    assert "(1 already done, 0 written here)" in stdout and "caption" not in read_rows(tmp_path / "out")[0]
+    assert "(1 already done, 0 written now)" in stdout and "caption" not in read_rows(tmp_path / "out")[0]
 
 
 def test_a_list_whose_every_path_fails_says_the_cache_is_empty(tmp_path, model_dir):

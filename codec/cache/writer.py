@@ -47,8 +47,8 @@ class Summary:
     rows: int = 0
     skipped: int = 0
     shards: int = 0
-    reused: int = 0  # shards found done, on this process
-    written: int = 0  # shards encoded, by this process
+    reused: int = 0  # shards found done, by every process together
+    written: int = 0  # shards encoded, by every process together
     upscaled: int = 0  # rows whose image was smaller than its bucket on a side, so it was enlarged to cover it
     seconds: float = 0.0
 
@@ -372,7 +372,7 @@ def build_cache(
                 builder = next(pending, None)
         bar.update(len(batch))
     bar.close()
-    group.barrier()
+    summary.reused, summary.written = group.sum(summary.reused), group.sum(summary.written)  # also a barrier
 
     if group.is_main:
         metas = [shards.read_shard_meta(shards.shard_path(out, i)) for i in range(n_shards)]

@@ -175,7 +175,7 @@ def run_cache(args: argparse.Namespace) -> int:
     if group.is_main:
         print(
             f"{args.output}: {summary.rows} of {summary.images} images cached in {summary.shards} shards "
-            f"({summary.reused} already done, {summary.written} written here) in {summary.seconds:.1f} s"
+            f"({summary.reused} already done, {summary.written} written now) in {summary.seconds:.1f} s"
         )
         if summary.skipped:
             print(f"skipped {summary.skipped} unreadable images; reasons in {args.output / 'skipped.jsonl'}")
