@@ -116,6 +116,7 @@ def estimate_norm_stats(
     x: torch.Tensor,
     max_side: int,
     align: int,
+    low_precision: bool = True,
     fraction: float = 0.5,
     near_run: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Stats:
@@ -131,7 +132,7 @@ def estimate_norm_stats(
     larger pass instead of `run` and may stop early (tiled decode skips the last up block there); the norms it
     does not reach take the smaller pass's statistics unextrapolated.
 
-    An fp32 model runs these passes under bf16 autocast where the hardware has fast bf16
+    With `low_precision`, an fp32 model runs these passes under bf16 autocast where the hardware has fast bf16
     (see `statistics_autocast`): the statistics came out within 0.4% of fp32 ones (SD config, 1024x1024),
     far inside the error of the extrapolation itself, and the passes took half the time.
     """
@@ -143,7 +144,7 @@ def estimate_norm_stats(
     # unchanged.
     size = math.sqrt(x.shape[-2] * x.shape[-1])
     side = min(max_side, max(align, math.ceil(size * fraction / align) * align))
-    precision = statistics_autocast(x)
+    precision = statistics_autocast(x) if low_precision else contextlib.nullcontext()
     one_pass = side >= size or side // 2 < align  # too small to extrapolate: one whole pass is the answer
     # The norms near_run skips take the smaller pass's statistics as they are: fine from a 48-pixel pass (tiled
     # decode at 1024x1024), too coarse from smaller ones. Tiled (16 latent px) against untiled decode with the

@@ -273,7 +273,7 @@ def test_a_strips_statistics_passes_are_sized_by_area_not_by_its_longer_side(vae
 
     with torch.no_grad():
         features = vae.decode_head(torch.randn(1, 4, 16, 192))
-        tiling.estimate_norm_stats(vae.decoder, run, features, 32, 1, fraction=3 / 8)
+        tiling.estimate_norm_stats(vae.decoder, run, features, 32, 1, low_precision=False, fraction=3 / 8)
     (near_h, near_w), (far_h, far_w) = shapes
     assert near_h * near_w <= 32 * 32 and near_h * near_w >= 0.9 * (3 / 8) ** 2 * 16 * 192
     assert abs(near_w / near_h - 12) < 1.5 and abs(far_w / far_h - 12) < 1.5 and far_h * far_w <= 16 * 16
