@@ -400,3 +400,13 @@ def test_a_model_or_lpips_that_cannot_load_leaves_no_run_folder(tmp_path, capsys
     assert reason in capsys.readouterr().err
     assert not out.exists()
     lpips_available.cache_clear()
+
+
+def test_lpips_and_the_adversarial_term_reach_the_autoencoder(tmp_path):
+    # The same two steps with each term added: a loop that built a term but left it out of the loss it
+    # differentiates (or computed it without gradient) would end with the plain run's weights.
+    base = final_weights(run_training(tmp_path / "base", "run.max_steps=2", "run.checkpoint_every=2"))
+    for name, term in (("lpips", "loss.lpips_weight=1.0"), ("gan", "loss.disc_start=0")):
+        weights = final_weights(run_training(tmp_path / name, "run.max_steps=2", "run.checkpoint_every=2", term))
+        changed = [key for key in base if key.startswith("decoder.") and not torch.equal(weights[key], base[key])]
+        assert len(changed) > len([key for key in base if key.startswith("decoder.")]) // 2, name
