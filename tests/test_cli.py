@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 import codec
 from codec.cli import main
 from codec.images import image_to_tensor, tensor_to_uint8
-from codec.metrics import psnr
+from codec.metrics import psnr, ssim
 
 KODAK = Path("/work/shared/data/kodak")
 # (stem, height, width): one size that is not a multiple of 8, so padding and cropping are exercised.
@@ -102,7 +102,8 @@ def test_roundtrip_writes_reconstructions_comparisons_and_table(roundtrip, sourc
         assert (int(row["width"]), int(row["height"])) == (width, height)
         expected = psnr(_read_png(sources[stem]), _read_png(output / f"{stem}.png")).item()
         assert float(row["psnr_db"]) == pytest.approx(expected, abs=1e-4)
-        assert -1 <= float(row["ssim"]) <= 1
+        expected = ssim(_read_png(sources[stem]), _read_png(output / f"{stem}.png")).item()
+        assert float(row["ssim"]) == pytest.approx(expected, abs=1e-5)
 
 
 def test_roundtrip_prints_psnr_per_image(roundtrip, sources):

@@ -87,26 +87,41 @@ def test_small_memory_budget_tiles_encode_and_decode(vae, monkeypatch):
     real_tiles, real_bands = tiling.tiled_apply, streaming.stream_decoder_tail
     monkeypatch.setattr(tiling, "tiled_apply", lambda *a, **k: calls.append("tiles") or real_tiles(*a, **k))
     monkeypatch.setattr(streaming, "stream_decoder_tail", lambda *a, **k: calls.append("bands") or real_bands(*a, **k))
-    x = torch.rand(1, 3, 200, 168) * 2 - 1
+    x = torch.rand(1, 3, 200, 168, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
         untiled = vae.encode(x).latent_dist.mean
+        untiled_decoded = vae.decode(untiled).sample
         assert not calls
         vae.memory_budget = 16 << 20  # far below what a 200x168 image needs at these widths
         latent = vae.encode(x).latent_dist.mean
-        decoded = vae.decode(latent).sample
+        decoded = vae.decode(untiled).sample
     assert calls == ["tiles", "bands"]  # encode in tiles, decode streamed in bands of rows
     assert latent.shape == untiled.shape == (1, 4, 25, 21)
     assert decoded.shape == (1, 3, 200, 168)
-    assert torch.isfinite(decoded).all()
+    # The same picture, up to the shared statistics' estimate. These random weights amplify its error (the
+    # embedded model's tiled output is within 30-50 dB, test_a_thin_strip... and test_streaming), so the bound is
+    # loose: correlation 0.87 and 0.81 here, where a lost or misplaced tile falls far below.
+    assert _correlation(latent, untiled) > 0.6 and _correlation(decoded, untiled_decoded) > 0.6
+
+
+def _correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = (a - a.mean()).flatten(), (b - b.mean()).flatten()
+    return torch.nn.functional.cosine_similarity(a, b, dim=0).item()
 
 
 def test_explicit_tiling_and_odd_sizes(vae):
-    x = torch.rand(1, 3, 150, 130) * 2 - 1
-    vae.enable_tiling(tile_latent_size=8)
+    x = torch.rand(1, 3, 150, 130, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
+        latent = vae.encode(x).latent_dist.mean
+        decoded = vae.decode(latent).sample
+        vae.enable_tiling(tile_latent_size=8)
         out = vae(x).sample
+        tiled_latent = vae.encode(x).latent_dist.mean
+        tiled_decoded = vae.decode(latent).sample
     assert out.shape == x.shape
-    assert torch.isfinite(out).all()
+    # Each half apart (correlation 0.71 and 0.81 with these random weights): chained, a random decoder amplifies
+    # the encoder's small differences until the round trip's correlation is 0.09.
+    assert _correlation(tiled_latent, latent) > 0.6 and _correlation(tiled_decoded, decoded) > 0.6
 
 
 def test_batch_is_sliced_to_fit_the_budget(vae, monkeypatch):
@@ -126,12 +141,15 @@ def test_batch_is_sliced_to_fit_the_budget(vae, monkeypatch):
 
 def test_training_passes_through_untouched(vae):
     """With gradients on, no tiling or slicing: the step must optimise exactly the network."""
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    vae.memory_budget = float("inf")  # nothing to tile or slice for
+    plain = vae(x).sample.detach()
     vae.memory_budget = 1 << 10
     vae.enable_tiling(8)
-    x = torch.rand(2, 3, 64, 64) * 2 - 1
     out = vae(x).sample
     out.mean().backward()
     assert vae.encoder.conv_in.weight.grad is not None
+    torch.testing.assert_close(out, plain, rtol=0, atol=1e-6)  # the network itself: neither tiled nor sliced
 
 
 def test_half_precision_overflow_is_recomputed_in_fp32(vae, caplog, monkeypatch):
