@@ -324,7 +324,12 @@ def test_file_list_keys_are_its_lines_and_a_hub_name_offline_fails_plainly(tmp_p
     (lists / "twice.txt").write_text("a.png\n./a.png\n")
     code, _, stderr = cli(["cache", lists / "twice.txt", "-o", tmp_path / "o2", "--model", model_dir])
     assert code == 2 and "line 2 names './a.png' again (first on line 1)" in stderr
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import datasets
+
+    def offline(*args, **kwargs):  # HF_HUB_OFFLINE is read when datasets is imported: too late here to set it
+        raise ConnectionError("Couldn't reach 'nobody/no-such-dataset' on the Hub (offline)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
     code, _, stderr = cli(["cache", "nobody/no-such-dataset", "-o", tmp_path / "o3", "--model", model_dir])
     assert code == 2 and "cannot load the dataset 'nobody/no-such-dataset'" in stderr
 
