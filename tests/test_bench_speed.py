@@ -25,9 +25,9 @@ def test_quick_run_prints_all_sections_and_writes_the_difference_picture(tmp_pat
         # A share of the peak of what actually ran: where bf16 is emulated, ours runs fp32 (it read 1543%).
         share = int(re.search(r"\((\d+)%\)", row).group(1))
         assert 0 <= share <= 150, row
-    assert re.search(r"\| 256x256 \| ours tiled \| [\d.]+ \| [\d.]+ \|", report)
-    assert re.search(r"\| \S+: bf16 decode vs fp32 decode, 256x256 \| [\d.]+ \|", report)
-    assert re.search(r"\| \S+: tiled decode \(tile 8 latent px\) vs untiled, 256x256 \| [\d.]+ \|", report)
+    assert re.search(r"\| 128x128 \| ours tiled \| [\d.]+ \| [\d.]+ \|", report)
+    assert re.search(r"\| \S+: bf16 decode vs fp32 decode, 128x128 \| [\d.]+ \|", report)
+    assert re.search(r"\| \S+: tiled decode \(tile 8 latent px\) vs untiled, 128x128 \| [\d.]+ \|", report)
     assert len(list(tmp_path.glob("tiled-minus-untiled-x8-*.png"))) == 1
 
 
