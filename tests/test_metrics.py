@@ -182,3 +182,10 @@ def test_a_label_wider_than_its_image_widens_its_column_in_every_row():
     for top in (LABEL_HEIGHT, 2 * LABEL_HEIGHT + 20):  # the second row, unlabelled, keeps the same columns
         assert rows[top + 5, blue_start + 2].tolist() == [0, 0, 255]
         assert rows[top + 5, 30].tolist() == [255, 255, 255]  # past the small image: its cell's background
+
+
+def test_ms_ssim_clamps_a_negative_scale_at_zero(photo):
+    # An inverted image anticorrelates: a negative contrast-structure term counts as 0 (as torchmetrics'
+    # normalize="relu"), so the product is 0, not the positive number abs() or an even power would give.
+    inverted = 255 - photo.astype(np.int64)
+    assert ms_ssim(photo, inverted).item() == 0.0
