@@ -244,3 +244,30 @@ def test_roundtrip_tile_sets_the_tile_size(clashing, tmp_path, capsys):
     assert not np.array_equal(outputs["whole"], outputs["small"])
     assert main(["roundtrip", *model, "-o", str(tmp_path / "one"), "--tile", "1"]) == 2
     assert "--tile takes a tile side of at least 2 latent positions, got 1" in capsys.readouterr().err
+
+
+def test_dtype_runs_the_model_in_that_precision(clashing, tmp_path, monkeypatch):
+    import argparse
+
+    from codec.cli import common, roundtrip
+    from codec.metrics import psnr
+
+    args = argparse.Namespace(model="preset:tiny", device="cpu", dtype="bf16")
+    assert common.load_model(args).dtype == torch.bfloat16
+    loaded = []
+    monkeypatch.setattr(roundtrip, "load_model", lambda a: loaded.append(a.dtype) or common.load_model(a))
+    for dtype in ("fp32", "bf16"):
+        args = ["roundtrip", str(clashing[0]), "-o", str(tmp_path / dtype), "--model", "preset:tiny", "--dtype", dtype]
+        assert main(args) == 0
+    assert loaded == ["fp32", "bf16"]
+    fp32, bf16 = (np.array(Image.open(tmp_path / d / "a.png")) for d in ("fp32", "bf16"))
+    assert 30 < psnr(fp32, bf16).item() < float("inf")  # close, and not the fp32 model again
+
+
+def test_info_on_the_embedded_model_begins_with_its_story(capsys):
+    from codec.builtin import BUILTIN_DIR
+
+    assert main(["info"]) == 0  # --model left out: builtin
+    about = (BUILTIN_DIR / "ABOUT.md").read_text().strip().splitlines()
+    out = capsys.readouterr().out
+    assert out.startswith(about[0]) and "model: builtin" in out

@@ -241,17 +241,24 @@ def test_a_resumed_run_records_the_steps_it_trains_again_once(tmp_path):
     assert steps == [0, 1, 2]
 
 
-def test_a_checkpoint_exports_like_the_end_of_the_run(tmp_path):
+def test_a_checkpoint_exports_like_the_end_of_the_run(tmp_path, capsys):
     from training.export import export_checkpoint
+    from training.export import main as export_main
 
     out = run_training(tmp_path / "run", "run.max_steps=2", "run.checkpoint_every=2", "optimizer.ema_decay=0.5")
-    export_checkpoint(out / "checkpoints" / "step-0000002", tmp_path / "exported")
+    assert export_main([str(out / "checkpoints" / "step-0000002"), str(tmp_path / "exported")]) == 0
+    assert f"wrote {tmp_path / 'exported'}" in capsys.readouterr().out
     exported = load_file(str(tmp_path / "exported" / "diffusion_pytorch_model.safetensors"))
     final = final_weights(out)  # the end-of-run export uses the EMA
     assert exported.keys() == final.keys()
     assert all(torch.equal(exported[k], final[k]) for k in final)
+    single = codec.AutoencoderKL.from_single_file(tmp_path / "exported" / "vae.safetensors").state_dict()
+    assert all(torch.equal(single[k], final[k]) for k in final)
     raw = export_checkpoint(out / "checkpoints" / "step-0000002", tmp_path / "raw", use_ema=False).state_dict()
     assert any(not torch.equal(raw[k], final[k]) for k in final), "with decay 0.5 the EMA differs from the weights"
+    assert export_main([str(out / "checkpoints" / "step-0000002"), str(tmp_path / "half"), "--no-ema", "--fp16"]) == 0
+    half = load_file(str(tmp_path / "half" / "diffusion_pytorch_model.safetensors"))
+    assert all(half[k].dtype == torch.float16 and torch.equal(half[k], raw[k].half()) for k in raw)
 
 
 def test_a_checkpoint_without_an_ema_exports_its_weights_beside_a_discriminator_scaler(tmp_path):
