@@ -52,6 +52,16 @@ def test_a_guessed_scaling_factor_is_not_recorded_as_known(tiny_config, tmp_path
     assert "does not record" not in caplog.text
 
 
+def test_convert_to_a_folder_says_the_guess_is_now_its_config(tiny_config, tmp_path, capsys):
+    from codec.cli import main
+
+    bare = _bare(codec.AutoencoderKL(tiny_config), tmp_path / "vae.safetensors")
+    assert main(["convert", str(bare), str(tmp_path / "folder")]) == 0
+    assert "folder/config.json holds scaling_factor 0.18215, the guess" in capsys.readouterr().out
+    assert main(["convert", str(bare), str(tmp_path / "told"), "--config", "tiny"]) == 0  # told: nothing to say
+    assert "guess" not in capsys.readouterr().out
+
+
 def test_the_guess_for_sixteen_channels_points_at_sd3_not_sdxl(tiny_config, tmp_path, caplog):
     config = dataclasses.replace(tiny_config, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
     bare = _bare(codec.AutoencoderKL(config), tmp_path / "ae.safetensors")

@@ -120,7 +120,7 @@ def summarize(shards: list[Shard], options: BenchOptions, device: str, world: in
         ).strip()
     notes["speed"] = (
         f"images/s per process ({world} process(es), batch size {options.batch_size}, device {device}); the first "
-        "batch is a warm-up and not timed; classic codecs: the final encode only, not the quality search"
+        "batch is first run once untimed as a warm-up, then timed with the rest; classic codecs: the final encode only, not the quality search"
     )
     methods: dict[str, list[str]] = {}
     for row in rows:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from codec.config import PRESETS
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -18,7 +20,8 @@ def add_model_options(parser: argparse.ArgumentParser, default_model: str = "'bu
     parser.add_argument(
         "--model",
         default="builtin",
-        help="diffusers folder, single .safetensors/.ckpt file, hub id, 'builtin' or 'preset:NAME' (random); "
+        help="diffusers folder, single .safetensors/.ckpt file, hub id, 'builtin' or 'preset:NAME' (random weights; "
+        f"NAME: {', '.join(PRESETS)}); "
         f"default: {default_model}",
     )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")

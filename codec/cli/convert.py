@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from codec.cli.common import DTYPES
+from codec.config import PRESETS
 
 WRITTEN_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 # Names that look like weights but that no tool loads from us as a single file: a folder so named would mislead.
@@ -16,7 +17,7 @@ def add_parsers(subparsers) -> None:
     parser = subparsers.add_parser("convert", help="diffusers folder <-> single .safetensors/.ckpt file")
     parser.add_argument("source", help="diffusers folder, hub id, or single file")
     parser.add_argument("destination", type=Path, help="a .safetensors/.ckpt path, or a folder")
-    parser.add_argument("--config", help="for a single-file source: preset name (sd, sdxl, flux, sd3) or config.json")
+    parser.add_argument("--config", help=f"for a single-file source: preset name ({', '.join(PRESETS)}) or config.json")
     parser.add_argument(
         "--dtype", choices=sorted(DTYPES), default=None, help="store the weights in this precision (default: fp32)"
     )
@@ -44,5 +45,10 @@ def run(args: argparse.Namespace) -> int:
         vae.save_single_file(args.destination)
     else:
         vae.save_pretrained(args.destination)
+        if getattr(vae, "scaling_is_guess", False):  # a folder's config.json has no way to mark a guess
+            print(
+                f"note: {args.destination / 'config.json'} holds scaling_factor {vae.config.scaling_factor}, the "
+                "guess warned about above: correct it there (or convert with --config) if the model uses another"
+            )
     print(f"wrote {args.destination}")
     return 0
