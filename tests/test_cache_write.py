@@ -79,8 +79,11 @@ def test_cli_refuses_another_model_or_preprocessing_in_the_same_output(tmp_path,
     assert code == 2 and "--num-workers must be 0" in stderr  # had left the manifest marked incomplete
     code, _, stderr = cli([*base, "--model", model_dir, "--shard-size", 3])  # the last one given counts
     assert code == 2 and "shard_size: cache has 4, this run has 3" in stderr  # every shard's range would move
-    code, _, stderr = cli([*base, "--model", tmp_path / "nowhere", "--bucket-step", 16])  # before the model loads
-    assert code == 2 and "add --buckets, or leave them out" in stderr
+    for flag in (["--bucket-step", 16], ["--bucket-step", 64], ["--max-aspect", 4]):  # even the defaults, if given
+        code, _, stderr = cli([*base, "--model", tmp_path / "nowhere", *flag])  # refused before the model loads
+        assert code == 2 and "add --buckets, or leave them out" in stderr
+    code, _, stderr = cli(["stats", out, "--max-aspect", 2])  # a cache brings its own preprocessing
+    assert code == 0, stderr
     assert read_rows(out) == before  # refused before touching anything
     code, stdout, _ = cli(["cache", "verify", out, "--model", model_dir])
     assert code == 0 and "OK, 10 rows" in stdout

@@ -362,7 +362,12 @@ def test_top_level_help_and_usage_errors(capsys):
 
 @pytest.mark.parametrize(
     ("command", "default"),
-    [("roundtrip", "default: 'builtin'"), ("decode", "default: the model the file records"), ("cache", "verify: the")],
+    [
+        ("roundtrip", "default: 'builtin'"),
+        ("decode", "default: the model the file records"),
+        ("cache", "verify: the"),
+        ("stats", "statistics need no model"),
+    ],
 )
 def test_help_says_what_a_left_out_model_means(command, default, capsys):
     with pytest.raises(SystemExit):

@@ -90,12 +90,10 @@ class Preprocessing:
                 self, "bucket_list", tuple(make_buckets(self.resolution, self.bucket_step, self.max_aspect))
             )
         else:
-            # Recorded in the manifest even here, where they change nothing: a cache made with them would refuse a
-            # rerun without them. Given without buckets they are most likely a forgotten --buckets, so say so.
-            if (self.bucket_step, self.max_aspect) != (DEFAULT_BUCKET_STEP, DEFAULT_MAX_ASPECT):
-                raise ValueError(
-                    "--bucket-step and --max-aspect shape aspect buckets: add --buckets, or leave them out"
-                )
+            # They change nothing without buckets, so every such cache records the defaults: one made with other
+            # values is not another preprocessing (the CLI refuses the flags without --buckets: a forgotten one).
+            object.__setattr__(self, "bucket_step", DEFAULT_BUCKET_STEP)
+            object.__setattr__(self, "max_aspect", DEFAULT_MAX_ASPECT)
             object.__setattr__(self, "bucket_list", ((self.resolution, self.resolution),))
 
     def check_factor(self, factor: int) -> None:

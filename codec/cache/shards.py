@@ -91,6 +91,11 @@ def compat_hash(record: dict) -> str:
     return "sha256:" + hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
+# Preprocessing settings that mean nothing without buckets (caches written before they were normalised recorded
+# whatever was given, so a rerun must not call that another preprocessing).
+BUCKET_ONLY = ("bucket_list", "bucket_step", "max_aspect")
+
+
 def _differences(found: dict, wanted: dict) -> list[str]:
     names = {"identity": "model (codec identity)", "source": "source kind or columns"}
     lines = []
@@ -99,11 +104,14 @@ def _differences(found: dict, wanted: dict) -> list[str]:
         if old == value:
             continue
         if isinstance(value, dict) and isinstance(old, dict):  # name the setting, not the whole section
-            lines += [
+            unbucketed = key == "preprocessing" and not (old.get("buckets") or value.get("buckets"))
+            ignored = BUCKET_ONLY if unbucketed else ("bucket_list",)
+            differing = [
                 f"{key} {sub}: cache has {old.get(sub)!r}, this run has {value.get(sub)!r}"
                 for sub in sorted(set(old) | set(value))
-                if sub != "bucket_list" and old.get(sub) != value.get(sub)
-            ] or [f"{key}: differs"]
+                if sub not in ignored and old.get(sub) != value.get(sub)
+            ]
+            lines += differing or ([] if unbucketed else [f"{key}: differs"])
         else:
             lines.append(f"{names.get(key, key)}: cache has {old!r}, this run has {value!r}")
     return lines

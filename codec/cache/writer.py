@@ -289,7 +289,8 @@ def build_cache(
     on_shard_written: Callable[[int], None] | None = None,
     progress: bool = True,
 ) -> Summary:
-    """Encode every key of `source` not already cached in `out`; returns what this process did."""
+    """Encode every key of `source` not already cached in `out`. The summary's shard counts (reused, written)
+    are every process's together; rows, skipped and upscaled are filled in on the main process only."""
     started = time.perf_counter()
     out, group = Path(out), group or Group()
     prep = settings.preprocessing

@@ -23,7 +23,7 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _add_encoding_options(parser: argparse.ArgumentParser) -> None:
+def _add_encoding_options(parser: argparse.ArgumentParser, default_model: str) -> None:
     group = parser.add_argument_group("source")
     group.add_argument("--split", default="train", help="dataset split (default train)")
     group.add_argument("--image-column", default="image", help="dataset column holding the images (default image)")
@@ -35,13 +35,13 @@ def _add_encoding_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--bucket-step",
         type=int,
-        default=DEFAULT_BUCKET_STEP,
+        default=None,
         help="with --buckets: bucket sides are multiples of this (default 64)",
     )
     group.add_argument(
         "--max-aspect",
         type=float,
-        default=DEFAULT_MAX_ASPECT,
+        default=None,
         help="with --buckets: most elongated bucket allowed (default 4)",
     )
     group.add_argument(
@@ -58,7 +58,7 @@ def _add_encoding_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--compile", action="store_true", help="torch.compile the encoder (compiles once per bucket shape: slow start)"
     )
-    add_model_options(parser, default_model="'builtin' (cache verify: the codec is not checked)")
+    add_model_options(parser, default_model=default_model)
     parser.set_defaults(model=None)  # None: 'builtin' to encode; for verify, no model check
 
 
@@ -84,7 +84,7 @@ def add_parsers(subparsers) -> None:
         "--latent-dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="storage (default fp16)"
     )
     parser.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
-    _add_encoding_options(parser)
+    _add_encoding_options(parser, default_model="'builtin' (cache verify: the codec is not checked)")
     parser.set_defaults(run=run_cache)
 
     parser = subparsers.add_parser(
@@ -106,7 +106,7 @@ def add_parsers(subparsers) -> None:
         help="with --write-config: per-channel latents_mean/std and scaling_factor 1.0 instead of 1/std",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    _add_encoding_options(parser)
+    _add_encoding_options(parser, default_model="'builtin' (a cache's statistics need no model)")
     parser.set_defaults(run=run_stats)
 
 
@@ -114,12 +114,14 @@ def _settings(args: argparse.Namespace, flip: bool = False, latent_dtype: str = 
     from codec.cache.preprocess import Preprocessing
     from codec.cache.writer import Settings
 
+    if not args.buckets and (args.bucket_step is not None or args.max_aspect is not None):
+        raise ValueError("--bucket-step and --max-aspect shape aspect buckets: add --buckets, or leave them out")
     extra = {"max_pixels": args.max_pixels} if args.max_pixels is not None else {}
     preprocessing = Preprocessing(
         args.resolution,
         buckets=args.buckets,
-        bucket_step=args.bucket_step,
-        max_aspect=args.max_aspect,
+        bucket_step=DEFAULT_BUCKET_STEP if args.bucket_step is None else args.bucket_step,
+        max_aspect=DEFAULT_MAX_ASPECT if args.max_aspect is None else args.max_aspect,
         flip=flip,
         resample=args.resample,
         **extra,
@@ -221,14 +223,15 @@ def run_stats(args: argparse.Namespace) -> int:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
     if args.channel_stats and not args.write_config:
         raise ValueError("--channel-stats says what --write-config DIR writes; give both")
-    settings = _settings(args)  # refused settings cost no model load
+    is_cache = (Path(args.source) / "manifest.json").is_file()
+    settings = None if is_cache else _settings(args)  # refused settings cost no model load; a cache has its own
     target = None
     if args.write_config:  # before the encoding, which may take long: a wrong folder must fail first
         from codec.model import AutoencoderKL
 
         target = AutoencoderKL.load(args.write_config)
     root = Path(args.source)
-    if (root / "manifest.json").is_file():
+    if is_cache:
         result = cache_stats(root, args.posterior)
         if not args.json:
             _warn_upscaled(result["upscaled"], result["rows"], result["resolution"])
