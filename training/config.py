@@ -143,7 +143,9 @@ class DataConfig(_Section):
     validation_images: int = 16
     image_column: str = "image"
     split: str = "train"  # the split data.train reads, where it is a dataset with several
-    validation_split: str = "validation"  # the split data.validation reads (the same dataset with its held-out split)
+    # The split data.validation reads; left out: "validation" where data.validation is data.train (a dataset's
+    # held-out split), else data.split (a separate dataset, often with one split).
+    validation_split: str | None = None
     resolution: int = 256
     random_flip: bool = True
     num_workers: int = 2
@@ -152,6 +154,8 @@ class DataConfig(_Section):
         self._require(lambda v: 0 <= v < 1, "must be in [0, 1)", "validation_fraction")
         if self.validation is not None and self.validation_fraction > 0:
             _fail("data: set data.validation or data.validation_fraction, not both")
+        if self.validation_split is not None and self.validation is None:
+            _fail("data.validation_split: the split of data.validation, which is not set")
         self._require(lambda v: v >= 1, "must be at least 1", "validation_images")
         # Crops must be whole latents: every preset downsamples by 8, and padding would train on blank borders.
         self._require(lambda v: v >= 8 and v % 8 == 0, "must be a positive multiple of 8", "resolution")

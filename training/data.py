@@ -177,7 +177,8 @@ def build_data(config: TrainConfig) -> tuple[ImageDataset, ImageDataset]:
     data, seed = config.data, config.run.seed
     source = open_image_source(data.train, split=data.split, image_column=data.image_column)
     if data.validation:
-        val_source = open_image_source(data.validation, split=data.validation_split, image_column=data.image_column)
+        split = data.validation_split or ("validation" if data.validation == data.train else data.split)
+        val_source = open_image_source(data.validation, split=split, image_column=data.image_column)
         train_indices, val_indices = None, list(range(min(len(val_source), data.validation_images)))
     elif data.validation_fraction > 0:
         val_source = source

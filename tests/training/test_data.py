@@ -111,7 +111,7 @@ def test_saved_to_disk_dataset_and_dataset_dict(tmp_path, datasets_cache):
         open_image_source(tmp_path / "dict", split="test")
 
     # A trainer given the same dataset for both reads its train split, and validates on the held-out one.
-    from training.config import load_config
+    from training.config import ConfigError, load_config
     from training.data import build_data
 
     dataset = tmp_path / "dict"
@@ -123,6 +123,12 @@ def test_saved_to_disk_dataset_and_dataset_dict(tmp_path, datasets_cache):
                 "tiny", [f"data.train={dataset}", f"data.validation={dataset}", "data.validation_split=held-out"]
             )
         )
+    # A separate validation dataset with one split reads it as data.split, as before the held-out default.
+    table.save_to_disk(str(tmp_path / "only-train"))
+    separate = [f"data.train={dataset}", f"data.validation={tmp_path / 'only-train'}"]
+    assert len(build_data(load_config("tiny", separate))[1]) == 3
+    with pytest.raises(ConfigError, match=r"validation_split: the split of data\.validation, which is not set"):
+        load_config("tiny", [f"data.train={dataset}", "data.validation_split=validation"])
 
 
 def test_missing_image_column_names_the_column_and_the_available_ones(tmp_path, datasets_cache):
