@@ -237,13 +237,14 @@ def test_roundtrip_tile_sets_the_tile_size(clashing, tmp_path, capsys):
     # --tile had enabled the budget's tile, under which any image that fits runs whole: it changed nothing.
     model = [str(clashing[3]), "--model", "preset:tiny", "--device", "cpu"]  # 64x32
     outputs = {}
-    for name, tile in (("whole", []), ("bare", ["--tile"]), ("small", ["--tile", "2"])):
+    for name, tile in (("whole", []), ("bare", ["--tile"]), ("small", ["--tile-size", "2"])):
         assert main(["roundtrip", *model, "-o", str(tmp_path / name), *tile]) == 0
         outputs[name] = np.array(Image.open(tmp_path / name / "x.png"))
     assert np.array_equal(outputs["whole"], outputs["bare"])  # 64 latent positions: one tile, run whole
     assert not np.array_equal(outputs["whole"], outputs["small"])
-    assert main(["roundtrip", *model, "-o", str(tmp_path / "one"), "--tile", "1"]) == 2
-    assert "--tile takes a tile side of at least 2 latent positions, got 1" in capsys.readouterr().err
+    assert main(["roundtrip", "--tile", *model, "-o", str(tmp_path / "first")]) == 0  # --tile before the images
+    assert main(["roundtrip", *model, "-o", str(tmp_path / "one"), "--tile-size", "1"]) == 2
+    assert "--tile-size takes a tile side of at least 2 latent positions, got 1" in capsys.readouterr().err
 
 
 def test_dtype_runs_the_model_in_that_precision(clashing, tmp_path, monkeypatch):

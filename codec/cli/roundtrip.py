@@ -26,7 +26,7 @@ from codec.metrics import psnr
 from codec.visual import HEATMAP_LABEL, error_heatmap, side_by_side
 
 # An image that fits in one tile still runs whole (enable_tiling): a budget-sized tile, what a bare enable_tiling()
-# picks, would tile nothing the memory budget had not already tiled, so a bare --tile takes diffusers' tile instead.
+# picks, would tile nothing the memory budget had not already tiled, so --tile takes diffusers' tile instead.
 DIFFUSERS_TILE = 64
 
 
@@ -36,12 +36,12 @@ def add_parsers(subparsers) -> None:
     parser.add_argument("-o", "--output", type=Path, required=True, help="folder for the outputs")
     parser.add_argument(
         "--tile",
-        type=int,
-        nargs="?",
-        const=DIFFUSERS_TILE,
-        metavar="N",
-        help=f"tile at N latent positions, N >= 2 (bare --tile: {DIFFUSERS_TILE}, diffusers' {8 * DIFFUSERS_TILE}-pixel "
-        "tile); left out, only where memory requires",
+        action="store_true",
+        help=f"tile at diffusers' tile, {DIFFUSERS_TILE} latent positions ({8 * DIFFUSERS_TILE} pixels for an f8 "
+        "codec; a smaller image runs whole); left out, only where memory requires",
+    )
+    parser.add_argument(
+        "--tile-size", type=int, metavar="N", help="tile at N latent positions, N >= 2 (implies --tile)"
     )
     add_model_options(parser)
     parser.set_defaults(run=run)
@@ -57,8 +57,9 @@ def run(args: argparse.Namespace) -> int:
     from PIL import Image
 
     check_output_folder(args.output, "the reconstructions")
-    if args.tile is not None and args.tile < 2:
-        raise ValueError(f"--tile takes a tile side of at least 2 latent positions, got {args.tile}")
+    if args.tile_size is not None and args.tile_size < 2:
+        raise ValueError(f"--tile-size takes a tile side of at least 2 latent positions, got {args.tile_size}")
+    tile = args.tile_size or (DIFFUSERS_TILE if args.tile else None)
     stems = output_stems([str(path) for path in args.images])
     inputs = {Path(path).resolve() for path in args.images}
     clobbered = [
@@ -72,8 +73,8 @@ def run(args: argparse.Namespace) -> int:
     for path in args.images:  # every input read once first: a bad one is named before any output is replaced
         image_to_tensor(path)
     vae = load_model(args)
-    if args.tile is not None:
-        vae.enable_tiling(args.tile)
+    if tile is not None:
+        vae.enable_tiling(tile)
     args.output.mkdir(parents=True, exist_ok=True)
     rows = []
     for path, stem in zip(args.images, stems, strict=True):
