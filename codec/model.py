@@ -242,7 +242,7 @@ class AutoencoderKL(nn.Module):
 
     @tile_latent_min_size.setter
     def tile_latent_min_size(self, size: int | None) -> None:
-        self.tile_latent_size = _checked_tile(size)
+        self.tile_latent_size = _checked_tile(size, "tile_latent_min_size")
 
     def disable_tiling(self) -> None:
         self.use_tiling = False

@@ -121,6 +121,8 @@ def test_tile_sizes_by_diffusers_names_and_xformers_switches(ours):
     assert ours.tile_sample_min_size == 128
     with pytest.raises(ValueError, match="tile_sample_min_size must be a whole number of pixels >= 16, got 8"):
         ours.tile_sample_min_size = 8  # one latent position: named in the unit it was given in
+    with pytest.raises(ValueError, match="tile_latent_min_size must be a whole number of latent pixels >= 2, got 1"):
+        ours.tile_latent_min_size = 1
     ours.enable_xformers_memory_efficient_attention()  # SDPA already: accepted, changes nothing
     ours.set_use_memory_efficient_attention_xformers(True)
     ours.disable_xformers_memory_efficient_attention()

@@ -244,7 +244,7 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
                 if accelerator.sync_gradients and opt_config.max_grad_norm:
                     clip_autoencoder_gradients(accelerator, optimizer, trainable, opt_config.max_grad_norm)
                 optimizer.step()
-                weights_changed = step_schedules(accelerator, optimizer, scheduler)
+                step_schedules(accelerator, optimizer, scheduler, ema, unwrapped.vae)
                 optimizer.zero_grad(set_to_none=True)
                 if use_disc:
                     d_loss, d_logs = discriminator_step_loss(
@@ -258,8 +258,6 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
             if not accelerator.sync_gradients:
                 continue
             state.step += 1
-            if ema is not None and weights_changed:
-                ema.update(unwrapped.vae)
             progress.update(1)
             last = state.step == run.max_steps
             at_log_step = state.step % run.log_every == 0 or state.step % run.checkpoint_every == 0
@@ -306,17 +304,21 @@ def _available_tracker(name: str | None) -> str | None:
     return name
 
 
-def step_schedules(accelerator, optimizer, scheduler) -> bool:
-    """Advance the learning-rate schedule after an optimizer step that changed the weights; say whether it did.
+def step_schedules(accelerator, optimizer, scheduler, ema: EMA | None, vae: torch.nn.Module) -> bool:
+    """Advance the learning-rate schedule and the EMA after an optimizer step that changed the weights; say
+    whether it did.
 
     Under fp16 the loss scaler skips a step whose gradients overflowed (several at the start, while it finds its
     scale). accelerate's own scheduler wrapper would skip those too, but only when it steps with the optimizer,
     which it does num_processes times per step; ours steps once, so the check is here. The EMA follows the same
-    answer: averaging in weights that did not move would only shorten its memory.
+    answer: averaging in weights that did not move would only shorten its memory. The run's step count still
+    advances (it counts data), so a run with skipped steps ends that many steps short of the schedule's end.
     """
     if not accelerator.sync_gradients or optimizer.step_was_skipped:
         return False
     scheduler.step()
+    if ema is not None:
+        ema.update(vae)
     return True
 
 

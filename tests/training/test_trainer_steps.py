@@ -233,12 +233,13 @@ def test_an_fp16_discriminator_resumes_from_a_checkpoint_saved_without_its_scale
         GradientState._reset_state()
 
 
-def test_a_step_the_fp16_scaler_skips_leaves_the_schedule_where_it_was():
-    # An overflowing gradient: the scaler skips the optimizer step, so the warm-up must not advance either (it would
-    # spend its first steps on weights that never moved). The next, finite step advances it by one.
+def test_a_step_the_fp16_scaler_skips_leaves_the_schedule_and_the_ema_where_they_were():
+    # An overflowing gradient: the scaler skips the optimizer step, so the warm-up and the EMA must not advance
+    # either (they would spend their first steps on weights that never moved). The next, finite step advances both.
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
+    from training.state import EMA
     from training.train import step_schedules
 
     AcceleratorState._reset_state(True)
@@ -250,6 +251,7 @@ def test_a_step_the_fp16_scaler_skips_leaves_the_schedule_where_it_was():
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: step + 1.0)
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        ema = EMA(model, 0.9)
         accelerator.native_amp = True
         stepped = []
         for value in (float("inf"), 1.0):
@@ -257,11 +259,11 @@ def test_a_step_the_fp16_scaler_skips_leaves_the_schedule_where_it_was():
             with accelerator.accumulate(model):
                 accelerator.backward(model(torch.full((1, 2), value)).sum())
                 optimizer.step()
-                stepped.append(step_schedules(accelerator, optimizer, scheduler))
+                stepped.append(step_schedules(accelerator, optimizer, scheduler, ema, model))
                 optimizer.zero_grad(set_to_none=True)
             assert torch.equal(before, model.weight.detach()) != stepped[-1]
-            stepped.append(scheduler.get_last_lr()[0])
-        assert stepped == [False, 1.0, True, 2.0]
+            stepped += [scheduler.get_last_lr()[0], ema.updates]
+        assert stepped == [False, 1.0, 0, True, 2.0, 1]
     finally:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
