@@ -190,6 +190,12 @@ def test_adversarial_training_runs_and_checkpoints_the_discriminator(tmp_path):
     checkpoint = out / "checkpoints" / "step-0000002"
     assert (checkpoint / "model_1.safetensors").is_file()  # the discriminator, saved with the autoencoder
     assert all(torch.isfinite(t).all() for t in final_weights(out).values())
+    # bf16 autocast computes in half precision, but the weights and Adam's moments stay fp32 (diffusers' research
+    # script cast the trainable weights themselves to half).
+    checkpointed = load_file(str(checkpoint / "model.safetensors"))
+    assert {t.dtype for t in checkpointed.values()} == {torch.float32}
+    moments = torch.load(checkpoint / "optimizer.bin", weights_only=True)["state"].values()
+    assert {m[name].dtype for m in moments for name in ("exp_avg", "exp_avg_sq")} == {torch.float32}
     # Its optimizer decays weights as configured (tiny: 0), not by AdamW's own default of 0.01.
     disc_optimizer = torch.load(checkpoint / "optimizer_1.bin", weights_only=True)
     assert {group["weight_decay"] for group in disc_optimizer["param_groups"]} == {0.0}
