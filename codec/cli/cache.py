@@ -223,14 +223,14 @@ def run_stats(args: argparse.Namespace) -> int:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
     if args.channel_stats and not args.write_config:
         raise ValueError("--channel-stats says what --write-config DIR writes; give both")
-    is_cache = (Path(args.source) / "manifest.json").is_file()
+    root = Path(args.source)
+    is_cache = (root / "manifest.json").is_file()
     settings = None if is_cache else _settings(args)  # refused settings cost no model load; a cache has its own
     target = None
     if args.write_config:  # before the encoding, which may take long: a wrong folder must fail first
         from codec.model import AutoencoderKL
 
         target = AutoencoderKL.load(args.write_config)
-    root = Path(args.source)
     if is_cache:
         result = cache_stats(root, args.posterior)
         if not args.json:
