@@ -253,6 +253,9 @@ def test_encode_and_decode_latents_apply_scaling(shifted_vae, images):
         mean = shifted_vae.encode(images).latent_dist.mean
         latents = shifted_vae.encode_latents(images)
         torch.testing.assert_close(latents, (mean - 0.1159) * 0.3611)
+        # Against the decode of the unscaled latents, not of `mean`: the scale-and-back round trip moves the mean by
+        # fp32 rounding, which a random decoder amplifies past 1e-5 on some CPUs (1.2e-5 with AVX-512 kernels).
         torch.testing.assert_close(
-            shifted_vae.decode_latents(latents), shifted_vae.decode(mean).sample, atol=1e-5, rtol=1e-5
+            shifted_vae.decode_latents(latents), shifted_vae.decode(latents / 0.3611 + 0.1159).sample
         )
+        assert (shifted_vae.decode_latents(latents) - shifted_vae.decode(mean).sample).abs().max() < 1e-4
