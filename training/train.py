@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
-from codec.atomic import atomic_write_text
 from codec.distributed import make_accelerator, shutdown
 from codec.distributions import DiagonalGaussianDistribution
 from codec.layers import preferred_memory_format
@@ -30,6 +29,7 @@ from training.discriminator import PatchGANDiscriminator, discriminator_step_los
 from training.export import MODEL_CONFIG
 from training.losses import KLLoss, LPIPSLoss, PixelLoss
 from training.model import TrainingAutoencoder, build_autoencoder
+from training.records import append_metrics, append_validation_log, draw_curves, forget_after, forget_steps
 from training.state import EMA, LoopState, RunningMeans, checkpoint_dir, prune_checkpoints, resolve_resume
 from training.validation import collate_validation, save_grid, validate
 
@@ -174,9 +174,14 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
         if disc_step is not None:
             disc_step.register_late()
         _apply_configured_rates(scheduler.scheduler, lr, disc_optimizer, disc_lr)
-        if run.record_data_order:
-            _forget_steps_from(output_dir / f"data_order.rank{accelerator.process_index}.txt", state.step)
         log.info("resumed from %s at step %d", resume_from, state.step)
+    # A run killed after its checkpoint recorded steps it now trains again; a fresh run in a folder whose run died
+    # before its first checkpoint starts the records afresh. (data_order counts from 0: step k's batch is read by
+    # the k+1-th step.)
+    if run.record_data_order:
+        forget_steps(output_dir / f"data_order.rank{accelerator.process_index}.txt", lambda s: s < state.step)
+    if accelerator.is_main_process:
+        forget_after(output_dir, state.step)
     if accelerator.log_with:  # the trackers it kept: none where the package is missing (warned once, above)
         accelerator.init_trackers("latent-codec", config={"resolution": resolution, "lr": lr, **_flat(config)})
 
@@ -272,7 +277,8 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
                         f"({state.skipped_images} skipped so far; the reasons are logged above)"
                     )
                 pending_skipped = pending_real = 0
-                _log_step(accelerator, state, means.read(accelerator), progress, start)
+                lr = scheduler.get_last_lr()[0]
+                _log_step(accelerator, state, {**means.read(accelerator), "lr": lr}, progress, start, output_dir)
             if state.step % run.validate_every == 0 or last:
                 _validate(accelerator, unwrapped.vae, ema, val_loader, pixel_loss, lpips_loss, state, output_dir)
             if state.step % run.checkpoint_every == 0 or last:
@@ -407,13 +413,6 @@ def _progress(accelerator, total: int, initial: int):
     return tqdm(total=total, initial=initial, disable=not accelerator.is_main_process, desc="train", unit="step")
 
 
-def _forget_steps_from(record: Path, step: int) -> None:
-    """A run killed after its last checkpoint recorded steps that the resumed run trains again: drop them."""
-    if record.is_file():
-        lines = record.read_text().splitlines(keepends=True)
-        atomic_write_text(record, "".join(line for line in lines if int(line.split(" ", 1)[0]) < step))
-
-
 def _sum_over_processes(accelerator, value: int) -> int:
     return int(accelerator.reduce(torch.tensor(value, device=accelerator.device), reduction="sum"))
 
@@ -432,13 +431,14 @@ def _out_of_time(accelerator, limit_minutes: float | None, start: float, at_log_
     return at_log_step and _sum_over_processes(accelerator, int(over)) > 0
 
 
-def _log_step(accelerator, state: LoopState, means: dict[str, float], progress, start) -> None:
-    """Log the means since the last log step (over micro-batches and processes)."""
+def _log_step(accelerator, state: LoopState, means: dict[str, float], progress, start, output_dir: Path) -> None:
+    """Log the means since the last log step (over micro-batches and processes) and the learning rate."""
     progress.set_postfix(loss=f"{means['loss']:.4f}", skipped=state.skipped_images)
-    logs = {f"train/{key}": value for key, value in means.items()}
-    logs["train/skipped_images"] = state.skipped_images
-    logs["train/steps_per_second"] = progress.n / max(time.perf_counter() - start, 1e-9)
-    accelerator.log(logs, step=state.step)
+    means = {**means, "skipped_images": state.skipped_images}
+    means["steps_per_second"] = progress.n / max(time.perf_counter() - start, 1e-9)
+    accelerator.log({f"train/{key}": value for key, value in means.items()}, step=state.step)
+    if accelerator.is_main_process:
+        append_metrics(output_dir, state.step, "train", means)
 
 
 def _validate(accelerator, vae, ema, loader, pixel_loss, lpips_loss, state, output_dir) -> None:
@@ -457,10 +457,10 @@ def _validate(accelerator, vae, ema, loader, pixel_loss, lpips_loss, state, outp
     vae.train()
     accelerator.log({f"val/{key}": value for key, value in metrics.items()}, step=state.step)
     if accelerator.is_main_process:
-        text = ", ".join(f"{key} {value:.4f}" for key, value in metrics.items())
-        log.info("step %d validation: %s", state.step, text)
-        with open(output_dir / "validation.log", "a") as handle:
-            handle.write(f"step {state.step}: {text}\n")
+        log.info("step %d validation: %s", state.step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        append_validation_log(output_dir, state.step, metrics)
+        append_metrics(output_dir, state.step, "validation", metrics)
+        draw_curves(output_dir)
         save_grid(samples, output_dir / "samples" / f"step-{state.step:07d}.png", f"step {state.step}")
 
 
