@@ -144,22 +144,20 @@ def _decode_tiled(vae, z: torch.Tensor, tile: int, guarded: _Fp32Fallback) -> to
     # whole input, and the stats passes start from its exact output. On four 1024x1024 Kodak crops with the
     # embedded model, tiled-against-untiled PSNR went from 40.4-46.0 dB (passes at 1/2 and 1/4 of the size) to
     # 47.1-51.4 with passes at 3/8 and 3/16, which cost 56% as much (at 1/4 and 1/8: 39.4-44.5; at 5/16 and
-    # 5/32: 43.6-48.3). The larger pass then stops before the last up block, the most expensive at any size and
-    # the one whose statistics matter least; that block takes the smaller pass's statistics as they are:
-    # 46.3-50.9 dB, and tiled time at 1024x1024 went from 1.21x to 1.13x untiled (SD config, 2 AMD cores, fp32
-    # passes; two alternated runs each). A band holds half a tile's latent positions: a tile's worth made the
-    # stream's peak exceed diffusers' tiled decode at 1024x1024 (1155 MiB against about 1190, before the features
-    # and the stats passes), half of it peaked at 780-800 MiB for 3-5% more time (SD config, 2 CPU threads).
+    # 5/32: 43.6-48.3). Both passes run every up block: letting the larger one stop before the last block (whose
+    # norms then took the smaller pass's statistics as they were) saved time (1.21x -> 1.13x untiled, SD config)
+    # and cost v2 about 1 dB, but with v3 it fell to 31.0-43.6 dB on eight Kodak crops, and 41.3-55.6 without it
+    # (3/8 stays best there: 1/4 35.8-45.2, 5/16 40.9-43.7, 7/16 41.5-45.8 on four of them). A band holds half a
+    # tile's latent positions: a tile's worth made the stream's peak exceed diffusers' tiled decode at 1024x1024
+    # (1155 MiB against about 1190, before the features and the stats passes), half of it peaked at 780-800 MiB
+    # for 3-5% more time (SD config, 2 CPU threads).
     features = guarded(lambda m, t: m.decode_head(t), z)
     latent_width = features.shape[-1]
     features = guarded(lambda m, t: m.decoder.up_blocks[0](t), features)
     growth = features.shape[-1] // latent_width  # 2 where the first up block upsamples
     band_rows = max(1, tile * tile // (2 * latent_width)) * growth
     run_tail = functools.partial(guarded, lambda m, t: m.decoder.forward_tail(t, first_block=1))
-    near_run = functools.partial(guarded, lambda m, t: m.decoder.forward_tail(t, first_block=1, stop_block=-1))
-    stats = tiling.estimate_norm_stats(
-        vae.decoder, run_tail, features, tile * growth, 1, fraction=STATS_FRACTION, near_run=near_run
-    )
+    stats = tiling.estimate_norm_stats(vae.decoder, run_tail, features, tile * growth, 1, fraction=STATS_FRACTION)
     with tiling.shared_norm_stats(vae.decoder, stats):
         return guarded(lambda m, t: streaming.stream_decoder_tail(m.decoder, t, band_rows, first_block=1), features)
 

@@ -91,11 +91,8 @@ class Decoder(_Checkpointable):
         """Input conv and mid block (global attention) at the latent resolution."""
         return self._run(self.mid_block, self.conv_in(z))
 
-    def forward_tail(self, x: torch.Tensor, first_block: int = 0, stop_block: int | None = None) -> torch.Tensor:
-        """The convolutional upsampling part, from up block `first_block` on: local, so it can run tile by tile.
-        With `stop_block`, only the up blocks before it, and their output features rather than the image."""
-        for block in self.up_blocks[first_block:stop_block]:
+    def forward_tail(self, x: torch.Tensor, first_block: int = 0) -> torch.Tensor:
+        """The convolutional upsampling part, from up block `first_block` on: local, so it can run tile by tile."""
+        for block in self.up_blocks[first_block:]:
             x = self._run(block, x)
-        if stop_block is not None and stop_block < len(self.up_blocks):
-            return x
         return self.conv_out(self.conv_norm_out(x))

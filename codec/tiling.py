@@ -106,10 +106,6 @@ def shared_norm_stats(module: nn.Module, stats: Stats) -> Iterator[None]:
         yield
 
 
-NEAR_RUN_MIN_SIDE = 48  # the smaller statistics pass's size (side of a square of its area) below which near_run
-# is not used
-
-
 def estimate_norm_stats(
     module: nn.Module,
     run: Callable[[torch.Tensor], torch.Tensor],
@@ -118,7 +114,6 @@ def estimate_norm_stats(
     align: int,
     low_precision: bool = True,
     fraction: float = 0.5,
-    near_run: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Stats:
     """The whole input's GroupNorm statistics, estimated from two passes over downscaled copies of it.
 
@@ -128,9 +123,7 @@ def estimate_norm_stats(
     is carried on for the log2(1 / fraction) halvings up to full size, linearly for means and in the log for
     variances. On four 1024x1024 Kodak crops with the embedded model (v2; the streamed decoder's output norm
     exact), tiled-against-untiled PSNR was 34.0-46.6 dB with the half-size pass alone, 34.7-47.6 with one at
-    three quarters, and 40.4-46.0 with this extrapolation from 1/2 and 1/4. `near_run`, when given, runs the
-    larger pass instead of `run` and may stop early (tiled decode skips the last up block there); the norms it
-    does not reach take the smaller pass's statistics unextrapolated.
+    three quarters, and 40.4-46.0 with this extrapolation from 1/2 and 1/4.
 
     With `low_precision`, an fp32 model runs these passes under bf16 autocast where the hardware has fast bf16
     (see `statistics_autocast`): the statistics came out within 0.4% of fp32 ones (SD config, 1024x1024),
@@ -146,20 +139,13 @@ def estimate_norm_stats(
     side = min(max_side, max(align, math.ceil(size * fraction / align) * align))
     precision = statistics_autocast(x) if low_precision else contextlib.nullcontext()
     one_pass = side >= size or side // 2 < align  # too small to extrapolate: one whole pass is the answer
-    # The norms near_run skips take the smaller pass's statistics as they are: fine from a 48-pixel pass (tiled
-    # decode at 1024x1024), too coarse from smaller ones. Tiled (16 latent px) against untiled decode with the
-    # embedded model, astronaut/chelsea/coffee: 26.4/30.2/29.8 dB at 256x256 and 27.3/31.6/31.0 at 512x512 with
-    # near_run there, 31.3/43.1/38.2 and 37.0/41.9/39.0 without.
-    if side // 2 < NEAR_RUN_MIN_SIDE:
-        near_run = None
     with precision:
-        near = record_norm_stats(module, run if one_pass else near_run or run, downscale_to_fit(x, side, align))
+        near = record_norm_stats(module, run, downscale_to_fit(x, side, align))
         if one_pass:
             return near
         far = record_norm_stats(module, run, downscale_to_fit(x, side // 2, align))
     halvings = math.log2(1 / fraction)
-    # Norms that the near pass did not reach (`near_run` stopped early) keep the far pass's statistics as they are.
-    estimate: Stats = {key: value for key, value in far.items() if key not in near}
+    estimate: Stats = {}
     for key, (mean, var) in near.items():
         far_mean, far_var = far[key]
         log_var, far_log_var = var.clamp_min(1e-12).log(), far_var.clamp_min(1e-12).log()

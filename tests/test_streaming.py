@@ -188,37 +188,6 @@ def test_spill_reads_back_what_it_wrote_in_order(dtype):
         assert torch.equal(back, band)
 
 
-def test_a_near_pass_that_stops_early_leaves_the_last_block_to_the_far_pass(vae, monkeypatch):
-    """Tiled decode's larger pass skips the last up block: the norms it reaches are extrapolated as before, the
-    others take the smaller pass's statistics unchanged; unless the smaller pass is too small to trust as is."""
-    monkeypatch.setattr(tiling, "NEAR_RUN_MIN_SIDE", 8)  # this test's passes: 16 and 8 pixels
-    z = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        features = vae.decode_head(z)
-        run = vae.decoder.forward_tail
-        stop = functools.partial(vae.decoder.forward_tail, stop_block=-1)
-        full = tiling.estimate_norm_stats(vae.decoder, run, features, 64, 1, False, 1 / 2)
-        early = tiling.estimate_norm_stats(vae.decoder, run, features, 64, 1, False, 1 / 2, near_run=stop)
-        far = tiling.record_norm_stats(vae.decoder, run, tiling.downscale_to_fit(features, 8, 1))  # 1/4 size
-        assert stop(features).shape[1] == vae.decoder.up_blocks[-1].resnets[0].norm1.num_channels
-        # An input too small for two passes gets one whole pass, so no norm is left without statistics.
-        single = tiling.estimate_norm_stats(vae.decoder, run, features[..., :1, :1], 64, 1, False, 1 / 2, stop)
-    last = f"up_blocks.{len(vae.decoder.up_blocks) - 1}."
-    last_block = {name for name in early if name.startswith(last) or name == "conv_norm_out"}
-    assert len(last_block) == 2 * len(vae.decoder.up_blocks[-1].resnets) + 1  # norm1, norm2 each; output norm
-    assert early.keys() == full.keys() == single.keys() and last_block < early.keys()
-    for key in early:
-        expected = far[key] if key in last_block else full[key]
-        torch.testing.assert_close(early[key][0], expected[0])
-        torch.testing.assert_close(early[key][1], expected[1])
-    monkeypatch.setattr(tiling, "NEAR_RUN_MIN_SIDE", 9)
-    with torch.no_grad():
-        coarse = tiling.estimate_norm_stats(vae.decoder, run, features, 64, 1, False, 1 / 2, near_run=stop)
-    for key in full:  # a smaller pass under the minimum: the near pass runs whole, every norm extrapolated
-        torch.testing.assert_close(coarse[key][0], full[key][0])
-        torch.testing.assert_close(coarse[key][1], full[key][1])
-
-
 def test_a_spill_file_cut_short_is_an_error_not_garbage(tmp_path):
     bands = [torch.randn(1, 3, 2, 5), torch.randn(1, 3, 1, 5)]
     with open(tmp_path / "spill", "w+b") as file:
