@@ -349,7 +349,12 @@ def machine(device: torch.device) -> str:
     model = platform.processor() or "unknown CPU"
     with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as cpuinfo:
         model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    return f"{model}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    # The vector instructions decide the ratios, above all bf16's (emulated without AVX512-BF16 or AMX), and
+    # machines of one name differ: this project's "AMD EPYC" has been AVX2-only and AVX-512 with native bf16.
+    from codec.precision import cpu_has_native_bf16
+
+    isa = torch.backends.cpu.get_cpu_capability() + (", native bf16" if cpu_has_native_bf16() else ", no native bf16")
+    return f"{model} ({isa}), {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

@@ -29,6 +29,10 @@ def test_quick_run_prints_all_sections_and_writes_the_difference_picture(tmp_pat
     assert re.search(r"\| \S+: bf16 decode vs fp32 decode, 128x128 \| [\d.]+ \|", report)
     assert re.search(r"\| \S+: tiled decode \(tile 8 latent px\) vs untiled, 128x128 \| [\d.]+ \|", report)
     assert len(list(tmp_path.glob("tiled-minus-untiled-x8-*.png"))) == 1
+    # The machine line names the vector instructions: bf16's ratios hinge on them.
+    import torch
+
+    assert f"({torch.backends.cpu.get_cpu_capability()}, " in report and "native bf16)" in report
 
 
 def test_alternating_timer_runs_each_callable_after_a_warm_up():
