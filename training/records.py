@@ -3,22 +3,27 @@
 - `metrics.jsonl`: one line per log step (`"kind": "train"`: the means since the last log step and the learning
   rate) and one per validation (`"kind": "validation"`). Trackers such as TensorBoard get the same values, but
   they are optional and often missing offline; this file is always there.
-- `curves.png`: drawn from metrics.jsonl at every validation: training losses (log scale), validation PSNR and the
-  learning rate against the step, the picture one would otherwise open TensorBoard for.
+- `curves.png`: drawn from metrics.jsonl at every validation: training losses (log scale; symmetric-log where a
+  term goes negative, as the adversarial one does), validation PSNR and the learning rate against the step, the
+  picture one would otherwise open TensorBoard for. A failure to draw it is a warning, never the run's end.
 - `validation.log` (`step N: name value, ...`) and `data_order.rankR.txt` (`STEP INDEX ...`).
 
 Only the main process writes the first three. A run killed after a checkpoint has recorded steps that its resumed
-run trains again: `forget_after` drops them, so every step appears once. A line cut short by the kill is skipped.
+run trains again: `forget_after` drops them, so every step appears once. A line cut short by the kill is dropped.
+Values that are not finite are written as null, so that strict JSON readers (jq) accept the file.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
 
 from codec.atomic import atomic_path, atomic_write_text
+
+log = logging.getLogger(__name__)
 
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
@@ -27,8 +32,9 @@ VALIDATION_LOG = "validation.log"
 
 def append_metrics(output_dir: Path, step: int, kind: str, values: dict[str, float]) -> None:
     """One line of metrics.jsonl: `{"step": step, "kind": kind, **values}`."""
+    values = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in values.items()}
     with open(output_dir / METRICS, "a") as handle:
-        handle.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
+        handle.write(json.dumps({"step": step, "kind": kind, **values}, allow_nan=False) + "\n")
 
 
 def append_validation_log(output_dir: Path, step: int, values: dict[str, float]) -> None:
@@ -68,10 +74,12 @@ def _step_of(line: str) -> int | None:
 
 
 def forget_steps(record: Path, keep: Callable[[int], bool]) -> None:
-    """Rewrite `record` (atomically) with only the lines whose step `keep` accepts; unreadable lines go too."""
+    """Rewrite `record` (atomically) with only the lines whose step `keep` accepts. Unreadable lines go too, and so
+    does a last line without its newline: cut short by a kill, and the next line would be appended to it."""
     if record.is_file():
         lines = record.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if (step := _step_of(line)) is not None and keep(step)]
+        whole = [line for line in lines if line.endswith("\n")]
+        kept = [line for line in whole if (step := _step_of(line)) is not None and keep(step)]
         if kept != lines:
             atomic_write_text(record, "".join(kept))
 
@@ -85,23 +93,23 @@ def forget_after(output_dir: Path, step: int) -> None:
 def curve_series(records: list[dict]) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
     """The lines of each panel of curves.png: {panel: {label: (steps, values)}}, finite values only.
 
-    "loss": the total and each weighted term (`*_loss`, the discriminator's `d_loss`), positive values only, since
-    the panel is log-scaled; a term that is zero throughout (a discriminator that has not started) is left out.
+    "loss": the total and each weighted term (`*_loss`, the discriminator's `d_loss`); a term that is zero
+    throughout (a discriminator that has not started) is left out.
     "validation PSNR": `psnr`, the EMA's where the run has one (its `trained_psnr` is then the raw weights').
     "learning rate": `lr`.
     """
     train = [r for r in records if r.get("kind") == "train"]
     validation = [r for r in records if r.get("kind") == "validation"]
 
-    def line(rows: list[dict], key: str, positive: bool = False) -> tuple[list[int], list[float]]:
+    def line(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
         points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-        points = [(s, float(v)) for s, v in points if math.isfinite(v) and (v > 0 or not positive)]
+        points = [(s, float(v)) for s, v in points if math.isfinite(v)]
         return [s for s, _ in points], [v for _, v in points]
 
     loss_keys = sorted({k for r in train for k in r if k == "loss" or k.endswith("_loss")})
     has_ema = any("trained_psnr" in r for r in validation)
     panels = {
-        "loss": {key: line(train, key, positive=True) for key in loss_keys},
+        "loss": {key: xy for key in loss_keys if any((xy := line(train, key))[1])},
         "validation PSNR": {
             "EMA" if has_ema else "psnr": line(validation, "psnr"),
             "trained weights": line(validation, "trained_psnr"),
@@ -112,16 +120,25 @@ def curve_series(records: list[dict]) -> dict[str, dict[str, tuple[list[int], li
 
 
 def draw_curves(output_dir: Path) -> Path | None:
-    """Draw curves.png from metrics.jsonl (atomically); None when there is nothing to draw yet."""
+    """Draw curves.png from metrics.jsonl (atomically); None when there is nothing to draw yet or drawing failed
+    (a warning: the picture is never worth a run)."""
+    try:
+        return _draw(output_dir)
+    except Exception as error:  # disk full, a matplotlib error: the run goes on
+        log.warning("could not draw %s: %s", output_dir / CURVES, error)
+        return None
+
+
+def _draw(output_dir: Path) -> Path | None:
     panels = curve_series(read_metrics(output_dir / METRICS))
     if not any(panels.values()):
         return None
-    import matplotlib
+    # A Figure without pyplot: no global backend switch (a notebook calling train() keeps its own), nothing to
+    # close, nothing that leaks if saving fails.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8))
+    figure = Figure(figsize=(5 * len(panels), 3.8), layout="tight")
+    axes = figure.subplots(1, len(panels))
     for ax, (title, lines) in zip(axes, panels.items(), strict=True):
         for label, (steps, values) in lines.items():
             style = {"color": "black", "lw": 2.0, "zorder": 1} if label == "loss" else {"lw": 1.2, "zorder": 2}
@@ -132,12 +149,14 @@ def draw_curves(output_dir: Path) -> Path | None:
         if lines:
             ax.legend(fontsize=7)
         if title == "loss" and lines:
-            ax.set_yscale("log")
+            values = [abs(v) for _, ys in lines.values() for v in ys if v]
+            if all(v > 0 for _, ys in lines.values() for v in ys):
+                ax.set_yscale("log")
+            else:  # the adversarial term goes negative: log beyond the smallest term's magnitude, linear inside
+                ax.set_yscale("symlog", linthresh=min(values, default=1e-8))
         if title == "validation PSNR":
             ax.set_ylabel("dB")
-    figure.tight_layout()
     path = output_dir / CURVES
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=100)
-    plt.close(figure)
     return path

@@ -182,6 +182,7 @@ def _train(accelerator, config: TrainConfig, output_dir: Path, lpips_pretrained:
         forget_steps(output_dir / f"data_order.rank{accelerator.process_index}.txt", lambda s: s < state.step)
     if accelerator.is_main_process:
         forget_after(output_dir, state.step)
+        draw_curves(output_dir)  # without the dropped steps until the next validation redraws it
     if accelerator.log_with:  # the trackers it kept: none where the package is missing (warned once, above)
         accelerator.init_trackers("latent-codec", config={"resolution": resolution, "lr": lr, **_flat(config)})
 
@@ -303,8 +304,8 @@ def _available_tracker(name: str | None) -> str | None:
     package = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}.get(str(name))
     if name and package and importlib.util.find_spec(package) is None:
         log.warning(
-            "run.log_with=%s, but %s is not installed (pip install %s): metrics go to the console and "
-            "validation.log only", name, package, package,
+            "run.log_with=%s, but %s is not installed (pip install %s): metrics go to the console, "
+            "metrics.jsonl, curves.png and validation.log only", name, package, package,
         )  # fmt: skip
         return None
     return name

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from test_trainer import REPO, run_training
 
-from training.records import curve_series, draw_curves, forget_after, read_metrics
+from training.records import append_metrics, curve_series, draw_curves, forget_after, read_metrics
 
 
 @pytest.fixture(autouse=True)
@@ -67,29 +67,55 @@ def test_a_fresh_run_in_a_folder_whose_run_died_before_its_first_checkpoint_star
 def test_forget_after_keeps_the_steps_up_to_the_checkpoint_in_both_records(tmp_path):
     lines = [{"step": s, "kind": "train", "loss": 1.0} for s in (1, 2, 3, 4)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + "garbage\n")
-    (tmp_path / "validation.log").write_text("step 2: psnr 20.0000\nstep 4: psnr 21.0000\n")
+    # A kill can cut a line where its step still reads: kept, the next append would run on from it.
+    (tmp_path / "validation.log").write_text("step 2: psnr 20.0000\nstep 4: psnr 21.0000\nstep 1")
     forget_after(tmp_path, 2)
     assert _steps(read_metrics(tmp_path / "metrics.jsonl"), "train") == [1, 2]
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 2  # the unreadable line went too
     assert (tmp_path / "validation.log").read_text() == "step 2: psnr 20.0000\n"
 
 
-def test_curve_series_draws_each_weighted_term_on_a_log_scale_and_labels_the_ema():
+def test_values_that_are_not_finite_are_written_as_null(tmp_path):
+    append_metrics(tmp_path, 3, "train", {"loss": float("nan"), "kl": float("inf"), "lr": 1e-4})
+    line = (tmp_path / "metrics.jsonl").read_text()
+
+    def strict(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+
+    assert json.loads(line, parse_constant=strict) == {"step": 3, "kind": "train", "loss": None, "kl": None, "lr": 1e-4}
+
+
+def test_a_picture_that_cannot_be_drawn_is_a_warning_not_the_end_of_the_run(tmp_path, monkeypatch, caplog):
+    from training import records
+
+    append_metrics(tmp_path, 1, "train", {"loss": 0.5})
+    monkeypatch.setattr(records, "atomic_path", lambda path: (_ for _ in ()).throw(OSError("No space left")))
+    assert draw_curves(tmp_path) is None
+    assert "could not draw" in caplog.text and "No space left" in caplog.text
+
+
+def test_curve_series_draws_each_weighted_term_and_labels_the_ema(tmp_path):
     records = [
         {"step": 1, "kind": "train", "loss": 0.5, "pixel_loss": 0.4, "kl_loss": 1e-4, "g_adv_loss": 0.0, "lr": 1e-4},
-        {"step": 2, "kind": "train", "loss": float("nan"), "pixel_loss": 0.3, "kl_loss": 2e-4, "g_adv_loss": 0.0},
+        {"step": 2, "kind": "train", "loss": None, "pixel_loss": 0.3, "kl_loss": 2e-4, "g_adv_loss": 0.0},
         {"step": 2, "kind": "validation", "psnr": 21.0, "trained_psnr": 20.5, "kl": 3.0},
     ]
     panels = curve_series(records)
     assert panels["loss"] == {
         "kl_loss": ([1, 2], [1e-4, 2e-4]),
-        "loss": ([1], [0.5]),  # the NaN is not drawn
+        "loss": ([1], [0.5]),  # the missing (non-finite) value is not drawn
         "pixel_loss": ([1, 2], [0.4, 0.3]),
     }  # the adversarial term, zero throughout (its discriminator has not started), is left out
     assert panels["validation PSNR"] == {"EMA": ([2], [21.0]), "trained weights": ([2], [20.5])}
     assert panels["learning rate"] == {"lr": ([1], [1e-4])}
     no_ema = curve_series([{"step": 5, "kind": "validation", "psnr": 19.0}])
     assert no_ema["validation PSNR"] == {"psnr": ([5], [19.0])} and no_ema["loss"] == {}
+    # Once the discriminator runs, the generator's hinge term goes negative: kept, on a symmetric-log axis.
+    records.append({"step": 3, "kind": "train", "loss": 0.2, "pixel_loss": 0.3, "g_adv_loss": -0.1})
+    assert curve_series(records)["loss"]["g_adv_loss"] == ([1, 2, 3], [0.0, 0.0, -0.1])
+    for record in records:
+        append_metrics(tmp_path, record["step"], record["kind"], {k: v for k, v in record.items() if k != "step"})
+    assert draw_curves(tmp_path) == tmp_path / "curves.png"
 
 
 def test_nothing_to_draw_writes_no_picture(tmp_path):
