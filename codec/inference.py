@@ -147,7 +147,8 @@ def _decode_tiled(vae, z: torch.Tensor, tile: int, guarded: _Fp32Fallback) -> to
     # 5/32: 43.6-48.3). Both passes run every up block: letting the larger one stop before the last block (whose
     # norms then took the smaller pass's statistics as they were) saved time (1.21x -> 1.13x untiled, SD config)
     # and cost v2 about 1 dB, but with v3 it fell to 31.0-43.6 dB on eight Kodak crops, and 41.3-55.6 without it
-    # (3/8 stays best there: 1/4 35.8-45.2, 5/16 40.9-43.7, 7/16 41.5-45.8 on four of them). A band holds half a
+    # (3/8 stays best there: 1/4 35.8-45.2, 5/16 40.9-43.7, 7/16 41.5-45.8 on four of them). Time with every
+    # block on an AVX512-BF16 EPYC: 1.00-1.06x untiled with bf16 passes, 1.14x with fp32 ones. A band holds half a
     # tile's latent positions: a tile's worth made the stream's peak exceed diffusers' tiled decode at 1024x1024
     # (1155 MiB against about 1190, before the features and the stats passes), half of it peaked at 780-800 MiB
     # for 3-5% more time (SD config, 2 CPU threads).
