@@ -132,6 +132,7 @@ def draw_curves(output_dir: Path) -> Path | None:
 def _draw(output_dir: Path) -> Path | None:
     panels = curve_series(read_metrics(output_dir / METRICS))
     if not any(panels.values()):
+        (output_dir / CURVES).unlink(missing_ok=True)  # an earlier run's, whose records were dropped
         return None
     # A Figure without pyplot: no global backend switch (a notebook calling train() keeps its own), nothing to
     # close, nothing that leaks if saving fails.

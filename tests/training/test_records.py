@@ -59,9 +59,12 @@ def test_a_fresh_run_in_a_folder_whose_run_died_before_its_first_checkpoint_star
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 7, "kind": "train", "loss": 9.0}\n')
     (out / "validation.log").write_text("step 7: psnr 1.0000\n")
+    (out / "curves.png").write_bytes(b"an earlier run's picture")
     run_training(out, "run.max_steps=1", "run.checkpoint_every=1")
     assert _steps(read_metrics(out / "metrics.jsonl"), "train") == [1]
     assert (out / "validation.log").read_text().startswith("step 1: ")
+    with Image.open(out / "curves.png") as picture:  # this run's, drawn at its validation
+        assert picture.format == "PNG"
 
 
 def test_forget_after_keeps_the_steps_up_to_the_checkpoint_in_both_records(tmp_path):
@@ -118,5 +121,6 @@ def test_curve_series_draws_each_weighted_term_and_labels_the_ema(tmp_path):
     assert draw_curves(tmp_path) == tmp_path / "curves.png"
 
 
-def test_nothing_to_draw_writes_no_picture(tmp_path):
+def test_nothing_to_draw_leaves_no_picture(tmp_path):
+    (tmp_path / "curves.png").write_bytes(b"the picture of records since dropped")
     assert draw_curves(tmp_path) is None and not (tmp_path / "curves.png").exists()
