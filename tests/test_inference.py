@@ -322,19 +322,16 @@ def test_a_thin_strip_of_a_photo_tiles_close_to_untiled_with_the_embedded_model(
 
 
 def _photo_mosaic(side: int) -> torch.Tensor:
-    """scikit-image's astronaut, chelsea, coffee and rocket, each scaled to cover a square of half `side`, as a
-    2x2 mosaic in [-1, 1]: real photographic detail at `side` x `side`."""
-    skimage_data = pytest.importorskip("skimage.data")  # the test extra's scikit-image ships these photos
+    """scikit-image's astronaut, chelsea, coffee and rocket, each scaled to cover a square of half `side` and
+    center-cropped (as `codec cache` does), as a 2x2 mosaic in [-1, 1]: real photographic detail at `side` x `side`."""
+    from PIL import Image
 
-    half = side // 2
-    squares = []
-    for name in ("astronaut", "chelsea", "coffee", "rocket"):
-        image = torch.from_numpy(getattr(skimage_data, name)()).permute(2, 0, 1)[None].float() / 127.5 - 1
-        scale = half / min(image.shape[-2:])
-        size = [max(half, round(n * scale)) for n in image.shape[-2:]]
-        image = torch.nn.functional.interpolate(image, size=size, mode="bicubic", antialias=True).clamp(-1, 1)
-        top, left = (size[0] - half) // 2, (size[1] - half) // 2
-        squares.append(image[..., top : top + half, left : left + half])
+    from codec.cache.preprocess import Preprocessing, to_model_input
+
+    skimage_data = pytest.importorskip("skimage.data")  # the test extra's scikit-image ships these photos
+    prepare = Preprocessing(resolution=side // 2)
+    names = ("astronaut", "chelsea", "coffee", "rocket")
+    squares = [to_model_input(prepare(Image.fromarray(getattr(skimage_data, n)())).pixels[None]) for n in names]
     return torch.cat([torch.cat(squares[:2], -1), torch.cat(squares[2:], -1)], -2)
 
 
