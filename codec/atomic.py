@@ -16,7 +16,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     # The temporary name adds about 14 bytes to the real one: a name near the 255-byte limit gets a shorter prefix.
     label = path.name if len(os.fsencode(path.name)) <= 200 else path.name[:40]
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{label}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{label}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise _naming(error, path) from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -27,9 +30,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
+    except OSError as error:
+        named = (error.filename, error.filename2)
+        if tmp_name not in {os.fsdecode(name) for name in named if isinstance(name, (str, bytes, os.PathLike))}:
+            raise
+        raise _naming(error, path) from None
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _naming(error: OSError, path: Path) -> OSError:
+    """The same error (errno and class) naming the file the caller writes, not its temporary stand-in."""
+    return OSError(error.errno, error.strerror, str(path))
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -160,6 +160,14 @@ def load_from_hub(
 
 
 def _hub_unreachable(repo_id: str, error: Exception) -> CheckpointError:
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return CheckpointError(
+            f"{repo_id}: not in the Hugging Face cache, and HF_HUB_OFFLINE is set, so the hub was not asked.\n"
+            "  It is not a local folder or file either. Download it where there is a network "
+            f"(`hf download {repo_id}`) and pass the local folder, or unset HF_HUB_OFFLINE to fetch it."
+        )
     return CheckpointError(
         f"{repo_id}: could not fetch it from the Hugging Face hub ({type(error).__name__}: {error}).\n"
         "  It is not a local folder or file either. Offline, download it where there is a network "
