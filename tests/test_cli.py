@@ -365,7 +365,8 @@ def test_top_level_help_and_usage_errors(capsys):
     [
         ("roundtrip", "default: 'builtin'"),
         ("decode", "default: the model the file records"),
-        ("cache", "verify: the"),
+        ("cache", "default: 'builtin'"),
+        ("cache verify", "default: the codec is not checked"),
         ("stats", "statistics need no model"),
     ],
 )

@@ -216,7 +216,8 @@ def test_roundtrip_reads_every_input_before_replacing_any_output(clashing, tmp_p
     (out / "a_png.png").write_bytes(b"an earlier run's output")
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    assert main(["roundtrip", str(clashing[0]), str(clashing[1]), str(corrupt), "-o", str(out), *model]) == 2
+    args = ["roundtrip", str(clashing[0]), str(clashing[1]), str(corrupt), "-o", str(out), *model, "--overwrite"]
+    assert main(args) == 2
     assert "corrupt.png" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["a_png.png"]
     assert (out / "a_png.png").read_bytes() == b"an earlier run's output"

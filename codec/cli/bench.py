@@ -11,6 +11,7 @@ import shlex
 from pathlib import Path
 
 from codec.cli.common import DTYPES, check_output_folder, resolve_device
+from codec.cli.outputs import refuse_model_paths
 
 
 def add_parsers(subparsers) -> None:
@@ -108,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
     if args.grid_images < 0:
         raise ValueError(f"--grid-images must be 0 (no grids) or more, got {args.grid_images}")
     check_output_folder(args.output, "the benchmark")
+    for model in args.models:
+        refuse_model_paths([args.output / "summary.json"], model)
     options = BenchOptions(
         models=args.models,
         data=args.data,

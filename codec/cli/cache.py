@@ -1,8 +1,8 @@
 """`codec cache SRC -o OUT`, `codec cache verify OUT` and `codec stats SRC`: latent caches for diffusion training.
 
-`verify` is read as a word only in the first position with one more argument after it and no -o; a source
-folder that happens to be called "verify" is `codec cache ./verify -o OUT`. Under `accelerate launch` (or
-torchrun) the processes split the shards; see codec.cache.writer.
+`cache verify` is a subcommand of its own, reached by its two words; a source folder that happens to be called
+"verify" is `codec cache ./verify -o OUT`. Under `accelerate launch` (or torchrun) the processes split the shards;
+see codec.cache.writer.
 """
 
 from __future__ import annotations
@@ -16,7 +16,13 @@ from pathlib import Path
 from codec.cache.preprocess import DEFAULT_BUCKET_STEP, DEFAULT_MAX_ASPECT, RESAMPLE_FILTERS
 from codec.cli.common import DTYPES, add_model_options, resolve_device
 
+VERIFY = "cache verify"
 CACHE_USAGE = "codec cache SRC -o OUT [options]\n       codec cache verify OUT [--model M]"
+
+
+def route_cache_verify(argv: list[str]) -> list[str]:
+    """`codec cache verify ...` -> the `cache verify` subcommand; every other command line as it is."""
+    return [VERIFY, *argv[2:]] if [str(word) for word in argv[:2]] == ["cache", "verify"] else argv
 
 
 def _cpus() -> int:
@@ -59,21 +65,26 @@ def _add_encoding_options(parser: argparse.ArgumentParser, default_model: str) -
         "--compile", action="store_true", help="torch.compile the encoder (compiles once per bucket shape: slow start)"
     )
     add_model_options(parser, default_model=default_model)
-    parser.set_defaults(model=None)  # None: 'builtin' to encode; for verify, no model check
+    parser.set_defaults(model=None)  # None: 'builtin' to encode; stats on a cache loads no model
 
 
 def add_parsers(subparsers) -> None:
+    _add_cache_parser(subparsers)
+    _add_verify_parser(subparsers)
+    _add_stats_parser(subparsers)
+
+
+def _add_cache_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "cache",
-        help="encode an image dataset to latents (Parquet shards) for diffusion training; `cache verify OUT` checks one",
+        help="encode an image dataset to latents (Parquet shards) for diffusion training",
         usage=CACHE_USAGE,
         description="Encode images to latents, resumably: run the same command again to finish an interrupted run. "
         "SRC: an image folder (recursive), a .txt list of images, a .parquet file or folder, a save_to_disk "
-        "folder, or a hub dataset name. `codec cache verify OUT` checks a cache (with --model, also its codec).",
+        "folder, or a hub dataset name. `codec cache verify OUT` checks a cache (see `codec cache verify --help`).",
     )
-    parser.add_argument("source", metavar="SRC", help="what to encode (or the word verify)")
-    parser.add_argument("target", nargs="?", metavar="OUT", help=argparse.SUPPRESS)
-    parser.add_argument("-o", "--output", type=Path, help="cache folder to write (or resume)")
+    parser.add_argument("source", metavar="SRC", help="what to encode (a folder named verify: ./verify)")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="cache folder to write (or resume)")
     parser.add_argument(
         "--columns",
         help="comma-separated columns to carry (default: a dataset's all but the image, a folder's captions); "
@@ -84,9 +95,27 @@ def add_parsers(subparsers) -> None:
         "--latent-dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="storage (default fp16)"
     )
     parser.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
-    _add_encoding_options(parser, default_model="'builtin' (cache verify: the codec is not checked)")
+    _add_encoding_options(parser, default_model="'builtin'")
     parser.set_defaults(run=run_cache)
 
+
+def _add_verify_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        VERIFY,
+        help="check a cache written by `codec cache`: counts, keys, shapes, readability (with --model, its codec)",
+        description="Check that a cache is complete, consistent and readable; with --model, also that it was made "
+        "with that codec. Exit status 1 when a problem is found.",
+    )
+    parser.add_argument("cache", metavar="OUT", type=Path, help="the cache folder (OUT of `codec cache`)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="also check the cache was made with this codec (default: the codec is not checked)",
+    )
+    parser.set_defaults(run=run_verify)
+
+
+def _add_stats_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "stats",
         help="per-channel latent mean/std and scaling factor of a cache or dataset; --write-config into a model",
@@ -142,25 +171,20 @@ def _load(args: argparse.Namespace, device=None):
 
 
 def run_cache(args: argparse.Namespace) -> int:
-    if args.source == "verify" and args.target is not None and args.output is None:
-        return run_verify(args)
-    if args.target is not None:
-        raise ValueError(f"unexpected argument {args.target!r}; usage: {CACHE_USAGE}")
-    if args.output is None:
-        raise ValueError(f"-o OUT is required; usage: {CACHE_USAGE}")
     from codec.cache.sources import open_source
     from codec.cache.writer import Group, build_cache
+    from codec.cli.outputs import refuse_model_paths
     from codec.distributed import launched_world_size, make_accelerator, shutdown
 
     settings = _settings(args, args.flip, args.latent_dtype, args.shard_size)  # refused settings cost no model load
+    refuse_model_paths([args.output / "manifest.json"], args.model or "builtin")
     accelerator = None
     if launched_world_size() > 1:
         from datetime import timedelta
 
         from accelerate.utils import InitProcessGroupKwargs
 
-        # A resumed cache gives its processes uneven work (only some shards are stale): those done early wait at
-        # the closing barrier for the others, longer than the process group's default 10 minutes allows.
+        # A resume gives the processes uneven work: early finishers wait at the last barrier past the default timeout.
         accelerator = make_accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=12))])
     device = accelerator.device if accelerator is not None and args.device == "auto" else None
     vae, identities = _load(args, device)
@@ -203,15 +227,15 @@ def run_verify(args: argparse.Namespace) -> int:
     from codec.model import AutoencoderKL
 
     codec = AutoencoderKL.load(args.model) if args.model else None
-    report = verify_cache(args.target, codec)
+    report = verify_cache(args.cache, codec)
     for problem in report.problems:
         print(f"problem: {problem}")
     if not report.ok:
-        print(f"{args.target}: {len(report.problems)} problem(s)")
+        print(f"{args.cache}: {len(report.problems)} problem(s)")
         return 1
     checked = " and codec" if codec else ""
     print(
-        f"{args.target}: OK, {report.rows} rows and {report.skipped} skipped in {report.shards} shards (counts, keys, shapes{checked} checked)"
+        f"{args.cache}: OK, {report.rows} rows and {report.skipped} skipped in {report.shards} shards (counts, keys, shapes{checked} checked)"
     )
     return 0
 
@@ -219,7 +243,7 @@ def run_verify(args: argparse.Namespace) -> int:
 def run_stats(args: argparse.Namespace) -> int:
     from codec.cache.stats import cache_stats, write_config
 
-    if args.limit is not None and args.limit < 1:  # 0 had meant every image
+    if args.limit is not None and args.limit < 1:  # 0 reads as "no limit" elsewhere: refused, not guessed
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
     if args.channel_stats and not args.write_config:
         raise ValueError("--channel-stats says what --write-config DIR writes; give both")

@@ -1,9 +1,10 @@
 """What the subcommands share: the --model, --device and --dtype options (all but convert; bench has its own), the
-model they select, output checks, output names and number formatting."""
+model they select, output names, number formatting and the sentences that replace bare errno messages."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 from pathlib import Path
 
@@ -32,6 +33,33 @@ def check_output_folder(path: Path, holds: str) -> None:
     """Before any work: an -o that names a file would otherwise fail at the first write, with a bare errno."""
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path}: is a file; -o takes the folder to write {holds} in")
+
+
+# What to say, after the path, for the errors a user meets writing outputs; the rest keep the system's words.
+OS_ERROR_ADVICE = {
+    errno.EROFS: "the file system is read-only; write to another disk or folder",
+    errno.EACCES: "permission denied; choose a folder you may write to (or read from), or change its permissions",
+    errno.EPERM: "operation not permitted; choose a folder you may write to, or change its permissions",
+    errno.ENOSPC: "no space left on the disk; free some space or write to another disk",
+    errno.EEXIST: "already exists (perhaps a file where a folder is needed); move it or choose another path",
+    errno.ENOTDIR: "a part of this path is a file, not a folder; choose another path",
+    errno.EISDIR: "is a folder, where a file is needed",
+    errno.ENOENT: "no such file or folder",
+    errno.ENAMETOOLONG: "the name is too long for the file system; choose a shorter one",
+    errno.EMFILE: "too many open files; raise the limit (ulimit -n) and run again",
+    errno.EIO: "input/output error from the disk; check the disk, then run again",
+}
+if hasattr(errno, "EDQUOT"):
+    OS_ERROR_ADVICE[errno.EDQUOT] = "the disk quota is used up; free some space or write to another disk"
+
+
+def describe_os_error(error: OSError) -> str:
+    """A sentence naming the path and what to do, instead of `[Errno 30] Read-only file system: 'x'`."""
+    filename = error.filename if error.filename is not None else error.filename2
+    if error.errno is None or filename is None:
+        return str(error)
+    path = os.fsdecode(filename) if isinstance(filename, (str, bytes, os.PathLike)) else str(filename)
+    return f"{path}: {OS_ERROR_ADVICE.get(error.errno, error.strerror or str(error))}"
 
 
 def display_name(path: Path) -> str:

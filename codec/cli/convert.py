@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from codec.cli.common import DTYPES
+from codec.cli.outputs import add_overwrite_option, check_outputs
 from codec.config import PRESETS
 
 WRITTEN_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
@@ -21,7 +22,16 @@ def add_parsers(subparsers) -> None:
     parser.add_argument(
         "--dtype", choices=sorted(DTYPES), default=None, help="store the weights in this precision (default: fp32)"
     )
+    add_overwrite_option(parser)
     parser.set_defaults(run=run)
+
+
+def written_files(destination: Path) -> list[Path]:
+    """What the conversion writes (a folder's earlier sharded weights are removed, so their index counts too)."""
+    if destination.suffix.lower() in WRITTEN_SUFFIXES:
+        return [destination]
+    weights = destination / "diffusion_pytorch_model.safetensors"
+    return [destination / "config.json", weights, weights.with_name(f"{weights.name}.index.json")]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.config is not None and not source.is_file():
         raise ValueError(f"--config {args.config}: only for a single-file source; {args.source} brings its own config")
+    check_outputs(written_files(args.destination), args.overwrite, model=args.source)
     if source.is_file():
         vae = AutoencoderKL.from_single_file(source, config=args.config, torch_dtype=dtype)
     else:

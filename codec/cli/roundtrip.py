@@ -21,12 +21,12 @@ from codec.cli.common import (
     output_stems,
     ssim_or_none,
 )
+from codec.cli.outputs import add_overwrite_option, check_outputs
 from codec.images import image_to_tensor, tensor_to_uint8
 from codec.metrics import psnr
 from codec.visual import HEATMAP_LABEL, error_heatmap, side_by_side
 
-# An image that fits in one tile still runs whole (enable_tiling): a budget-sized tile, what a bare enable_tiling()
-# picks, would tile nothing the memory budget had not already tiled, so --tile takes diffusers' tile instead.
+# --tile's tile: a budget-sized tile would cover any image that fits in memory, so tiling would change nothing.
 DIFFUSERS_TILE = 64
 
 
@@ -43,6 +43,7 @@ def add_parsers(subparsers) -> None:
     parser.add_argument(
         "--tile-size", type=int, metavar="N", help="tile at N latent positions, N >= 2 (implies --tile)"
     )
+    add_overwrite_option(parser)
     add_model_options(parser)
     parser.set_defaults(run=run)
 
@@ -52,48 +53,41 @@ def _save_png(image, path: Path) -> None:
         image.save(tmp, format="PNG")
 
 
-@torch.no_grad()
-def run(args: argparse.Namespace) -> int:
-    from PIL import Image
-
-    check_output_folder(args.output, "the reconstructions")
-    if args.tile_size is not None and args.tile_size < 2:
-        raise ValueError(f"--tile-size takes a tile side of at least 2 latent positions, got {args.tile_size}")
-    tile = args.tile_size or (DIFFUSERS_TILE if args.tile else None)
-    stems = output_stems([str(path) for path in args.images])
+def output_targets(args: argparse.Namespace, stems: list[str]) -> list[Path]:
+    """Each image's reconstruction and comparison, then metrics.csv; refused where one would replace an input."""
+    targets = [args.output / f"{stem}{suffix}.png" for stem in stems for suffix in ("", "_compare")]
     inputs = {Path(path).resolve() for path in args.images}
-    clobbered = [
-        str(target)
-        for stem in stems
-        for target in (args.output / f"{stem}.png", args.output / f"{stem}_compare.png")
-        if target.resolve() in inputs
-    ]
+    clobbered = [str(target) for target in targets if target.resolve() in inputs]
     if clobbered:  # -o is the inputs' own folder: the reconstruction would replace its original
         raise ValueError(f"-o {args.output}: writing there would replace input image(s) {', '.join(clobbered)}")
-    for path in args.images:  # every input read once first: a bad one is named before any output is replaced
-        image_to_tensor(path)
-    vae = load_model(args)
-    if tile is not None:
-        vae.enable_tiling(tile)
-    args.output.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for path, stem in zip(args.images, stems, strict=True):
-        x = image_to_tensor(path)
-        start = time.perf_counter()
-        reconstruction = vae(x.to(vae.device, vae.dtype)).sample
-        seconds = time.perf_counter() - start
-        original, recon = tensor_to_uint8(x)[0], tensor_to_uint8(reconstruction)[0]
-        image_psnr = psnr(original, recon).item()
-        image_ssim = ssim_or_none(original, recon)
-        _save_png(Image.fromarray(recon), args.output / f"{stem}.png")
-        comparison = side_by_side(
-            [Image.fromarray(original), Image.fromarray(recon), error_heatmap(original, recon)],
-            ["original", f"reconstruction {image_psnr:.2f} dB", HEATMAP_LABEL],
-        )
-        _save_png(comparison, args.output / f"{stem}_compare.png")
-        name = display_name(path)
-        rows.append((name, original.shape[1], original.shape[0], image_psnr, image_ssim, seconds))
-        print(f"{name}: PSNR {image_psnr:.2f} dB  SSIM {format_ssim(image_ssim)}  ({seconds:.2f} s)")
+    return [*targets, args.output / "metrics.csv"]
+
+
+def roundtrip_one(vae, path: Path, stem: str, output: Path) -> tuple:
+    """Encode and decode one image, write its reconstruction and comparison; its row of metrics.csv."""
+    from PIL import Image
+
+    x = image_to_tensor(path)
+    start = time.perf_counter()
+    reconstruction = vae(x.to(vae.device, vae.dtype)).sample
+    seconds = time.perf_counter() - start
+    if not torch.isfinite(reconstruction).all():  # would be saved as black: say so instead
+        raise ValueError(f"{path}: its reconstruction holds NaN or infinite values (try --dtype fp32)")
+    original, recon = tensor_to_uint8(x)[0], tensor_to_uint8(reconstruction)[0]
+    image_psnr = psnr(original, recon).item()
+    image_ssim = ssim_or_none(original, recon)
+    _save_png(Image.fromarray(recon), output / f"{stem}.png")
+    comparison = side_by_side(
+        [Image.fromarray(original), Image.fromarray(recon), error_heatmap(original, recon)],
+        ["original", f"reconstruction {image_psnr:.2f} dB", HEATMAP_LABEL],
+    )
+    _save_png(comparison, output / f"{stem}_compare.png")
+    name = display_name(path)
+    print(f"{name}: PSNR {image_psnr:.2f} dB  SSIM {format_ssim(image_ssim)}  ({seconds:.2f} s)")
+    return (name, original.shape[1], original.shape[0], image_psnr, image_ssim, seconds)
+
+
+def write_metrics(rows: list[tuple], path: Path) -> None:
     if len(rows) > 1:
         mean_psnr = sum(r[3] for r in rows) / len(rows)
         ssims = [r[4] for r in rows if r[4] is not None]
@@ -105,5 +99,23 @@ def run(args: argparse.Namespace) -> int:
     writer.writerows(
         [r[0], r[1], r[2], f"{r[3]:.4f}", "" if r[4] is None else f"{r[4]:.5f}", f"{r[5]:.3f}"] for r in rows
     )
-    atomic_write_text(args.output / "metrics.csv", table.getvalue())
+    atomic_write_text(path, table.getvalue())
+
+
+@torch.no_grad()
+def run(args: argparse.Namespace) -> int:
+    check_output_folder(args.output, "the reconstructions")
+    if args.tile_size is not None and args.tile_size < 2:
+        raise ValueError(f"--tile-size takes a tile side of at least 2 latent positions, got {args.tile_size}")
+    tile = args.tile_size or (DIFFUSERS_TILE if args.tile else None)
+    stems = output_stems([str(path) for path in args.images])
+    check_outputs(output_targets(args, stems), args.overwrite, model=args.model)
+    for path in args.images:  # every input read once first: a bad one is named before any output is written
+        image_to_tensor(path)
+    vae = load_model(args)
+    if tile is not None:
+        vae.enable_tiling(tile)
+    args.output.mkdir(parents=True, exist_ok=True)
+    rows = [roundtrip_one(vae, path, stem, args.output) for path, stem in zip(args.images, stems, strict=True)]
+    write_metrics(rows, args.output / "metrics.csv")
     return 0
