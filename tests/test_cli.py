@@ -93,7 +93,9 @@ def test_roundtrip_writes_reconstructions_comparisons_and_table(roundtrip, sourc
             # original, reconstruction and heat map side by side, with a label strip above
             assert comparison.width >= 3 * width and comparison.height > height
     assert sorted(p.name for p in output.iterdir()) == sorted(
-        ["metrics.csv"] + [f"{s}.png" for s, _, _ in SOURCES] + [f"{s}_compare.png" for s, _, _ in SOURCES]
+        [".codec-outputs.json", "metrics.csv"]
+        + [f"{s}.png" for s, _, _ in SOURCES]
+        + [f"{s}_compare.png" for s, _, _ in SOURCES]
     )
     with open(output / "metrics.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -146,7 +148,7 @@ def test_encode_decode_matches_roundtrip(tmp_path, model_dir, sources, roundtrip
     decoded = tmp_path / "decoded"
     code, _, stderr = _run(["decode", latents, "-o", decoded, "--model", model_dir])
     assert code == 0, stderr
-    assert sorted(p.name for p in decoded.iterdir()) == ["first.png", "odd.png"]
+    assert sorted(p.name for p in decoded.iterdir()) == [".codec-outputs.json", "first.png", "odd.png"]
     reference_dir, _ = roundtrip
     for stem, height, width in SOURCES:
         if stem not in names:

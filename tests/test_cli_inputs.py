@@ -48,7 +48,7 @@ def test_decode_and_roundtrip_write_one_file_per_input(clashing, tmp_path, capsy
     latents = tmp_path / "latents.safetensors"
     assert main(["encode", *map(str, clashing), "-o", str(latents), *model]) == 0
     assert main(["decode", str(latents), "-o", str(tmp_path / "decoded"), *model]) == 0
-    decoded = {p.name: Image.open(p).size for p in (tmp_path / "decoded").iterdir()}
+    decoded = {p.name: Image.open(p).size for p in (tmp_path / "decoded").glob("*.png")}
     assert decoded == {"a_png.png": (40, 32), "a_jpg.png": (48, 32), "x-1.png": (56, 32), "x-2.png": (64, 32),
                        "tiny.png": (10, 8)}  # fmt: skip
 

@@ -117,16 +117,36 @@ def test_roundtrip_never_replaces_a_metrics_table_it_did_not_make(tmp_path, caps
     assert _contents(out) == {"metrics.csv": b"my own table\n"}  # nothing written beside it either
 
 
-def test_a_rerun_into_its_own_output_folder_names_what_is_there_and_suggests_overwrite(tmp_path, capsys):
+def test_a_rerun_replaces_its_own_earlier_files_but_not_one_a_user_changed(tmp_path, capsys):
     image, out = _image(tmp_path / "a.png"), tmp_path / "out"
     assert main(["roundtrip", str(image), "-o", str(out), *TINY]) == 0
+    assert main(["roundtrip", str(image), "-o", str(out), *TINY]) == 0  # its own files, unchanged: replaced
+    (out / "metrics.csv").write_text("edited by hand\n")
     first = {path.name: path.stat().st_mtime_ns for path in out.iterdir()}
     capsys.readouterr()
     assert main(["roundtrip", str(image), "-o", str(out), *TINY]) == 2
-    names = ", ".join(str(out / name) for name in ("a.png", "a_compare.png", "metrics.csv"))
-    _one_line_error(capsys, f"{names} already exist; nothing was written: pass --overwrite to replace them")
+    _one_line_error(capsys, f"{out / 'metrics.csv'} already exists and was not written by codec", "--overwrite")
     assert {path.name: path.stat().st_mtime_ns for path in out.iterdir()} == first
+    assert (out / "metrics.csv").read_text() == "edited by hand\n"
     assert main(["roundtrip", str(image), "-o", str(out), *TINY, "--overwrite"]) == 0
+    assert main(["roundtrip", str(image), "-o", str(out), *TINY]) == 0  # what --overwrite wrote is codec's now
+
+
+def test_a_forged_or_unreadable_ledger_protects_nothing_it_does_not_vouch_for(tmp_path, capsys):
+    image, out = _image(tmp_path / "a.png"), tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.csv").write_text("mine\n")
+    (out / ".codec-outputs.json").write_text('{"metrics.csv": "0000"}')  # a digest that is not the file's
+    assert main(["roundtrip", str(image), "-o", str(out), *TINY]) == 2
+    (out / ".codec-outputs.json").write_text("[not json")
+    assert main(["roundtrip", str(image), "-o", str(out), *TINY]) == 2
+    assert (out / "metrics.csv").read_text() == "mine\n"
+
+
+def test_demo_runs_twice_into_the_same_folder(tmp_path):
+    image, out = _image(tmp_path / "a.png"), tmp_path / "demo"
+    assert main(["demo", str(image), "-o", str(out), *TINY]) == 0
+    assert main(["demo", str(image), "-o", str(out), *TINY]) == 0
 
 
 def test_demo_convert_and_encode_never_replace_files_they_did_not_make(models, tmp_path, capsys):

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from codec.cli.common import DTYPES
-from codec.cli.outputs import add_overwrite_option, check_outputs
+from codec.cli.outputs import add_overwrite_option, check_outputs, recording
 from codec.config import PRESETS
 
 WRITTEN_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
@@ -47,15 +47,17 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.config is not None and not source.is_file():
         raise ValueError(f"--config {args.config}: only for a single-file source; {args.source} brings its own config")
-    check_outputs(written_files(args.destination), args.overwrite, model=args.source)
+    targets = written_files(args.destination)
+    check_outputs(targets, args.overwrite, model=args.source)
     if source.is_file():
         vae = AutoencoderKL.from_single_file(source, config=args.config, torch_dtype=dtype)
     else:
         vae = AutoencoderKL.load(args.source, torch_dtype=dtype)
-    if suffix in WRITTEN_SUFFIXES:
-        vae.save_single_file(args.destination)
-    else:
-        vae.save_pretrained(args.destination)
+    with recording(targets):
+        if suffix in WRITTEN_SUFFIXES:
+            vae.save_single_file(args.destination)
+        else:
+            vae.save_pretrained(args.destination)
         if getattr(vae, "scaling_is_guess", False):  # a folder's config.json has no way to mark a guess
             print(
                 f"note: {args.destination / 'config.json'} holds scaling_factor {vae.config.scaling_factor}, the "

@@ -10,7 +10,7 @@ import torch
 
 from codec.atomic import atomic_path
 from codec.cli.common import add_model_options, check_output_folder, load_model, output_stems
-from codec.cli.outputs import add_overwrite_option, check_outputs
+from codec.cli.outputs import add_overwrite_option, check_outputs, recording
 from codec.images import tensor_to_pil
 from codec.latents_file import LatentsFile, Scaling, file_id, read_latents_file
 from codec.model import unscale_latents
@@ -94,13 +94,14 @@ def run(args: argparse.Namespace) -> int:
     vae = load_model(args)
     config = decoding_config(args, record, vae)
     args.output.mkdir(parents=True, exist_ok=True)
-    for latent, target, (height, width), name in zip(
-        record.latents, targets, record.sizes, record.sources, strict=True
-    ):
-        image = vae.decode(unscale_latents(latent[None].to(vae.device, vae.dtype), config)).sample
-        if not torch.isfinite(image).all():  # would be saved as a black image: an error instead
-            raise ValueError(f"{args.latents}: {name} decodes to NaN or infinite values; {target} not written")
-        with atomic_path(target) as tmp:
-            tensor_to_pil(image[..., :height, :width])[0].save(tmp, format="PNG")
-        print(f"wrote {target}")
+    with recording(targets):
+        for latent, target, (height, width), name in zip(
+            record.latents, targets, record.sizes, record.sources, strict=True
+        ):
+            image = vae.decode(unscale_latents(latent[None].to(vae.device, vae.dtype), config)).sample
+            if not torch.isfinite(image).all():  # would be saved as a black image: an error instead
+                raise ValueError(f"{args.latents}: {name} decodes to NaN or infinite values; {target} not written")
+            with atomic_path(target) as tmp:
+                tensor_to_pil(image[..., :height, :width])[0].save(tmp, format="PNG")
+            print(f"wrote {target}")
     return 0

@@ -23,7 +23,7 @@ from codec.cli.common import (
     output_stems,
     ssim_or_none,
 )
-from codec.cli.outputs import add_overwrite_option, check_outputs
+from codec.cli.outputs import add_overwrite_option, check_outputs, recording
 from codec.images import image_to_tensor, list_images, tensor_to_pil, tensor_to_uint8
 from codec.metrics import psnr
 from codec.visual import HEATMAP_LABEL, error_heatmap, grid, side_by_side
@@ -145,16 +145,18 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{SAMPLES}: no sample photos; pass image paths")
     out = args.output
     check_output_folder(out, "the demo")
-    check_outputs(output_targets(out, paths), args.overwrite, model=args.model)
+    targets = output_targets(out, paths)
+    check_outputs(targets, args.overwrite, model=args.model)
     images = [image_to_tensor(path) for path in paths]  # an unreadable photo fails before anything is written
     vae = load_model(args)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    rows, lines, squares = reconstruct(vae, paths, images, out)
-    _save(grid(rows, ["original", "reconstruction", HEATMAP_LABEL]), out / "comparison.png")
-    interpolate(vae, squares, out)
-    sample_prior(vae, args.seed, out)
-    seconds = time.perf_counter() - start
-    write_report(vae, args.model, lines, seconds, out / "report.md")
+    with recording(targets):
+        rows, lines, squares = reconstruct(vae, paths, images, out)
+        _save(grid(rows, ["original", "reconstruction", HEATMAP_LABEL]), out / "comparison.png")
+        interpolate(vae, squares, out)
+        sample_prior(vae, args.seed, out)
+        seconds = time.perf_counter() - start
+        write_report(vae, args.model, lines, seconds, out / "report.md")
     print(f"wrote {out}/comparison.png, interpolation.png, prior_samples.png and report.md ({seconds:.1f} s)")
     return 0

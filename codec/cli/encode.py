@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from codec.cli.common import add_model_options, load_model
-from codec.cli.outputs import add_overwrite_option, check_outputs
+from codec.cli.outputs import add_overwrite_option, check_outputs, recording
 from codec.images import image_to_tensor
 from codec.latents_file import LatentsFile, Scaling, file_id, recorded_model_name, write_latents_file
 
@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         posterior="sample" if args.sample else "mean",
         files=[file_id(path) for path in args.images],
     )
-    write_latents_file(args.output, record)
+    with recording([args.output]):
+        write_latents_file(args.output, record)
     print(f"wrote {len(latents)} latents to {args.output}")
     return 0

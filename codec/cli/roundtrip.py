@@ -21,7 +21,7 @@ from codec.cli.common import (
     output_stems,
     ssim_or_none,
 )
-from codec.cli.outputs import add_overwrite_option, check_outputs
+from codec.cli.outputs import add_overwrite_option, check_outputs, recording
 from codec.images import image_to_tensor, tensor_to_uint8
 from codec.metrics import psnr
 from codec.visual import HEATMAP_LABEL, error_heatmap, side_by_side
@@ -109,13 +109,15 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--tile-size takes a tile side of at least 2 latent positions, got {args.tile_size}")
     tile = args.tile_size or (DIFFUSERS_TILE if args.tile else None)
     stems = output_stems([str(path) for path in args.images])
-    check_outputs(output_targets(args, stems), args.overwrite, model=args.model)
+    targets = output_targets(args, stems)
+    check_outputs(targets, args.overwrite, model=args.model)
     for path in args.images:  # every input read once first: a bad one is named before any output is written
         image_to_tensor(path)
     vae = load_model(args)
     if tile is not None:
         vae.enable_tiling(tile)
     args.output.mkdir(parents=True, exist_ok=True)
-    rows = [roundtrip_one(vae, path, stem, args.output) for path, stem in zip(args.images, stems, strict=True)]
-    write_metrics(rows, args.output / "metrics.csv")
+    with recording(targets):
+        rows = [roundtrip_one(vae, path, stem, args.output) for path, stem in zip(args.images, stems, strict=True)]
+        write_metrics(rows, args.output / "metrics.csv")
     return 0
