@@ -128,3 +128,52 @@ def test_a_checkpoint_of_the_older_pickled_layout_is_refused_with_the_way_to_its
     code, err = _resume(out, capsys)
     assert code == 2 and not (tmp_path / "ran").exists()
     assert "older, pickled layout" in _one_error_line(err, "training: error:")
+
+
+def test_every_kind_of_state_comes_back_as_it_was_saved(tmp_path):
+    import torch
+
+    from training.checkpoint import read_states, save_states
+    from training.trainer_state import _load_like, _load_optimizer
+
+    model = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.5, 0.9))
+    model(torch.randn(1, 3, 8, 8)).sum().backward()
+    optimizer.step()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**7)
+    odd = {"half": torch.randn(2, dtype=torch.bfloat16), "count": torch.tensor(3), "none": None, "inf": float("inf")}
+    states = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "odd": odd}
+    save_states(tmp_path, states)
+    loaded = read_states(tmp_path)
+    assert loaded["optimizer"]["param_groups"][0]["betas"] == (0.5, 0.9)  # a tuple again, not a list
+    for index, moments in optimizer.state_dict()["state"].items():  # int keys, as the optimizer numbers them
+        assert all(torch.equal(loaded["optimizer"]["state"][index][k], v) for k, v in moments.items())
+    assert loaded["odd"]["half"].dtype == torch.bfloat16 and torch.equal(loaded["odd"]["half"], odd["half"])
+    assert loaded["odd"]["count"].item() == 3 and loaded["odd"]["none"] is None and loaded["odd"]["inf"] == float("inf")
+    restored = torch.amp.GradScaler("cpu")
+    _load_like(restored, loaded["scaler"], "scaler")
+    assert restored.get_scale() == 2.0**7
+    resumed = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.5, 0.9))
+    _load_optimizer(resumed, loaded["optimizer"], "optimizer")
+    assert resumed.state[model.weight]["exp_avg"].stride() == model.weight.stride()  # channels-last, as saved
+
+
+@pytest.mark.parametrize(
+    ("part", "edit"),
+    [
+        ("loop", lambda state: state.update(step="2")),
+        ("scheduler", lambda state: state.update(optimizer=None)),  # would replace the scheduler's optimizer
+        ("optimizer", lambda state: state["param_groups"][0].update(lr="fast")),
+    ],
+)
+def test_a_tampered_state_is_named_in_one_line(finished_run, tmp_path, capsys, part, edit):
+    import json
+
+    out = _copy(finished_run, tmp_path)
+    record_path = out / "checkpoints" / "step-0000002" / "state.json"
+    record = json.loads(record_path.read_text())
+    edit(record["parts"][part])
+    record_path.write_text(json.dumps(record))
+    code, err = _resume(out, capsys)
+    assert code == 2
+    assert f"{record_path}: its {part} state does not fit this run" in _one_error_line(err, "training: error:")
