@@ -210,7 +210,7 @@ class RunConfig(_Section):
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     seed: int = 0
     checkpoint_every: int = 500
-    checkpoints_to_keep: int = 3
+    keep_checkpoints: int = 3  # the latest N: a damaged last one leaves a complete one to resume from
     validate_every: int = 250
     log_every: int = 10
     log_with: str | None = "tensorboard"  # an accelerate tracker name; None = no tracker
@@ -224,11 +224,14 @@ class RunConfig(_Section):
     time_limit_minutes: float | None = None
 
     def validate(self) -> None:
-        counts = ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every", "checkpoints_to_keep")
+        counts = ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every", "keep_checkpoints")
         self._require(lambda v: v >= 1, "must be at least 1", *counts, "validate_every", "log_every")
         self._require(lambda v: v >= 0, "must be >= 0", "seed")
         self._require(lambda v: v is None or v > 0, "must be > 0 (or null for no limit)", "time_limit_minutes")
 
+
+# Keys under their earlier names, so that the config.yaml of an earlier run (and a config written then) loads.
+RENAMED = {("run", "checkpoints_to_keep"): "keep_checkpoints"}
 
 SECTIONS = dict(model=ModelConfig, data=DataConfig, loss=LossConfig, optimizer=OptimizerConfig, run=RunConfig)
 
@@ -271,6 +274,7 @@ def _merge_overrides(data: dict[str, dict], sources: dict[tuple[str, str], str],
     for text in overrides:
         name, equals, raw = text.partition("=")
         section, _, key = name.strip().partition(".")
+        key = RENAMED.get((section, key), key)
         if not equals or not section or not key or "." in key:
             _fail(f"malformed override {text!r}: expected section.key=value, e.g. run.max_steps=1000")
         source = f"override {text!r}"
@@ -355,6 +359,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Train
             if not isinstance(values, (dict, type(None))):  # None: a section whose keys are all commented out
                 _fail(f"{path}: section {section!r} must be a mapping of key: value")
             for key, value in (values or {}).items():
+                key = RENAMED.get((section, key), key)
                 _check_key(section, key, origin)
                 if path.resolve().parent == SHIPPED_CONFIGS.resolve():
                     value = _from_repository_root(section, key, value)

@@ -1,21 +1,25 @@
 """`python -m training.export CHECKPOINT OUT`: a checkpoint of a run as a diffusers folder plus an LDM single file.
 
 The run's `model-config.json` (two levels above the checkpoint; `config.yaml` for runs older than it) rebuilds
-the architecture; the weights are the
-EMA's when the run kept one (as the end-of-run export does), else the trained weights themselves.
+the architecture; the weights are the EMA's when the run kept one (as the end-of-run export does), else the
+trained weights themselves. Nothing read can run code: safetensors and JSON, and for checkpoints of the older,
+pickled layout, `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 
 from codec import AutoencoderKL, AutoencoderKLConfig
-from codec.checkpoint import CheckpointError, load_checked, read_tensors
+from codec.checkpoint import CheckpointError, load_checked
 from codec.config import ConfigError as ModelConfigError
+from training.checkpoint import PICKLED, STATE, read_record, read_safetensors
 from training.config import ConfigError, load_config
 from training.model import build_autoencoder
 
@@ -44,15 +48,14 @@ def export_checkpoint(
         vae = AutoencoderKL(AutoencoderKLConfig.from_json(architecture)).eval()
     else:  # a run from before MODEL_CONFIG was written
         vae = build_autoencoder(load_config(run_dir / "config.yaml").model).eval()
-    trained = read_tensors(checkpoint / "model.safetensors")  # a damaged file is named, with why
+    weights = checkpoint / "model.safetensors"
+    layout = _layout(checkpoint)
+    trained = read_safetensors(weights)  # a damaged or replaced file is named, with why
     # The checkpoint holds TrainingAutoencoder's state: the autoencoder's keys under `vae.`.
-    load_checked(vae, {k.removeprefix("vae."): v for k, v in trained.items()}, str(checkpoint / "model.safetensors"))
-    shadow = _ema_shadow(checkpoint) if use_ema else None
+    load_checked(vae, {k.removeprefix("vae."): v for k, v in trained.items()}, str(weights))
+    shadow, source = _ema_shadow(checkpoint, layout) if use_ema else (None, None)
     if shadow is not None:
-        with torch.no_grad():
-            for name, param in vae.named_parameters():
-                if name in shadow:
-                    param.copy_(shadow[name])
+        load_checked(vae, {**vae.state_dict(), **shadow}, str(source))
     if dtype is not None:
         vae.to(dtype)
     vae.requires_grad_(False)
@@ -61,14 +64,39 @@ def export_checkpoint(
     return vae
 
 
-def _ema_shadow(checkpoint: Path) -> dict[str, torch.Tensor] | None:
-    """The EMA's weights, if the run kept one. accelerate numbers the registered objects in their order (loop
-    state, then the EMA if any, then a discriminator's GradScaler if any), so the EMA is found by what it holds."""
+def _layout(checkpoint: Path) -> dict | None:
+    """The checkpoint's record, its files checked whole; None for the older, pickled layout."""
+    if not (checkpoint / STATE).is_file() and any((checkpoint / name).is_file() for name in PICKLED):
+        return None
+    return read_record(checkpoint)
+
+
+def _ema_shadow(checkpoint: Path, record: dict | None) -> tuple[dict[str, torch.Tensor] | None, Path | None]:
+    """The EMA's weights, if the run kept one, and the file they come from."""
+    if record is not None:
+        path = checkpoint / "ema.safetensors"
+        if path.name not in record["files"]:
+            return None, None
+        tensors = read_safetensors(path)
+        return {
+            name.removeprefix("shadow."): value for name, value in tensors.items() if name.startswith("shadow.")
+        }, path
+    # The older layout numbers its pickled objects (loop state, then the EMA if any, then a scaler if any): the
+    # EMA is the one holding a shadow. Read with weights_only, which builds tensors and plain data only.
     for path in sorted(checkpoint.glob("custom_checkpoint_*.pkl")):
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "shadow" in state:
-            return state["shadow"]
-    return None
+        try:
+            with warnings.catch_warnings():  # torch's note on the pickle protocol is not the user's concern
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise CheckpointError(
+                f"{path}: holds pickled objects that safe loading refuses to build, since they could run code"
+            ) from None
+        except Exception as error:
+            raise CheckpointError(f"{path}: not a readable PyTorch file ({type(error).__name__})") from None
+        if isinstance(state, dict) and isinstance(state.get("shadow"), dict):
+            return state["shadow"], path
+    return None, None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,8 +16,7 @@ class EMA:
     """Exponential moving average of the trainable parameters, in fp32, for validation and export.
 
     Only parameters that train are averaged; frozen ones (the encoder in decoder-only mode) are copied as they
-    are when the average is applied. Registered with `accelerator.register_for_checkpointing`, so it is saved
-    and restored with the rest of the state.
+    are when the average is applied. Saved in checkpoints as `ema.safetensors` (keys under `shadow.`).
     """
 
     def __init__(self, model: nn.Module, decay: float) -> None:
@@ -27,7 +26,7 @@ class EMA:
 
     def current_decay(self) -> float:
         """The decay ramps up as (1 + n) / (10 + n) towards `decay`: with 0.999 from the start, the average would
-        still be mostly the random initial weights after hundreds of steps (validation saw exactly that)."""
+        still be mostly the random initial weights after hundreds of steps."""
         return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
     @torch.no_grad()
@@ -54,8 +53,14 @@ class EMA:
 
     def load_state_dict(self, state: dict) -> None:
         # The decay stays as configured: a resumed run may change optimizer.ema_decay, like any other setting.
-        self.updates = int(state.get("updates", 0))  # checkpoints from before the warm-up start it afresh
-        self.shadow = {name: tensor.float() for name, tensor in state["shadow"].items()}
+        shadow = state["shadow"]
+        if not isinstance(shadow, dict) or shadow.keys() != self.shadow.keys():
+            raise ValueError("its averaged weights are not this model's trainable ones")
+        for name, tensor in shadow.items():
+            if not isinstance(tensor, torch.Tensor) or tensor.shape != self.shadow[name].shape:
+                raise ValueError(f"its average of {name} does not have the weight's shape")
+        self.updates = int(state.get("updates", 0))
+        self.shadow = {name: tensor.float() for name, tensor in shadow.items()}
 
 
 class LoopState:
@@ -72,7 +77,10 @@ class LoopState:
 
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
-            setattr(self, key, int(value))
+            if key not in vars(self) or isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{key}: {value!r} is not a position of the loop")
+        for key, value in state.items():
+            setattr(self, key, value)
 
 
 def checkpoint_dir(output_dir: Path, step: int) -> Path:
@@ -112,7 +120,7 @@ def resolve_resume(resume: bool | str, output_dir: Path) -> Path | None:
     if not path.is_dir():
         raise CheckpointConflict(f"{path}: no such checkpoint folder to resume from")
     later = (
-        [c for c in existing if _step(c) > _step(path)]
+        [c for c in existing if checkpoint_step(c) > checkpoint_step(path)]
         if path.parent.resolve() == (output_dir / "checkpoints").resolve()
         else []
     )
@@ -124,14 +132,15 @@ def resolve_resume(resume: bool | str, output_dir: Path) -> Path | None:
     return path
 
 
-def _step(checkpoint: Path) -> int:
+def checkpoint_step(checkpoint: Path) -> int:
+    """The step in a checkpoint folder's name; -1 for another name."""
     match = CHECKPOINT_PATTERN.match(checkpoint.name)
     return int(match.group(1)) if match else -1
 
 
 def prune_checkpoints(output_dir: Path, keep: int, current: Path) -> None:
     """Keep the `keep` latest checkpoints up to `current` (just written, so never removed); nothing above it."""
-    older = [c for c in list_checkpoints(output_dir) if _step(c) < _step(current)]
+    older = [c for c in list_checkpoints(output_dir) if checkpoint_step(c) < checkpoint_step(current)]
     for old in older[: max(0, len(older) - (keep - 1))] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -150,6 +150,15 @@ def test_apply_overrides_returns_a_new_config():
     assert config.run.max_steps == 6 and dataclasses.replace(changed.run, max_steps=6) == config.run
 
 
+def test_keep_checkpoints_also_loads_under_its_earlier_name(tmp_path):
+    assert load_config("tiny").run.keep_checkpoints == 3
+    earlier_run = write(tmp_path, "model:\n  preset: tiny\ndata:\n  train: x\nrun:\n  checkpoints_to_keep: 5\n")
+    assert load_config(earlier_run).run.keep_checkpoints == 5
+    assert load_config("tiny", ["run.checkpoints_to_keep=4"]).run.keep_checkpoints == 4
+    with pytest.raises(ConfigError, match=r"run\.keep_checkpoints must be at least 1"):
+        load_config("tiny", ["run.keep_checkpoints=0"])
+
+
 def test_unknown_key_in_yaml_names_file_key_and_suggestion(tmp_path):
     path = write(tmp_path, "model:\n  preset: tiny\ndata:\n  train: x\nrun:\n  max_step: 3\n")
     with pytest.raises(ConfigError, match=r"config\.yaml.*run\.max_step\b.*did you mean 'max_steps'"):

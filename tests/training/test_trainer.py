@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import codec
+from training.checkpoint import read_states
 from training.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,6 +42,17 @@ def run_training(out: Path, *overrides: str, lpips_pretrained: bool = False) -> 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "final" / "diffusion_pytorch_model.safetensors"))
+
+
+def plant_pickle(path: Path, marker: Path, size: int | None = None) -> None:
+    """Replace `path` with a pickle that creates `marker` when unpickled, padded to `size` bytes if given."""
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    data = pickle.dumps(Payload())
+    path.write_bytes(data + b"\0" * max(0, (size or 0) - len(data)))
 
 
 @pytest.fixture(autouse=True)
@@ -91,7 +104,7 @@ def test_unreadable_images_are_counted_though_summed_only_at_log_and_checkpoint_
     # 4 files, batches of 2, so every epoch reads all four: one skip per 2 steps. Logged at step 3, saved at 4.
     overrides = [f"data.train={photos}", "run.max_steps=4", "run.log_every=3", "run.checkpoint_every=4"]
     out = run_training(tmp_path / "run", *overrides)
-    state = torch.load(out / "checkpoints" / "step-0000004" / "custom_checkpoint_0.pkl", weights_only=False)
+    state = read_states(out / "checkpoints" / "step-0000004")["loop"]
     assert (state["step"], state["skipped_images"]) == (4, 2)
 
 
@@ -132,14 +145,13 @@ def test_export_loads_in_diffusers_with_the_same_outputs(tmp_path):
     assert (out / "config.yaml").is_file() and list((out / "samples").glob("*.png"))
 
 
-def _launch(args: list[str], processes: int) -> subprocess.CompletedProcess:
+def _launch(args: list[str], processes: int, module: str = "training") -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     accelerate = Path(sys.executable).with_name("accelerate")
     command = [str(accelerate), "launch", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     command += ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
-    return subprocess.run(
-        [*command, "-m", "training", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-    )
+    target = ["-m", module] if module == "training" else [module]
+    return subprocess.run([*command, *target, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
 def _order(path: Path) -> dict[int, list[int]]:
@@ -150,9 +162,10 @@ def _order(path: Path) -> dict[int, list[int]]:
     return steps
 
 
-def test_two_processes_split_the_data_and_match_one_process(tmp_path):
+def test_two_processes_split_the_data_and_every_one_matches_one_process(tmp_path):
     common = ["--config", "tiny", *FAST, "run.max_steps=3", "run.checkpoint_every=3", "run.record_data_order=true"]
-    two = _launch([*common, "run.batch_size=1", f"run.output_dir={tmp_path / 'two'}"], processes=2)
+    every_rank = str(Path(__file__).with_name("every_rank.py"))  # also saves each process's weights
+    two = _launch([*common, "run.batch_size=1", f"run.output_dir={tmp_path / 'two'}"], processes=2, module=every_rank)
     assert two.returncode == 0, two.stderr[-3000:]
     # The reference runs in this process: the same trainer, without a second launch's start-up.
     run_training(tmp_path / "one", *common[2:], "run.batch_size=2")  # common[2:]: the overrides
@@ -163,9 +176,15 @@ def test_two_processes_split_the_data_and_match_one_process(tmp_path):
         assert not set(rank0[step]) & set(rank1[step]), f"step {step}: both ranks read the same image"
         assert sorted(rank0[step] + rank1[step]) == sorted(single[step])
 
-    a, b = final_weights(tmp_path / "two"), final_weights(tmp_path / "one")
-    for key in a:
-        assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
+    reference = final_weights(tmp_path / "one")
+    for rank in (0, 1):
+        weights = load_file(str(tmp_path / "two" / f"weights.rank{rank}.safetensors"))
+        assert weights.keys() == reference.keys()
+        for key in reference:
+            assert torch.allclose(weights[key], reference[key], atol=1e-5, rtol=1e-4), (rank, key)
+    # Each process keeps its own random generators in the checkpoint.
+    checkpoint = tmp_path / "two" / "checkpoints" / "step-0000003"
+    assert (checkpoint / "rng.rank0.json").is_file() and (checkpoint / "rng.rank1.json").is_file()
 
 
 def test_a_launch_that_forms_no_group_is_refused(monkeypatch):
@@ -188,17 +207,17 @@ def test_adversarial_training_runs_and_checkpoints_the_discriminator(tmp_path):
         tmp_path / "gan", "run.max_steps=2", "run.checkpoint_every=2", "loss.disc_start=1", "run.mixed_precision=bf16"
     )
     checkpoint = out / "checkpoints" / "step-0000002"
-    assert (checkpoint / "model_1.safetensors").is_file()  # the discriminator, saved with the autoencoder
+    assert (checkpoint / "discriminator.safetensors").is_file()  # saved with the autoencoder
     assert all(torch.isfinite(t).all() for t in final_weights(out).values())
     # bf16 autocast computes in half precision, but the weights and Adam's moments stay fp32 (diffusers' research
     # script cast the trainable weights themselves to half).
     checkpointed = load_file(str(checkpoint / "model.safetensors"))
     assert {t.dtype for t in checkpointed.values()} == {torch.float32}
-    moments = torch.load(checkpoint / "optimizer.bin", weights_only=True)["state"].values()
+    states = read_states(checkpoint)
+    moments = states["optimizer"]["state"].values()
     assert {m[name].dtype for m in moments for name in ("exp_avg", "exp_avg_sq")} == {torch.float32}
     # Its optimizer decays weights as configured (tiny: 0), not by AdamW's own default of 0.01.
-    disc_optimizer = torch.load(checkpoint / "optimizer_1.bin", weights_only=True)
-    assert {group["weight_decay"] for group in disc_optimizer["param_groups"]} == {0.0}
+    assert {group["weight_decay"] for group in states["disc_optimizer"]["param_groups"]} == {0.0}
 
 
 def test_too_few_images_for_one_step_is_one_line_and_leaves_no_run_folder(tmp_path, capsys):
@@ -267,17 +286,33 @@ def test_a_checkpoint_exports_like_the_end_of_the_run(tmp_path, capsys):
     assert all(half[k].dtype == torch.float16 and torch.equal(half[k], raw[k].half()) for k in raw)
 
 
-def test_a_checkpoint_without_an_ema_exports_its_weights_beside_a_discriminator_scaler(tmp_path):
+def test_a_checkpoint_of_the_older_pickled_layout_still_exports_read_safely(tmp_path, capsys):
     from training.export import export_checkpoint
+    from training.export import main as export_main
 
-    out = run_training(tmp_path / "run", "run.max_steps=1", "run.checkpoint_every=1")  # no EMA
-    checkpoint = out / "checkpoints" / "step-0000001"
-    # An fp16 run with a discriminator and no EMA registers its GradScaler where the EMA would have been.
-    assert not (checkpoint / "custom_checkpoint_1.pkl").exists()
-    torch.save(torch.amp.GradScaler("cpu").state_dict(), checkpoint / "custom_checkpoint_1.pkl")
-    exported = export_checkpoint(checkpoint, tmp_path / "exported").state_dict()
+    out = run_training(tmp_path / "run", "run.max_steps=1", "run.checkpoint_every=1", "optimizer.ema_decay=0.5")
+    new = read_states(out / "checkpoints" / "step-0000001")
+    # As accelerate's save_state wrote it: the weights in safetensors, the rest pickled, numbered in order of
+    # registration (loop state, then the EMA or a discriminator's GradScaler).
+    old = tmp_path / "old" / "checkpoints" / "step-0000001"
+    old.mkdir(parents=True)
+    shutil.copy(out / "model-config.json", tmp_path / "old")
+    shutil.copy(out / "checkpoints" / "step-0000001" / "model.safetensors", old)
+    torch.save(new["loop"], old / "custom_checkpoint_0.pkl")
+    torch.save(torch.amp.GradScaler("cpu").state_dict(), old / "custom_checkpoint_1.pkl")
+    raw = export_checkpoint(old, tmp_path / "raw").state_dict()
+    assert all(torch.equal(raw[k], new["model"][f"vae.{k}"]) for k in raw)
+    torch.save(new["ema"], old / "custom_checkpoint_1.pkl")
+    averaged = export_checkpoint(old, tmp_path / "averaged").state_dict()
     final = final_weights(out)
-    assert all(torch.equal(exported[k], final[k]) for k in final)
+    assert all(torch.equal(averaged[k], final[k]) for k in final)
+
+    plant_pickle(old / "custom_checkpoint_1.pkl", tmp_path / "ran")
+    capsys.readouterr()  # the run's progress bar
+    assert export_main([str(old), str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err
+    assert not (tmp_path / "ran").exists()
+    assert err.count("\n") == 1 and f"{old / 'custom_checkpoint_1.pkl'}: holds pickled objects" in err
 
 
 def test_a_checkpoint_exports_after_the_runs_initial_weights_are_gone(tmp_path):

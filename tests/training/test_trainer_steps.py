@@ -6,12 +6,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
 from test_trainer import FAST, REPO, final_weights, photos_and_a_broken_file, run_training
 
+from training.checkpoint import read_states
 from training.state import CheckpointConflict, prune_checkpoints
 
 
@@ -21,9 +23,8 @@ def _in_repo(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-def _optimizer_steps(checkpoint: Path, name: str = "optimizer.bin") -> int:
-    state = torch.load(checkpoint / name, weights_only=False)["state"]
-    return int(state[0]["step"])
+def _optimizer_steps(checkpoint: Path) -> int:
+    return int(read_states(checkpoint)["optimizer"]["state"][0]["step"])
 
 
 def test_accumulation_beside_a_discriminator_counts_micro_batches_once(tmp_path):
@@ -33,7 +34,7 @@ def test_accumulation_beside_a_discriminator_counts_micro_batches_once(tmp_path)
     with_disc = run_training(tmp_path / "disc", *common, "loss.disc_start=1000")
     checkpoint = with_disc / "checkpoints" / "step-0000002"
     assert _optimizer_steps(checkpoint) == 2
-    state = torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=False)
+    state = read_states(checkpoint)["loop"]
     # 7 photos in batches of 2, accumulated 2: an epoch is one whole step (4 images), so step 2 is the second
     # epoch's two micro-batches. Counted per micro-batch, the run had stopped after step 1.
     assert (state["step"], state["epoch"], state["batches_in_epoch"]) == (2, 1, 2)
@@ -66,7 +67,7 @@ def test_two_processes_keep_the_schedule_and_survive_a_batch_of_unreadable_image
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = out / "checkpoints" / "step-0000004"
     assert _optimizer_steps(checkpoint) == 4
-    scheduler = torch.load(checkpoint / "scheduler.bin", weights_only=False)
+    scheduler = read_states(checkpoint)["scheduler"]
     assert scheduler["last_epoch"] == 4 and scheduler["_last_lr"][0] == pytest.approx(0.0, abs=1e-12)
     validation = (out / "validation.log").read_text().splitlines()
     assert [line.split(":")[0] for line in validation] == ["step 2", "step 4"]
@@ -75,7 +76,7 @@ def test_two_processes_keep_the_schedule_and_survive_a_batch_of_unreadable_image
 def test_a_fresh_run_refuses_a_folder_holding_another_runs_checkpoints(tmp_path):
     from training.__main__ import main
 
-    out = run_training(tmp_path / "run", "run.max_steps=2", "run.checkpoint_every=1", "run.checkpoints_to_keep=2")
+    out = run_training(tmp_path / "run", "run.max_steps=2", "run.checkpoint_every=1", "run.keep_checkpoints=2")
     config_before = (out / "config.yaml").read_text()
     with pytest.raises(CheckpointConflict, match=r"already holds checkpoints .*latest step-0000002.*--resume"):
         run_training(out, "run.max_steps=1", "run.seed=1")
@@ -105,21 +106,16 @@ def test_a_resumed_run_uses_the_configured_learning_rate_and_ema_decay(tmp_path,
         run_training(out, *common, "run.max_steps=4", "optimizer.lr=1e-4", "optimizer.ema_decay=0.5", "run.resume=true")
     assert "optimizer.lr 0.001 -> 0.0001" in caplog.text and "run.max_steps 2 -> 4" in caplog.text
     checkpoint = out / "checkpoints" / "step-0000004"
-    groups = torch.load(checkpoint / "optimizer.bin", weights_only=False)["param_groups"]
-    assert [group["lr"] for group in groups] == [pytest.approx(1e-4)]
-    assert torch.load(checkpoint / "custom_checkpoint_1.pkl", weights_only=False)["decay"] == 0.5
+    states = read_states(checkpoint)
+    assert [group["lr"] for group in states["optimizer"]["param_groups"]] == [pytest.approx(1e-4)]
+    assert states["ema"]["decay"] == 0.5
 
 
 def test_a_checkpoint_saved_again_at_its_step_replaces_the_old_one_only_once_complete(tmp_path):
-    from training.state import LoopState
-    from training.train import _checkpoint
+    from training.checkpoint import write_checkpoint
 
-    class Saving:  # the part of Accelerator that _checkpoint uses
-        is_main_process = True
-
-        def save_state(self, folder: str) -> None:
-            Path(folder).mkdir(parents=True)
-            (Path(folder) / "model.safetensors").write_text("new")
+    class Saving:  # the part of Accelerator that write_checkpoint uses
+        is_main_process, process_index = True, 0
 
         def wait_for_everyone(self) -> None:
             pass
@@ -127,10 +123,11 @@ def test_a_checkpoint_saved_again_at_its_step_replaces_the_old_one_only_once_com
     old = tmp_path / "checkpoints" / "step-0000005"
     old.mkdir(parents=True)
     (old / "model.safetensors").write_text("old")
-    state = LoopState()
-    state.step = 5
-    _checkpoint(Saving(), tmp_path, state, keep=1)
-    assert (old / "model.safetensors").read_text() == "new"
+    (tmp_path / "checkpoints" / "step-0000005.partial").mkdir()  # left by a run killed while saving
+    (tmp_path / "checkpoints" / "step-0000005.partial" / "rng.rank1.json").write_text("{}")
+    write_checkpoint(Saving(), tmp_path, 5, lambda: {"model": {"w": torch.ones(2)}}, keep=1)
+    assert read_states(old)["model"]["w"].tolist() == [1.0, 1.0]
+    assert sorted(p.name for p in old.iterdir()) == ["model.safetensors", "rng.rank0.json", "state.json"]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000005"]
 
 
@@ -142,7 +139,7 @@ def test_fp16_discriminator_learns_from_every_micro_batch(growth_interval):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
-    from training.train import DiscriminatorStep, clip_autoencoder_gradients
+    from training.step import DiscriminatorStep, clip_autoencoder_gradients
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
@@ -191,43 +188,27 @@ def test_resume_without_a_checkpoint_and_a_missing_tracker_are_said(tmp_path, ca
     assert caplog.text.count("tensorboard is not installed (pip install tensorboard)") == 1
 
 
-def test_an_fp16_discriminator_resumes_from_a_checkpoint_saved_without_its_scaler(tmp_path):
-    # Checkpoints from before the discriminator had its own scaler (or from a bf16 run) hold one custom object
-    # fewer; accelerate's load_state refuses a count that differs, so the scaler must join after loading.
+def test_an_fp16_discriminator_resumed_from_a_checkpoint_without_its_scaler_starts_at_the_shared_scale(tmp_path):
+    # A checkpoint of a bf16 run holds no discriminator scaler; under fp16 it starts where the shared one stands.
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
-    from training.state import LoopState
-    from training.train import DiscriminatorStep
+    from training.step import DiscriminatorStep
+    from training.trainer_state import _start_afresh
 
-    def accelerator_with_scaler():
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
         accelerator = Accelerator(mixed_precision="fp16", cpu=True)
         accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
         disc = torch.nn.Linear(4, 1)
-        return accelerator, accelerator.prepare(disc, torch.optim.SGD(disc.parameters(), lr=1.0))[1]
-
-    try:
-        accelerator, _ = accelerator_with_scaler()
-        accelerator.register_for_checkpointing(LoopState())
-        accelerator.save_state(str(tmp_path / "old"))  # one custom object: the loop state
-        accelerator, disc_optimizer = accelerator_with_scaler()
-        accelerator.register_for_checkpointing(LoopState())
-        step = DiscriminatorStep(accelerator, disc_optimizer, resume_from=tmp_path / "old")
-        accelerator.load_state(str(tmp_path / "old"))
-        step.register_late()
-        assert step.scaler.get_scale() == 2.0**10  # starts where the shared scaler was
-        accelerator.save_state(str(tmp_path / "new"))
-        assert sorted(p.name for p in (tmp_path / "new").glob("custom_checkpoint_*")) == [
-            "custom_checkpoint_0.pkl",
-            "custom_checkpoint_1.pkl",
-        ]
-        accelerator, disc_optimizer = accelerator_with_scaler()
-        accelerator.register_for_checkpointing(LoopState())
-        step = DiscriminatorStep(accelerator, disc_optimizer, resume_from=tmp_path / "new")
-        accelerator.load_state(str(tmp_path / "new"))  # its own scaler, saved: registered before loading
-        assert not step._late
+        _, disc_optimizer = accelerator.prepare(disc, torch.optim.SGD(disc.parameters(), lr=1.0))
+        trainer = types.SimpleNamespace(
+            accelerator=accelerator, disc_step=DiscriminatorStep(accelerator, disc_optimizer)
+        )
+        assert trainer.disc_step.scaler.get_scale() != 2.0**10
+        _start_afresh(trainer, "disc_scaler")
+        assert trainer.disc_step.scaler.get_scale() == 2.0**10
     finally:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
@@ -240,7 +221,7 @@ def test_a_step_the_fp16_scaler_skips_leaves_the_schedule_and_the_ema_where_they
     from accelerate.state import AcceleratorState, GradientState
 
     from training.state import EMA
-    from training.train import step_schedules
+    from training.step import step_schedules
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
@@ -267,3 +248,30 @@ def test_a_step_the_fp16_scaler_skips_leaves_the_schedule_and_the_ema_where_they
     finally:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
+
+
+@pytest.mark.slow
+def test_two_processes_resumed_end_where_they_would_have_on_every_process(tmp_path):
+    from safetensors.torch import load_file
+
+    every_rank = str(Path(__file__).with_name("every_rank.py"))  # saves each process's trained weights
+    common = ["--config", "tiny", *FAST, "run.batch_size=1", "run.checkpoint_every=2", "optimizer.ema_decay=0.9"]
+
+    def launch(out: Path, *args: str) -> None:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        accelerate = Path(sys.executable).with_name("accelerate")
+        command = [str(accelerate), "launch", "--num_machines", "1", "--mixed_precision", "no", "--multi_gpu"]
+        command += ["--dynamo_backend", "no", "--num_processes", "2", every_rank, *common, f"run.output_dir={out}"]
+        result = subprocess.run([*command, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    launch(tmp_path / "straight", "run.max_steps=4")
+    launch(tmp_path / "resumed", "run.max_steps=2")
+    assert (tmp_path / "resumed" / "checkpoints" / "step-0000002" / "rng.rank1.json").is_file()
+    launch(tmp_path / "resumed", "run.max_steps=4", "--resume")
+    for rank in (0, 1):
+        a = load_file(str(tmp_path / "straight" / f"weights.rank{rank}.safetensors"))
+        b = load_file(str(tmp_path / "resumed" / f"weights.rank{rank}.safetensors"))
+        assert all(torch.equal(a[key], b[key]) for key in a), rank
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")  # the EMA, resumed too
+    assert all(torch.equal(a[key], b[key]) for key in a)
