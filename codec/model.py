@@ -21,7 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from codec.config import AutoencoderKLConfig
+from codec import loading, single_file, weights
+from codec.checkpoint import LoadedWeights, Provenance, load_checked
+from codec.config import AutoencoderKLConfig, check_setting_names
 from codec.distributions import DiagonalGaussianDistribution
 from codec.layers import preferred_memory_format
 from codec.networks import Decoder, Encoder
@@ -64,6 +66,7 @@ class DecoderOutput(_Output):
 class AutoencoderKL(nn.Module):
     def __init__(self, config: AutoencoderKLConfig | None = None) -> None:
         super().__init__()
+        self.provenance = Provenance()  # a loader's record of where the weights came from
         self.config = config or AutoencoderKLConfig()
         latent = self.config.latent_channels
         self.encoder = Encoder(self.config)
@@ -137,6 +140,16 @@ class AutoencoderKL(nn.Module):
     @property
     def downsample_factor(self) -> int:
         return self.config.downsample_factor
+
+    @property
+    def about(self) -> str | None:
+        """The embedded model's description, where the model is the embedded one (`provenance.about`)."""
+        return self.provenance.about
+
+    @property
+    def scaling_is_guess(self) -> bool:
+        """Whether the scaling factor was guessed from a single file's shapes (`provenance.scaling_is_guess`)."""
+        return self.provenance.scaling_is_guess
 
     # ---- raw network passes (no padding, tiling or fallback) ----------------------------------
 
@@ -301,12 +314,10 @@ class AutoencoderKL(nn.Module):
         `scaling_factor=...`) override config.json's. use_safetensors and low_cpu_mem_usage are accepted for
         diffusers' callers and change nothing: safetensors is read first when both formats are there, straight
         into place."""
-        from codec.config import check_setting_names
-        from codec.weights import HubOptions, load_pretrained
-
         check_setting_names(settings)  # a typo fails now, not after a download
-        hub = HubOptions(cache_dir=cache_dir, token=token, local_files_only=local_files_only)
-        model = load_pretrained(cls, pretrained_model_name_or_path, subfolder, variant, torch_dtype, revision, hub)
+        hub = weights.HubOptions(cache_dir=cache_dir, token=token, local_files_only=local_files_only)
+        loaded = weights.read_pretrained(pretrained_model_name_or_path, subfolder, variant, revision, hub)
+        model = cls._build(loaded, torch_dtype)
         if settings:
             model.register_to_config(**settings)
         return model
@@ -321,12 +332,10 @@ class AutoencoderKL(nn.Module):
     ) -> None:
         """Write config.json and diffusion_pytorch_model.safetensors, as diffusers does (only the main process
         writes, where a training script says which it is). Weights are written as safetensors only."""
-        from codec.weights import save_pretrained
-
         if not safe_serialization:
             raise ValueError("save_pretrained writes safetensors only (a pickled .bin can carry code)")
         if is_main_process:
-            save_pretrained(self, directory, variant=variant)
+            weights.write_pretrained(directory, self.state_dict(), self.config, variant=variant)
 
     @classmethod
     def from_config(cls, config: AutoencoderKLConfig | Mapping) -> AutoencoderKL:
@@ -361,22 +370,32 @@ class AutoencoderKL(nn.Module):
         torch_dtype: torch.dtype | None = None,
     ) -> AutoencoderKL:
         """Load an LDM-layout `.safetensors`/`.ckpt` (VAE alone or a whole SD checkpoint)."""
-        from codec.single_file import load_single_file
-
-        return load_single_file(cls, path, config=config, torch_dtype=torch_dtype)
+        return cls._build(single_file.read_single_file(path, config=config), torch_dtype)
 
     def save_single_file(self, path: str | os.PathLike) -> None:
         """Write the LDM layout that A1111, ComfyUI and diffusers' `from_single_file` read."""
-        from codec.single_file import save_single_file
-
-        save_single_file(self, path)
+        single_file.write_single_file(path, self.state_dict(), self.config, self.provenance.scaling_is_guess)
 
     @classmethod
     def load(cls, spec: str | os.PathLike, torch_dtype: torch.dtype | None = None) -> AutoencoderKL:
         """Whatever a user names: a diffusers folder, a single file, a hub id, a preset or 'builtin'."""
-        from codec.weights import load_any
+        return cls._build(loading.read_model(spec), torch_dtype)
 
-        return load_any(cls, spec, torch_dtype=torch_dtype)
+    @classmethod
+    def _build(cls, loaded: LoadedWeights, torch_dtype: torch.dtype | None) -> AutoencoderKL:
+        """The one place a model is built from what a loader read: every weight checked against the config
+        before any is loaded, and the provenance kept."""
+        if loaded.state_dict is None:
+            with torch.random.fork_rng(devices=[]):  # seeded without disturbing the caller's random state
+                torch.manual_seed(0)
+                model = cls(loaded.config)
+        else:
+            model = cls(loaded.config)
+            load_checked(model, loaded.state_dict, loaded.provenance.source or "the weights")
+        model.provenance = loaded.provenance
+        if torch_dtype is not None:
+            model.to(torch_dtype)
+        return model.eval()
 
 
 def _checked_tile(
