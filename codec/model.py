@@ -13,7 +13,6 @@ non-finite. `encode_latents`/`decode_latents` add the scaling and shift a diffus
 from __future__ import annotations
 
 import dataclasses
-import operator
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,11 +24,18 @@ from codec import loading, single_file, weights
 from codec.checkpoint import LoadedWeights, Provenance, load_checked
 from codec.config import AutoencoderKLConfig, check_setting_names
 from codec.distributions import DiagonalGaussianDistribution
+from codec.inference import (
+    DECODE,
+    ENCODE,
+    InferenceOptions,
+    InferenceSetting,
+    check_compile_mode,
+    check_tile_size,
+    run_pass,
+)
 from codec.layers import preferred_memory_format
 from codec.networks import Decoder, Encoder
 from codec.precision import forget_fp32_copy
-
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
 @dataclass
@@ -64,8 +70,16 @@ class DecoderOutput(_Output):
 
 
 class AutoencoderKL(nn.Module):
+    # Inference settings, named as in diffusers where it has them: each reads and writes `inference_options`.
+    use_tiling = InferenceSetting()
+    use_slicing = InferenceSetting()
+    memory_budget = InferenceSetting()  # checked where it is used: a bad one fails the next encode or decode
+    tile_latent_size = InferenceSetting(check_tile_size)
+    compile_mode = InferenceSetting(check_compile_mode)
+
     def __init__(self, config: AutoencoderKLConfig | None = None) -> None:
         super().__init__()
+        self.inference_options = InferenceOptions()
         self.provenance = Provenance()  # a loader's record of where the weights came from
         self.config = config or AutoencoderKLConfig()
         latent = self.config.latent_channels
@@ -73,16 +87,9 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(self.config)
         self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1) if self.config.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(latent, latent, 1) if self.config.use_post_quant_conv else None
-        # Inference settings, read by codec.inference; see enable_tiling / enable_slicing.
-        self.use_tiling: bool | None = None  # None: tile only when the memory budget requires it
-        self.use_slicing: bool | None = None  # None: split the batch only when the memory budget requires it
-        self.memory_budget: float | None = None  # bytes (inf: never tile); None: chosen from the device
-        self.tile_latent_size: int | None = None  # latent side of a tile; None: the largest that fits the budget
-        self.compile_mode: str | None = None  # torch.compile mode for untiled inference; None: eager
         # Convolution weights in the layout inference feeds activations in on their device (channels-last on a
-        # CPU, codec.layers.preferred_memory_format): otherwise every call reorders every weight (0.8% of an SD
-        # decode at 256x256 on a CPU, by the profiler). Values and keys are unchanged; the savers write
-        # contiguous copies. Moving the model to another kind of device re-picks the layout (_apply).
+        # CPU, codec.layers.preferred_memory_format), so that no call reorders every weight. Values and keys are
+        # unchanged; the savers write contiguous copies. Moving to another kind of device re-picks it (_apply).
         self._layout_device: str | None = None
         self._match_layout_to_device()
         self._register_state_dict_hook(AutoencoderKL._contiguous_state)
@@ -174,19 +181,15 @@ class AutoencoderKL(nn.Module):
     # ---- diffusers-compatible API -------------------------------------------------------------
 
     def encode(self, x: torch.Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple:
-        from codec import inference
-
         self._run_offload_hook()
-        posterior = DiagonalGaussianDistribution(inference.encode_moments(self, x))
+        posterior = DiagonalGaussianDistribution(run_pass(self, x, ENCODE))
         return AutoencoderKLOutput(posterior) if return_dict else (posterior,)
 
     def decode(
         self, z: torch.Tensor, return_dict: bool = True, generator: torch.Generator | None = None
     ) -> DecoderOutput | tuple:
-        from codec import inference
-
         self._run_offload_hook()
-        sample = inference.decode(self, z)
+        sample = run_pass(self, z, DECODE)
         return DecoderOutput(sample) if return_dict else (sample,)
 
     def forward(
@@ -236,7 +239,7 @@ class AutoencoderKL(nn.Module):
         """Tile encode and decode; `tile_latent_size`: the tile's side in latent pixels (None: the largest that
         fits the memory budget, at least 16). Under 16 the shared statistics are estimated from few pixels."""
         self.use_tiling = True
-        self.tile_latent_size = _checked_tile(tile_latent_size)
+        self.tile_latent_size = tile_latent_size
 
     # diffusers' names for the tile size, in pixels and in latent positions (the overlap is ours, an eighth).
     @property
@@ -246,7 +249,7 @@ class AutoencoderKL(nn.Module):
     @tile_sample_min_size.setter
     def tile_sample_min_size(self, pixels: int | None) -> None:
         factor = self.config.downsample_factor
-        checked = _checked_tile(pixels, "tile_sample_min_size", "pixels", 2 * factor)
+        checked = check_tile_size(pixels, "tile_sample_min_size", "pixels", 2 * factor)
         self.tile_latent_size = None if checked is None else checked // factor
 
     @property
@@ -255,7 +258,7 @@ class AutoencoderKL(nn.Module):
 
     @tile_latent_min_size.setter
     def tile_latent_min_size(self, size: int | None) -> None:
-        self.tile_latent_size = _checked_tile(size, "tile_latent_min_size")
+        self.tile_latent_size = check_tile_size(size, "tile_latent_min_size")
 
     def disable_tiling(self) -> None:
         self.use_tiling = False
@@ -272,9 +275,7 @@ class AutoencoderKL(nn.Module):
         The first call for each input shape and dtype compiles, which takes minutes on a CPU; it pays off over
         many calls of one shape, such as encoding a dataset cached at one resolution.
         """
-        if mode not in COMPILE_MODES:
-            raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}; got {mode!r}")
-        self.compile_mode = mode
+        self.compile_mode = check_compile_mode(mode)
 
     def disable_compile(self) -> None:
         self.compile_mode = None
@@ -396,21 +397,6 @@ class AutoencoderKL(nn.Module):
         if torch_dtype is not None:
             model.to(torch_dtype)
         return model.eval()
-
-
-def _checked_tile(
-    size: int | None, name: str = "tile_latent_size", unit: str = "latent pixels", minimum: int = 2
-) -> int | None:
-    """A tile side (by default in latent positions, at least 2), or None for the largest the budget allows."""
-    if size is None:
-        return None
-    try:
-        checked = operator.index(size)  # an int, a numpy int; not 2.5
-    except TypeError:
-        checked = 0
-    if checked < minimum:
-        raise ValueError(f"{name} must be a whole number of {unit} >= {minimum}, got {size!r}")
-    return checked
 
 
 def scale_latents(z: torch.Tensor, config: AutoencoderKLConfig) -> torch.Tensor:

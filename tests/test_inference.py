@@ -269,6 +269,23 @@ def test_settings_are_checked_where_they_are_given(vae, monkeypatch):
             vae.decode(torch.randn(1, 4, 4, 4))
 
 
+def test_the_settings_live_in_one_options_object_that_the_named_attributes_read_and_write(vae):
+    vae.enable_tiling(8)
+    vae.enable_slicing()
+    vae.memory_budget = 1 << 20
+    vae.enable_compile("max-autotune")
+    expected = inference.InferenceOptions(True, True, 1 << 20, 8, "max-autotune")
+    assert vae.inference_options == expected
+    assert not {"use_tiling", "tile_latent_size", "memory_budget"} & set(vars(vae))  # no second copy on the module
+    vae.inference_options.tile_latent_size = 4
+    assert vae.tile_latent_size == vae.tile_latent_min_size == 4 and vae.tile_sample_min_size == 32
+    with pytest.raises(ValueError, match="compile mode must be one of"):
+        vae.compile_mode = "fastest"
+    with pytest.raises(ValueError, match="tile_latent_size must be a whole number"):
+        vae.tile_latent_size = 2.5
+    assert vae.inference_options == inference.InferenceOptions(True, True, 1 << 20, 4, "max-autotune")
+
+
 def test_a_strip_whose_area_fits_one_tile_is_not_tiled(vae):
     # 3x17 latent positions with 16-position tiles: wider than a tile, smaller than one in area. Tiled, its
     # statistics passes shrank the short side to a pixel or two (17.7 dB with the embedded model, diffusers 35.2).
