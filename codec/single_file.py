@@ -128,19 +128,7 @@ def infer_config(
     except (KeyError, ValueError) as error:
         raise CheckpointError(f"{source}: cannot infer the VAE architecture from its keys (missing {error})") from None
     has_quant = "quant_conv.weight" in tensors
-    known = preset(family) if family is not None else None
-    if known is not None and known.latent_channels == latent:
-        family = known
-    else:
-        family = preset("sd") if latent == 4 else preset("flux") if latent == 16 else AutoencoderKLConfig()
-        if not quiet:
-            guesses = {4: "SD 1.x/2.x; config='sdxl' for SDXL's VAE", 16: "FLUX; config='sd3' for SD3's VAE"}
-            log.warning(
-                "%s: the file does not record its scaling factor; assuming %s (%s, or a config.json with the right one)",
-                source,
-                family.scaling_factor,
-                guesses.get(latent, f"unknown for {latent} channels; pass config= a config.json that has it"),
-            )
+    family = _scaling_family(family, latent, source, quiet)
     fields = dict(
         in_channels=in_channels,
         out_channels=out_channels,
@@ -161,6 +149,24 @@ def infer_config(
         return AutoencoderKLConfig(**{**fields, **(recorded or {})})
     except ConfigError as error:
         raise CheckpointError(f"{source}: inferred an invalid config ({error})") from None
+
+
+def _scaling_family(family: str | None, latent: int, source: str, quiet: bool) -> AutoencoderKLConfig:
+    """The preset whose scaling and shift a VAE with `latent` channels takes: `family`'s where it fits, else the
+    one its channel count suggests, with a warning unless `quiet`."""
+    known = preset(family) if family is not None else None
+    if known is not None and known.latent_channels == latent:
+        return known
+    guessed = preset("sd") if latent == 4 else preset("flux") if latent == 16 else AutoencoderKLConfig()
+    if not quiet:
+        guesses = {4: "SD 1.x/2.x; config='sdxl' for SDXL's VAE", 16: "FLUX; config='sd3' for SD3's VAE"}
+        log.warning(
+            "%s: the file does not record its scaling factor; assuming %s (%s, or a config.json with the right one)",
+            source,
+            guessed.scaling_factor,
+            guesses.get(latent, f"unknown for {latent} channels; pass config= a config.json that has it"),
+        )
+    return guessed
 
 
 def resolve_config(config: AutoencoderKLConfig | str | os.PathLike) -> AutoencoderKLConfig:
