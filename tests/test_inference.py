@@ -324,7 +324,7 @@ def test_a_strips_statistics_passes_are_sized_by_area_not_by_its_longer_side(vae
 
 def test_a_thin_strip_of_a_photo_tiles_close_to_untiled_with_the_embedded_model():
     """768x64 pixels at tile 16 (128 pixels): tiles along the strip, the statistics from area-sized passes
-    (28.8 dB round trip here; 23.1 when the passes were bounded by the longer side)."""
+    (28.8 dB round trip here; passes bounded by the longer side would give 23.1)."""
     from codec.cli.demo import SAMPLES
     from codec.images import image_to_tensor
 
@@ -353,9 +353,8 @@ def _photo_mosaic(side: int) -> torch.Tensor:
 
 
 def test_a_streamed_tiled_decode_at_1024_stays_within_40_db_of_untiled_with_the_embedded_model():
-    """Issue 7's bar, at the size where tiled decode streams with estimated statistics. Both statistics passes
-    run every up block: with the larger pass stopping before the last one, this mosaic came out at 34.4 dB
-    (43.0 now; eight Kodak crops 31.0-43.6, now 41.3-55.6)."""
+    """The size where tiled decode streams with estimated statistics (43.0 dB here): both statistics passes run
+    every up block, which a shortcut that skipped the last one would fail (34.4 dB, docs/tiling.md)."""
     vae = codec.AutoencoderKL.load("builtin")
     vae.memory_budget = float("inf")  # untiled unless asked
     threads = torch.get_num_threads()
