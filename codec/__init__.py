@@ -9,8 +9,7 @@ from codec.checkpoint import CheckpointError
 from codec.config import PRESETS, AutoencoderKLConfig, ConfigError, preset
 from codec.distributions import DiagonalGaussianDistribution
 from codec.model import AutoencoderKL, AutoencoderKLOutput, DecoderOutput
-
-__version__ = "0.2.0"
+from codec.version import __version__ as __version__
 
 __all__ = [
     "PRESETS",

@@ -7,15 +7,37 @@ import pickle
 import re
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from codec.config import AutoencoderKLConfig
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message names the file and why."""
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a model's weights came from, as its loader found them."""
+
+    source: str | None = None  # the file, folder, hub file or preset read; None for a model built in code
+    scaling_is_guess: bool = False  # the scaling factor was guessed from the shapes (a bare single file)
+    about: str | None = None  # the embedded model's description (its ABOUT.md)
+
+
+@dataclass(frozen=True)
+class LoadedWeights:
+    """What a loader read, for AutoencoderKL to build and check: the config, the state dict in diffusers' layout
+    (None: no weights, the model keeps its seeded random initialisation) and where they came from."""
+
+    config: AutoencoderKLConfig
+    state_dict: dict[str, torch.Tensor] | None
+    provenance: Provenance
 
 
 class Checkpoint(NamedTuple):

@@ -31,7 +31,7 @@ class GroupNorm(nn.GroupNorm):
     """`nn.GroupNorm` (same `weight`/`bias` keys) followed by an optional activation.
 
     `stats_hook`, when set, is called with (module, input) and may return a (mean, var) pair, each of shape
-    (batch, groups), to normalise with instead of the input's own statistics. Tiling sets it (and the fp32 fallback copies it onto its fp32 model).
+    (batch, groups), to normalise with instead of the input's own statistics. Tiling sets it.
     """
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-6, act: str | None = None) -> None:

@@ -1,72 +1,278 @@
-"""What `AutoencoderKL.encode`/`decode` do around the network: input checks, padding to the downsampling
-factor, batch slicing and tiling within a memory budget, the fp32 retry for half-precision overflow, and fp32
-compute for half-precision weights on a CPU that would emulate them (codec.precision).
+"""What `AutoencoderKL.encode`/`decode` do around the network, as one pipeline:
+
+    check and pad the input -> training? the plain network
+    -> plan: tile or not, images per slice (the memory budget, the options)
+    -> each slice under the precision fallbacks (codec.precision.Fallbacks): the untiled network, or the
+       pass's tiled runner
+
+An encode or a decode is described once, as a `Pass`: its network, its memory cost and its tiled runner. The
+settings live in one `InferenceOptions` per model, which the model's diffusers-named attributes read and write.
 
 With gradients enabled (training) only the checks and padding apply: tiling and slicing are inference tools,
 and a training step must see exactly the network it optimises. A frozen VAE on an input without gradient (a
 diffusion trainer encoding under autograd) has nothing to differentiate, so it takes the inference path.
+Why tiles, streamed bands and statistics passes look as they do: docs/tiling.md.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 import math
+import operator
 import sys
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from codec import memory, precision, streaming, tiling
-from codec.groupnorm import GroupNorm
+from codec.config import AutoencoderKLConfig
 from codec.layers import preferred_memory_format
 
 if TYPE_CHECKING:
     from codec.model import AutoencoderKL
 
-log = logging.getLogger(__name__)
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 MIN_TILE_LATENT = 16
 # Up to this many latent positions (a 1024x1024 image at f8) the mid block's attention runs over the whole
 # image even when tiling; beyond, its quadratic cost dominates and it runs per tile, as in diffusers.
 GLOBAL_ATTENTION_MAX_TOKENS = 128 * 128
-# Tiled decode's statistics passes run at this fraction of the first up block's output and at half that
-# (see _decode_tiled for what other fractions measured).
+# Tiled decode's statistics passes run at this fraction of the first up block's output and at half that: the
+# best fidelity per cost among the fractions tried (docs/tiling.md).
 STATS_FRACTION = 3 / 8
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
+Network = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+Check = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (stage output, stage input) -> output, or raise
 
 
-class _Fp32Fallback:
-    """Recompute a half-precision result that came out non-finite with the model's fp32 copy (codec.precision:
-    made once per model, its weights refreshed at each use)."""
+# ---- settings -----------------------------------------------------------------------------------
 
-    def __init__(self, vae: torch.nn.Module) -> None:
-        self.vae = vae
-        self._fp32: torch.nn.Module | None = None
-        self.fallbacks = 0  # stages recomputed so far
 
-    def __call__(self, run: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        y = run(self.vae, x)
-        if y.dtype not in HALF_DTYPES or torch.isfinite(y).all() or not torch.isfinite(x).all():
-            return y  # (a non-finite input gives a non-finite output at any precision: nothing to recompute)
-        if self._fp32 is None:
-            log.warning("%s result was not finite; recomputing in float32 (force_upcast)", y.dtype)
-            self._fp32 = precision.fp32_copy(self.vae)
-        self.fallbacks += 1
-        # Tiling may have installed shared-statistics hooks on the original's norms: the copy uses them for this
-        # recomputation only (the copy is shared, see codec.precision).
-        pairs = [
-            (s, t) for s, t in zip(self.vae.modules(), self._fp32.modules(), strict=True) if isinstance(s, GroupNorm)
-        ]
-        for source, target in pairs:
-            target.stats_hook, target.stats_key = source.stats_hook, getattr(source, "stats_key", None)
-        try:
-            return run(self._fp32, x.float()).to(y.dtype)
-        finally:
-            for _, target in pairs:
-                target.stats_hook = None
+@dataclass
+class InferenceOptions:
+    """How a model encodes and decodes outside training; see AutoencoderKL.enable_tiling and friends."""
+
+    use_tiling: bool | None = None  # None: tile only when the memory budget requires it
+    use_slicing: bool | None = None  # None: split the batch only when the memory budget requires it
+    memory_budget: float | None = None  # bytes (inf: never tile); None: chosen from the device
+    tile_latent_size: int | None = None  # latent side of a tile; None: the largest that fits the budget
+    compile_mode: str | None = None  # torch.compile mode for untiled inference; None: eager
+
+
+def check_tile_size(
+    size: int | None, name: str = "tile_latent_size", unit: str = "latent pixels", minimum: int = 2
+) -> int | None:
+    """A tile side (by default in latent positions, at least 2), or None for the largest the budget allows."""
+    if size is None:
+        return None
+    try:
+        checked = operator.index(size)  # an int, a numpy int; not 2.5
+    except TypeError:
+        checked = 0
+    if checked < minimum:
+        raise ValueError(f"{name} must be a whole number of {unit} >= {minimum}, got {size!r}")
+    return checked
+
+
+def check_compile_mode(mode: str | None) -> str | None:
+    if mode is not None and mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}; got {mode!r}")
+    return mode
+
+
+class InferenceSetting:
+    """A model attribute that reads and writes one field of the model's `inference_options`, through `check`."""
+
+    def __init__(self, check: Callable | None = None) -> None:
+        self.check = check
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, model, owner: type | None = None):
+        return self if model is None else getattr(model.inference_options, self.name)
+
+    def __set__(self, model, value) -> None:
+        setattr(model.inference_options, self.name, value if self.check is None else self.check(value))
+
+
+# ---- the two passes -----------------------------------------------------------------------------
+
+
+def _stage(check: Check, run: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda t: check(run(t), t)
+
+
+def _encode_tiled(model: AutoencoderKL, x: torch.Tensor, tile: int, check: Check) -> torch.Tensor:
+    config = model.config
+    f = config.downsample_factor
+    overlap = tiling.overlap_for(tile, f)
+    if (x.shape[-2] // f) * (x.shape[-1] // f) > GLOBAL_ATTENTION_MAX_TOKENS:
+        # Too many positions for one global attention: the whole encoder runs per tile, attention included.
+        run_all = _stage(check, model.encode_moments)
+        return tiling.tiled_apply(model, run_all, x, tile, overlap, 1 / f, f, 2 * config.latent_channels)
+    # Tile only the convolutional part; the mid block's attention then sees the whole image, as untiled.
+    run_head = _stage(check, model.encoder.forward_head)
+    features = tiling.tiled_apply(model.encoder, run_head, x, tile, overlap, 1 / f, f, config.block_out_channels[-1])
+    return check(model.encode_tail(features), features)
+
+
+def _decode_tiled(model: AutoencoderKL, z: torch.Tensor, tile: int, check: Check) -> torch.Tensor:
+    if z.shape[-2] * z.shape[-1] > GLOBAL_ATTENTION_MAX_TOKENS:
+        f, overlap = model.config.downsample_factor, tiling.overlap_for(tile, 1)
+        return tiling.tiled_apply(
+            model, _stage(check, model.decode_raw), z, tile, overlap, f, 1, model.config.out_channels
+        )
+    # The tail has no attention, so it streams in bands of whole rows (codec/streaming.py). Its first up block
+    # runs whole, so that its norms see the whole input and the statistics passes start from its exact output.
+    features = check(model.decode_head(z), z)
+    latent_width = features.shape[-1]
+    features = _stage(check, model.decoder.up_blocks[0])(features)
+    growth = features.shape[-1] // latent_width  # 2 where the first up block upsamples
+    # A band holds half a tile's latent positions: a whole tile's would peak above diffusers' tiled decode.
+    band_rows = max(1, tile * tile // (2 * latent_width)) * growth
+    run_tail = _stage(check, lambda t: model.decoder.forward_tail(t, first_block=1))
+    stats = tiling.estimate_norm_stats(model.decoder, run_tail, features, tile * growth, 1, fraction=STATS_FRACTION)
+    with tiling.shared_norm_stats(model.decoder, stats):
+        return check(streaming.stream_decoder_tail(model.decoder, features, band_rows, first_block=1), features)
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One direction through the model, as the pipeline runs it."""
+
+    name: str  # "encode" or "decode", as error messages say it
+    input_channels: Callable[[AutoencoderKLConfig], int]
+    pads_input: bool  # images are padded to the downsampling factor; latents need not be
+    network: Network  # the whole network, untiled, no padding or fallback
+    cost: Callable[[AutoencoderKLConfig, int, int, int, int], int]  # activation bytes (config, h, w, itemsize, batch)
+    tile_unit: Callable[[AutoencoderKLConfig], int]  # input positions per latent position
+    tiled: Callable[[AutoencoderKL, torch.Tensor, int, Check], torch.Tensor]  # (model, x, tile side, check)
+
+
+ENCODE = Pass(
+    name="encode",
+    input_channels=lambda config: config.in_channels,
+    pads_input=True,
+    network=lambda model, x: model.encode_moments(x),
+    cost=memory.encode_bytes,
+    tile_unit=lambda config: config.downsample_factor,
+    tiled=_encode_tiled,
+)
+DECODE = Pass(
+    name="decode",
+    input_channels=lambda config: config.latent_channels,
+    pads_input=False,
+    network=lambda model, z: model.decode_raw(z),
+    cost=memory.decode_bytes,
+    tile_unit=lambda config: 1,
+    tiled=_decode_tiled,
+)
+
+
+@functools.cache
+def _compiled(step: Pass, mode: str) -> Network:
+    """One compiled function per pass and mode, shared by all models: dynamo guards on the model it is given,
+    so a second model (or the fp32 fallback's copy) gets its own graph rather than a wrong one."""
+
+    def network(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return step.network(model, x)
+
+    return torch.compile(network, mode=mode)
+
+
+# ---- the pipeline -------------------------------------------------------------------------------
+
+
+def run_pass(vae: AutoencoderKL, x: torch.Tensor, step: Pass) -> torch.Tensor:
+    """Images (B, C, H, W) in [-1, 1], any H and W -> posterior moments of the image padded to the factor
+    (ENCODE); unscaled latents (B, latent_channels, h, w) -> images (B, 3, h * f, w * f) (DECODE)."""
+    _check_input(x, step.input_channels(vae.config), f"{step.name} input")
+    x = x.to(device=vae.device, dtype=vae.dtype)
+    if step.pads_input:
+        x = pad_to_multiple(x, vae.config.downsample_factor)
+    options = vae.inference_options
+    if vae.offloaded:
+        # accelerate's sequential offload brings each layer's weights in as that layer runs: only the plain
+        # forward lets it (tiling, streaming and the fp32 fallback's copy read weights outside their layers).
+        if options.use_tiling:  # stacklevel 1: this line, so warned once, not at every pipeline step
+            message = "sequential offload: encode and decode run untiled (tiling reads weights outside layers)"
+            warnings.warn(message, stacklevel=1)
+        return step.network(vae, x)
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in vae.parameters())):
+        return step.network(vae, x)  # training: exactly the network it optimises
+    return _infer(vae, x, step, options)
+
+
+def _infer(vae: AutoencoderKL, x: torch.Tensor, step: Pass, options: InferenceOptions) -> torch.Tensor:
+    fallbacks = precision.Fallbacks(vae, x.device)
+    planned = fallbacks.model
+    tile, slice_size = _plan(planned, x, step, options)
+    untiled = _compiled(step, options.compile_mode) if options.compile_mode else step.network
+
+    def compute(model: nn.Module, chunk: torch.Tensor, check: Check) -> torch.Tensor:
+        if not tile:
+            return check(untiled(model, chunk), chunk)
+        side = tile
+        if model is not planned:  # retried in fp32: the tile that its larger activations allow
+            side = _tile_side(model, step, options, *chunk.shape[-2:], _budget(options.memory_budget, model.device))
+        return step.tiled(model, chunk, side, check)
+
+    # The device's layout (channels-last on a CPU, where oneDNN runs the convolutions without reordering every
+    # input; NCHW on a GPU, where GroupNorm wants it): it carries through the network, and the result goes back
+    # to the default.
+    x = x.contiguous(memory_format=preferred_memory_format(x.device))
+    outputs = [fallbacks(compute, chunk) for chunk in x.split(slice_size)]
+    return (outputs[0] if len(outputs) == 1 else torch.cat(outputs)).contiguous()
+
+
+def _plan(model: nn.Module, x: torch.Tensor, step: Pass, options: InferenceOptions) -> tuple[int, int]:
+    """(tile side in input positions, 0 to run whole; images per slice) for this model's precision."""
+    batch, _, h, w = x.shape
+    budget = _budget(options.memory_budget, model.device)
+    cost = _cost(model, step)
+    tiled = options.use_tiling if options.use_tiling is not None else cost(h, w) > budget
+    tile = _tile_side(model, step, options, h, w, budget) if tiled else 0
+    if tile and ((tile >= h and tile >= w) or h * w <= tile * tile):
+        tile = 0  # one tile's area holds the whole input (a strip wider than a tile): whole, exact, as cheap
+    slice_size = 1 if options.use_slicing or tile else max(1, min(batch, budget // max(cost(h, w), 1)))
+    return tile, slice_size
+
+
+def _cost(model: nn.Module, step: Pass) -> Callable[[int, int], int]:
+    itemsize = torch.finfo(model.dtype).bits // 8
+    return lambda h, w: step.cost(model.config, h, w, itemsize, 1)
+
+
+def _tile_side(model: nn.Module, step: Pass, options: InferenceOptions, h: int, w: int, budget: int) -> int:
+    """The tile side asked for, else the largest square whose cost fits the budget, at least MIN_TILE_LATENT."""
+    unit = step.tile_unit(model.config)
+    if options.tile_latent_size:
+        return options.tile_latent_size * unit
+    cost = _cost(model, step)
+    return max(_largest_tile(lambda side: cost(side, side), budget, max(h, w), unit), MIN_TILE_LATENT * unit)
+
+
+def _largest_tile(cost: Callable[[int], int], budget: int, limit: int, align: int) -> int:
+    """Largest aligned square tile side (input units, at most `limit`) whose cost fits the budget."""
+    side = max(align, limit - limit % align)
+    while side > align and cost(side) > budget:
+        side = max(align, (side * 3 // 4) // align * align)
+    return side
+
+
+def _budget(budget: float | None, device: torch.device) -> int:
+    if budget is None:
+        return memory.default_budget(device)
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or math.isnan(budget) or budget <= 0:
+        raise ValueError(
+            f"memory_budget must be a positive number of bytes (float('inf') never tiles) or None, got {budget!r}"
+        )
+    return sys.maxsize if math.isinf(budget) else int(budget)  # 5e6 is as good a number of bytes as 5_000_000
 
 
 def _check_input(x: torch.Tensor, channels: int, what: str) -> None:
@@ -91,165 +297,3 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
         return x
     mode = "reflect" if pad_h < h and pad_w < w else "replicate"
     return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
-
-
-def _budget(vae) -> int:
-    budget = vae.memory_budget
-    if budget is None:
-        return memory.default_budget(vae.device)
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or math.isnan(budget) or budget <= 0:
-        raise ValueError(
-            f"memory_budget must be a positive number of bytes (float('inf') never tiles) or None, got {budget!r}"
-        )
-    return sys.maxsize if math.isinf(budget) else int(budget)  # 5e6 is as good a number of bytes as 5_000_000
-
-
-def _largest_tile(cost: Callable[[int], int], budget: int, limit: int, align: int) -> int:
-    """Largest aligned square tile side (input units, at most `limit`) whose cost fits the budget."""
-    side = max(align, limit - limit % align)
-    while side > align and cost(side) > budget:
-        side = max(align, (side * 3 // 4) // align * align)
-    return side
-
-
-def _tile_size(vae, cost: Callable[[int, int], int], budget: int, h: int, w: int, unit: int) -> int:
-    if vae.tile_latent_size:
-        return vae.tile_latent_size * unit
-    tile = _largest_tile(lambda side: cost(side, side), budget, max(h, w), unit)
-    return max(tile, MIN_TILE_LATENT * unit)
-
-
-def _encode_tiled(vae, x: torch.Tensor, tile: int, guarded: _Fp32Fallback) -> torch.Tensor:
-    f = vae.config.downsample_factor
-    overlap = tiling.overlap_for(tile, f)
-    if (x.shape[-2] // f) * (x.shape[-1] // f) > GLOBAL_ATTENTION_MAX_TOKENS:
-        # Too many positions for one global attention: the whole encoder runs per tile, attention included.
-        run_all = functools.partial(guarded, lambda m, t: m.encode_moments(t))
-        return tiling.tiled_apply(vae, run_all, x, tile, overlap, 1 / f, f, 2 * vae.config.latent_channels)
-    # Tile only the convolutional part; the mid block's attention then sees the whole image, as untiled.
-    run_head = functools.partial(guarded, lambda m, t: m.encoder.forward_head(t))
-    channels = vae.config.block_out_channels[-1]
-    features = tiling.tiled_apply(vae.encoder, run_head, x, tile, overlap, 1 / f, f, channels)
-    return guarded(lambda m, t: m.encode_tail(t), features)
-
-
-def _decode_tiled(vae, z: torch.Tensor, tile: int, guarded: _Fp32Fallback) -> torch.Tensor:
-    if z.shape[-2] * z.shape[-1] > GLOBAL_ATTENTION_MAX_TOKENS:
-        run_all = functools.partial(guarded, lambda m, t: m.decode_raw(t))
-        f, overlap = vae.config.downsample_factor, tiling.overlap_for(tile, 1)
-        return tiling.tiled_apply(vae, run_all, z, tile, overlap, f, 1, vae.config.out_channels)
-    # The tail has no attention, so it streams in bands of whole rows (codec/streaming.py): exact, and nothing
-    # is decoded twice. Its first up block runs whole, at a few times the latent features' memory (~130 MiB of
-    # output at 1024x1024 with SD's config), so that its norms, whose errors every later layer carries, see the
-    # whole input, and the stats passes start from its exact output. On four 1024x1024 Kodak crops with the
-    # embedded model, tiled-against-untiled PSNR went from 40.4-46.0 dB (passes at 1/2 and 1/4 of the size) to
-    # 47.1-51.4 with passes at 3/8 and 3/16, which cost 56% as much (at 1/4 and 1/8: 39.4-44.5; at 5/16 and
-    # 5/32: 43.6-48.3). Both passes run every up block: letting the larger one stop before the last block (whose
-    # norms then took the smaller pass's statistics as they were) saved time (1.21x -> 1.13x untiled, SD config)
-    # and cost v2 about 1 dB, but with v3 it fell to 31.0-43.6 dB on eight Kodak crops, and 41.3-55.6 without it
-    # (3/8 stays best there: 1/4 35.8-45.2, 5/16 40.9-43.7, 7/16 41.5-45.8 on four of them). Time with every
-    # block on an AVX512-BF16 EPYC: 1.00-1.06x untiled with bf16 passes, 1.14x with fp32 ones. A band holds half a
-    # tile's latent positions: a tile's worth made the stream's peak exceed diffusers' tiled decode at 1024x1024
-    # (1155 MiB against about 1190, before the features and the stats passes), half of it peaked at 780-800 MiB
-    # for 3-5% more time (SD config, 2 CPU threads).
-    features = guarded(lambda m, t: m.decode_head(t), z)
-    latent_width = features.shape[-1]
-    features = guarded(lambda m, t: m.decoder.up_blocks[0](t), features)
-    growth = features.shape[-1] // latent_width  # 2 where the first up block upsamples
-    band_rows = max(1, tile * tile // (2 * latent_width)) * growth
-    run_tail = functools.partial(guarded, lambda m, t: m.decoder.forward_tail(t, first_block=1))
-    stats = tiling.estimate_norm_stats(vae.decoder, run_tail, features, tile * growth, 1, fraction=STATS_FRACTION)
-    with tiling.shared_norm_stats(vae.decoder, stats):
-        return guarded(lambda m, t: streaming.stream_decoder_tail(m.decoder, t, band_rows, first_block=1), features)
-
-
-def _run(vae, x: torch.Tensor, *, encode: bool) -> torch.Tensor:
-    """Encode (images -> moments) or decode (latents -> images), sliced and tiled to fit the memory budget."""
-    if torch.is_grad_enabled() and not x.requires_grad and not any(p.requires_grad for p in vae.parameters()):
-        # Nothing to differentiate (a frozen VAE in a training loop): the inference path, with its tiling,
-        # slicing and fp32 fallback, rather than the plain graph-building forward.
-        with torch.no_grad():
-            return _run(vae, x, encode=encode)
-    if vae.offloaded:
-        # accelerate's sequential offload brings each layer's weights in as that layer runs: only the plain
-        # forward lets it (tiling, streaming and the fp32 fallback's copy read weights outside their layers).
-        if vae.use_tiling:  # stacklevel 1: this line, so warned once, not at every pipeline step
-            message = "sequential offload: encode and decode run untiled (tiling reads weights outside layers)"
-            warnings.warn(message, stacklevel=1)
-        return vae.encode_moments(x) if encode else vae.decode_raw(x)
-    if not torch.is_grad_enabled() and precision.emulated_on_cpu(vae.dtype, x.device):
-        return _run(precision.fp32_copy(vae), x.float(), encode=encode).to(x.dtype)
-    config = vae.config
-    f = config.downsample_factor
-    itemsize = torch.finfo(vae.dtype).bits // 8
-    estimate = memory.encode_bytes if encode else memory.decode_bytes
-
-    def cost(h: int, w: int, batch: int = 1) -> int:
-        return estimate(config, h, w, itemsize, batch)
-
-    def network(model, t):
-        return model.encode_moments(t) if encode else model.decode_raw(t)
-
-    untiled_network = _compiled(encode, vae.compile_mode) if vae.compile_mode else network
-
-    if torch.is_grad_enabled():
-        return network(vae, x)
-
-    # The device's layout (channels-last on a CPU, where oneDNN runs the convolutions without reordering every
-    # input; NCHW on a GPU, where GroupNorm wants it): it carries through the network, and the result goes back
-    # to the default.
-    x = x.contiguous(memory_format=preferred_memory_format(x.device))
-    batch, _, h, w = x.shape
-    budget = _budget(vae)
-    use_tiling = vae.use_tiling if vae.use_tiling is not None else cost(h, w) > budget
-    tile = _tile_size(vae, cost, budget, h, w, f if encode else 1) if use_tiling else 0
-    # One tile's area holds the whole input (a thin strip wider than a tile): it runs whole, exact, in the memory
-    # of one tile (helper's probe, 24x136 pixels at tile 16: tiled had been 17.7 dB against untiled; diffusers
-    # 35.2).
-    if use_tiling and ((tile >= h and tile >= w) or h * w <= tile * tile):
-        use_tiling = False
-    if vae.use_slicing or use_tiling:
-        slice_size = 1
-    else:
-        slice_size = max(1, min(batch, budget // max(cost(h, w), 1)))
-
-    guarded = _Fp32Fallback(vae)
-    outputs = []
-    for start in range(0, batch, slice_size):
-        chunk = x[start : start + slice_size]
-        if not use_tiling:
-            outputs.append(guarded(untiled_network, chunk))
-            continue
-        before = guarded.fallbacks
-        tiled = (_encode_tiled if encode else _decode_tiled)(vae, chunk, tile, guarded)
-        if guarded.fallbacks > before and vae.dtype in HALF_DTYPES:
-            # A stage recomputed in fp32 hands its result to the next in half precision, where values beyond
-            # fp16's range become inf that no later recomputation can undo: the whole tiled pass runs in fp32.
-            tiled = _run(precision.fp32_copy(vae), chunk.float(), encode=encode).to(chunk.dtype)
-        outputs.append(tiled)
-    return (outputs[0] if len(outputs) == 1 else torch.cat(outputs)).contiguous()
-
-
-@functools.cache
-def _compiled(encode: bool, mode: str) -> Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]:
-    """One compiled function per pass and mode, shared by all models: dynamo guards on the model it is given,
-    so a second model (or the fp32 fallback's copy) gets its own graph rather than a wrong one."""
-
-    def network(model, t):
-        return model.encode_moments(t) if encode else model.decode_raw(t)
-
-    return torch.compile(network, mode=mode)
-
-
-def encode_moments(vae: AutoencoderKL, x: torch.Tensor) -> torch.Tensor:
-    """Images (B, C, H, W) in [-1, 1], any H and W -> posterior moments for the image padded to the factor."""
-    _check_input(x, vae.config.in_channels, "encode input")
-    x = x.to(device=vae.device, dtype=vae.dtype)
-    return _run(vae, pad_to_multiple(x, vae.config.downsample_factor), encode=True)
-
-
-def decode(vae: AutoencoderKL, z: torch.Tensor) -> torch.Tensor:
-    """Latents (B, latent_channels, h, w), unscaled -> images (B, 3, h * f, w * f)."""
-    _check_input(z, vae.config.latent_channels, "decode input")
-    z = z.to(device=vae.device, dtype=vae.dtype)
-    return _run(vae, z, encode=False)

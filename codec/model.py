@@ -13,7 +13,6 @@ non-finite. `encode_latents`/`decode_latents` add the scaling and shift a diffus
 from __future__ import annotations
 
 import dataclasses
-import operator
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,13 +20,22 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from codec.config import AutoencoderKLConfig
+from codec import loading, single_file, weights
+from codec.checkpoint import LoadedWeights, Provenance, load_checked
+from codec.config import AutoencoderKLConfig, check_setting_names
 from codec.distributions import DiagonalGaussianDistribution
+from codec.inference import (
+    DECODE,
+    ENCODE,
+    InferenceOptions,
+    InferenceSetting,
+    check_compile_mode,
+    check_tile_size,
+    run_pass,
+)
 from codec.layers import preferred_memory_format
 from codec.networks import Decoder, Encoder
 from codec.precision import forget_fp32_copy
-
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
 @dataclass
@@ -62,24 +70,26 @@ class DecoderOutput(_Output):
 
 
 class AutoencoderKL(nn.Module):
+    # Inference settings, named as in diffusers where it has them: each reads and writes `inference_options`.
+    use_tiling = InferenceSetting()
+    use_slicing = InferenceSetting()
+    memory_budget = InferenceSetting()  # checked where it is used: a bad one fails the next encode or decode
+    tile_latent_size = InferenceSetting(check_tile_size)
+    compile_mode = InferenceSetting(check_compile_mode)
+
     def __init__(self, config: AutoencoderKLConfig | None = None) -> None:
         super().__init__()
+        self.inference_options = InferenceOptions()
+        self.provenance = Provenance()  # a loader's record of where the weights came from
         self.config = config or AutoencoderKLConfig()
         latent = self.config.latent_channels
         self.encoder = Encoder(self.config)
         self.decoder = Decoder(self.config)
         self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1) if self.config.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(latent, latent, 1) if self.config.use_post_quant_conv else None
-        # Inference settings, read by codec.inference; see enable_tiling / enable_slicing.
-        self.use_tiling: bool | None = None  # None: tile only when the memory budget requires it
-        self.use_slicing: bool | None = None  # None: split the batch only when the memory budget requires it
-        self.memory_budget: float | None = None  # bytes (inf: never tile); None: chosen from the device
-        self.tile_latent_size: int | None = None  # latent side of a tile; None: the largest that fits the budget
-        self.compile_mode: str | None = None  # torch.compile mode for untiled inference; None: eager
         # Convolution weights in the layout inference feeds activations in on their device (channels-last on a
-        # CPU, codec.layers.preferred_memory_format): otherwise every call reorders every weight (0.8% of an SD
-        # decode at 256x256 on a CPU, by the profiler). Values and keys are unchanged; the savers write
-        # contiguous copies. Moving the model to another kind of device re-picks the layout (_apply).
+        # CPU, codec.layers.preferred_memory_format), so that no call reorders every weight. Values and keys are
+        # unchanged; the savers write contiguous copies. Moving to another kind of device re-picks it (_apply).
         self._layout_device: str | None = None
         self._match_layout_to_device()
         self._register_state_dict_hook(AutoencoderKL._contiguous_state)
@@ -138,6 +148,16 @@ class AutoencoderKL(nn.Module):
     def downsample_factor(self) -> int:
         return self.config.downsample_factor
 
+    @property
+    def about(self) -> str | None:
+        """The embedded model's description, where the model is the embedded one (`provenance.about`)."""
+        return self.provenance.about
+
+    @property
+    def scaling_is_guess(self) -> bool:
+        """Whether the scaling factor was guessed from a single file's shapes (`provenance.scaling_is_guess`)."""
+        return self.provenance.scaling_is_guess
+
     # ---- raw network passes (no padding, tiling or fallback) ----------------------------------
 
     def encode_moments(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,19 +181,15 @@ class AutoencoderKL(nn.Module):
     # ---- diffusers-compatible API -------------------------------------------------------------
 
     def encode(self, x: torch.Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple:
-        from codec import inference
-
         self._run_offload_hook()
-        posterior = DiagonalGaussianDistribution(inference.encode_moments(self, x))
+        posterior = DiagonalGaussianDistribution(run_pass(self, x, ENCODE))
         return AutoencoderKLOutput(posterior) if return_dict else (posterior,)
 
     def decode(
         self, z: torch.Tensor, return_dict: bool = True, generator: torch.Generator | None = None
     ) -> DecoderOutput | tuple:
-        from codec import inference
-
         self._run_offload_hook()
-        sample = inference.decode(self, z)
+        sample = run_pass(self, z, DECODE)
         return DecoderOutput(sample) if return_dict else (sample,)
 
     def forward(
@@ -223,7 +239,7 @@ class AutoencoderKL(nn.Module):
         """Tile encode and decode; `tile_latent_size`: the tile's side in latent pixels (None: the largest that
         fits the memory budget, at least 16). Under 16 the shared statistics are estimated from few pixels."""
         self.use_tiling = True
-        self.tile_latent_size = _checked_tile(tile_latent_size)
+        self.tile_latent_size = tile_latent_size
 
     # diffusers' names for the tile size, in pixels and in latent positions (the overlap is ours, an eighth).
     @property
@@ -233,7 +249,7 @@ class AutoencoderKL(nn.Module):
     @tile_sample_min_size.setter
     def tile_sample_min_size(self, pixels: int | None) -> None:
         factor = self.config.downsample_factor
-        checked = _checked_tile(pixels, "tile_sample_min_size", "pixels", 2 * factor)
+        checked = check_tile_size(pixels, "tile_sample_min_size", "pixels", 2 * factor)
         self.tile_latent_size = None if checked is None else checked // factor
 
     @property
@@ -242,7 +258,7 @@ class AutoencoderKL(nn.Module):
 
     @tile_latent_min_size.setter
     def tile_latent_min_size(self, size: int | None) -> None:
-        self.tile_latent_size = _checked_tile(size, "tile_latent_min_size")
+        self.tile_latent_size = check_tile_size(size, "tile_latent_min_size")
 
     def disable_tiling(self) -> None:
         self.use_tiling = False
@@ -259,9 +275,7 @@ class AutoencoderKL(nn.Module):
         The first call for each input shape and dtype compiles, which takes minutes on a CPU; it pays off over
         many calls of one shape, such as encoding a dataset cached at one resolution.
         """
-        if mode not in COMPILE_MODES:
-            raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}; got {mode!r}")
-        self.compile_mode = mode
+        self.compile_mode = check_compile_mode(mode)
 
     def disable_compile(self) -> None:
         self.compile_mode = None
@@ -301,12 +315,10 @@ class AutoencoderKL(nn.Module):
         `scaling_factor=...`) override config.json's. use_safetensors and low_cpu_mem_usage are accepted for
         diffusers' callers and change nothing: safetensors is read first when both formats are there, straight
         into place."""
-        from codec.config import check_setting_names
-        from codec.weights import HubOptions, load_pretrained
-
         check_setting_names(settings)  # a typo fails now, not after a download
-        hub = HubOptions(cache_dir=cache_dir, token=token, local_files_only=local_files_only)
-        model = load_pretrained(cls, pretrained_model_name_or_path, subfolder, variant, torch_dtype, revision, hub)
+        hub = weights.HubOptions(cache_dir=cache_dir, token=token, local_files_only=local_files_only)
+        loaded = weights.read_pretrained(pretrained_model_name_or_path, subfolder, variant, revision, hub)
+        model = cls._build(loaded, torch_dtype)
         if settings:
             model.register_to_config(**settings)
         return model
@@ -321,12 +333,10 @@ class AutoencoderKL(nn.Module):
     ) -> None:
         """Write config.json and diffusion_pytorch_model.safetensors, as diffusers does (only the main process
         writes, where a training script says which it is). Weights are written as safetensors only."""
-        from codec.weights import save_pretrained
-
         if not safe_serialization:
             raise ValueError("save_pretrained writes safetensors only (a pickled .bin can carry code)")
         if is_main_process:
-            save_pretrained(self, directory, variant=variant)
+            weights.write_pretrained(directory, self.state_dict(), self.config, variant=variant)
 
     @classmethod
     def from_config(cls, config: AutoencoderKLConfig | Mapping) -> AutoencoderKL:
@@ -361,37 +371,32 @@ class AutoencoderKL(nn.Module):
         torch_dtype: torch.dtype | None = None,
     ) -> AutoencoderKL:
         """Load an LDM-layout `.safetensors`/`.ckpt` (VAE alone or a whole SD checkpoint)."""
-        from codec.single_file import load_single_file
-
-        return load_single_file(cls, path, config=config, torch_dtype=torch_dtype)
+        return cls._build(single_file.read_single_file(path, config=config), torch_dtype)
 
     def save_single_file(self, path: str | os.PathLike) -> None:
         """Write the LDM layout that A1111, ComfyUI and diffusers' `from_single_file` read."""
-        from codec.single_file import save_single_file
-
-        save_single_file(self, path)
+        single_file.write_single_file(path, self.state_dict(), self.config, self.provenance.scaling_is_guess)
 
     @classmethod
     def load(cls, spec: str | os.PathLike, torch_dtype: torch.dtype | None = None) -> AutoencoderKL:
         """Whatever a user names: a diffusers folder, a single file, a hub id, a preset or 'builtin'."""
-        from codec.weights import load_any
+        return cls._build(loading.read_model(spec), torch_dtype)
 
-        return load_any(cls, spec, torch_dtype=torch_dtype)
-
-
-def _checked_tile(
-    size: int | None, name: str = "tile_latent_size", unit: str = "latent pixels", minimum: int = 2
-) -> int | None:
-    """A tile side (by default in latent positions, at least 2), or None for the largest the budget allows."""
-    if size is None:
-        return None
-    try:
-        checked = operator.index(size)  # an int, a numpy int; not 2.5
-    except TypeError:
-        checked = 0
-    if checked < minimum:
-        raise ValueError(f"{name} must be a whole number of {unit} >= {minimum}, got {size!r}")
-    return checked
+    @classmethod
+    def _build(cls, loaded: LoadedWeights, torch_dtype: torch.dtype | None) -> AutoencoderKL:
+        """The one place a model is built from what a loader read: every weight checked against the config
+        before any is loaded, and the provenance kept."""
+        if loaded.state_dict is None:
+            with torch.random.fork_rng(devices=[]):  # seeded without disturbing the caller's random state
+                torch.manual_seed(0)
+                model = cls(loaded.config)
+        else:
+            model = cls(loaded.config)
+            load_checked(model, loaded.state_dict, loaded.provenance.source or "the weights")
+        model.provenance = loaded.provenance
+        if torch_dtype is not None:
+            model.to(torch_dtype)
+        return model.eval()
 
 
 def scale_latents(z: torch.Tensor, config: AutoencoderKLConfig) -> torch.Tensor:

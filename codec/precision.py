@@ -1,25 +1,31 @@
-"""Which precision a model actually computes in on a CPU, and the fp32 copy used where half would be emulated
-(and to recompute a half-precision result that overflowed, codec.inference).
+"""The precision an inference pass computes in, and its fallbacks, in one place (`Fallbacks`).
 
 torch runs bf16 and fp16 convolutions on a CPU through emulation unless the CPU has the instructions for them
-(AVX512-BF16 or AMX for bf16, AMX-FP16 for fp16). Emulated, an SD decode at 256x256 took 46 s in bf16 and 41 s in
-fp16 against 4.6 s in fp32 (AMD EPYC, AVX2 only, 2 threads). So inference with half-precision weights on such a
-CPU computes with an fp32 copy of the model and returns its result in the model's dtype: ten times faster, and
-more accurate. The copy is made once per model, and its weights refreshed at each use.
+(AVX512-BF16 or AMX for bf16, AMX-FP16 for fp16), and emulated they are about ten times slower than fp32
+(docs/tiling.md has the figures). So inference with half-precision weights on such a CPU computes with an fp32
+copy of the model and returns its result in the model's dtype: faster, and more accurate. The copy is made once
+per model, and its weights refreshed at each use. The same copy recomputes a half-precision result that
+overflowed.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import weakref
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
 _copies: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]] = weakref.WeakKeyDictionary()
+
+Check = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _cpu_supports(check_name: str) -> bool:
@@ -68,11 +74,12 @@ def fp32_copy(model: nn.Module) -> nn.Module:
             replica_tensors = list(cached[1].parameters()) + list(cached[1].buffers())
             torch._foreach_copy_(replica_tensors, list(model.parameters()) + list(model.buffers()))
     replica = cached[1]
-    # The original's plain settings as they are now (tiling, slicing, memory budget, compile mode, ...), derived
+    # The original's settings as they are now: plain values, and settings objects (dataclasses) shared, derived
     # rather than listed so that a new setting cannot be forgotten here; `training` is nn.Module's own, per module.
     for name, value in vars(model).items():
         plain = isinstance(value, (bool, int, float, str, type(None)))
-        if plain and not name.startswith("_") and name != "training":
+        settings = dataclasses.is_dataclass(value) and not isinstance(value, type)
+        if (plain or settings) and not name.startswith("_") and name != "training":
             setattr(replica, name, value)
     return replica
 
@@ -80,3 +87,46 @@ def fp32_copy(model: nn.Module) -> nn.Module:
 def forget_fp32_copy(model: nn.Module) -> None:
     """Drop the model's cached copy (it moved to another device or dtype): it would hold memory for nothing."""
     _copies.pop(model, None)
+
+
+class NonFiniteHalf(ArithmeticError):
+    """A half-precision computation turned a finite input into a non-finite output."""
+
+
+def _raise_if_overflowed(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    # A non-finite input gives a non-finite output at any precision: nothing to recompute.
+    if y.dtype in HALF_DTYPES and not torch.isfinite(y).all() and torch.isfinite(x).all():
+        raise NonFiniteHalf(y.dtype)
+    return y
+
+
+def _unchecked(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return y
+
+
+class Fallbacks:
+    """The precision fallbacks of one inference call:
+
+    - no gradient: inference builds no graph (a frozen model under autograd comes here too);
+    - half precision that this CPU would emulate computes with the model's fp32 copy (`model` is that copy);
+    - a half-precision result, or any stage of a tiled one, that comes out non-finite from a finite input is
+      computed again, whole, with the fp32 copy: a stage recomputed alone would hand its result to the next
+      in half precision, where values beyond fp16's range become inf.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        self.model = fp32_copy(model) if emulated_on_cpu(model.dtype, device) else model
+        self._fp32: nn.Module | None = None
+
+    def __call__(self, compute: Callable[[nn.Module, torch.Tensor, Check], torch.Tensor], x: torch.Tensor):
+        """`compute(model, x, check)` in the model's dtype, returned in x's; `compute` passes each stage's output
+        and input through `check`, which raises NonFiniteHalf where half precision overflowed."""
+        check = _raise_if_overflowed if self.model.dtype in HALF_DTYPES else _unchecked
+        with torch.no_grad():
+            try:
+                return compute(self.model, x.to(self.model.dtype), check).to(x.dtype)
+            except NonFiniteHalf as overflow:
+                if self._fp32 is None:
+                    log.warning("%s result was not finite; recomputing in float32 (force_upcast)", overflow.args[0])
+                    self._fp32 = fp32_copy(self.model)
+                return compute(self._fp32, x.float(), _unchecked).to(x.dtype)

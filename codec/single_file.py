@@ -14,17 +14,13 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from codec.atomic import atomic_path
-from codec.checkpoint import CheckpointError, load_checked, read_checkpoint
+from codec.checkpoint import CheckpointError, LoadedWeights, Provenance, read_checkpoint
 from codec.config import AutoencoderKLConfig, ConfigError, preset
 from codec.keys import diffusers_to_ldm, is_ldm_layout, ldm_to_diffusers, upgrade_legacy_attention_keys
-
-if TYPE_CHECKING:
-    from codec.model import AutoencoderKL
 
 log = logging.getLogger(__name__)
 PREFIXES = ("first_stage_model.", "vae.", "model.")
@@ -132,19 +128,7 @@ def infer_config(
     except (KeyError, ValueError) as error:
         raise CheckpointError(f"{source}: cannot infer the VAE architecture from its keys (missing {error})") from None
     has_quant = "quant_conv.weight" in tensors
-    known = preset(family) if family is not None else None
-    if known is not None and known.latent_channels == latent:
-        family = known
-    else:
-        family = preset("sd") if latent == 4 else preset("flux") if latent == 16 else AutoencoderKLConfig()
-        if not quiet:
-            guesses = {4: "SD 1.x/2.x; config='sdxl' for SDXL's VAE", 16: "FLUX; config='sd3' for SD3's VAE"}
-            log.warning(
-                "%s: the file does not record its scaling factor; assuming %s (%s, or a config.json with the right one)",
-                source,
-                family.scaling_factor,
-                guesses.get(latent, f"unknown for {latent} channels; pass config= a config.json that has it"),
-            )
+    family = _scaling_family(family, latent, source, quiet)
     fields = dict(
         in_channels=in_channels,
         out_channels=out_channels,
@@ -167,6 +151,24 @@ def infer_config(
         raise CheckpointError(f"{source}: inferred an invalid config ({error})") from None
 
 
+def _scaling_family(family: str | None, latent: int, source: str, quiet: bool) -> AutoencoderKLConfig:
+    """The preset whose scaling and shift a VAE with `latent` channels takes: `family`'s where it fits, else the
+    one its channel count suggests, with a warning unless `quiet`."""
+    known = preset(family) if family is not None else None
+    if known is not None and known.latent_channels == latent:
+        return known
+    guessed = preset("sd") if latent == 4 else preset("flux") if latent == 16 else AutoencoderKLConfig()
+    if not quiet:
+        guesses = {4: "SD 1.x/2.x; config='sdxl' for SDXL's VAE", 16: "FLUX; config='sd3' for SD3's VAE"}
+        log.warning(
+            "%s: the file does not record its scaling factor; assuming %s (%s, or a config.json with the right one)",
+            source,
+            guessed.scaling_factor,
+            guesses.get(latent, f"unknown for {latent} channels; pass config= a config.json that has it"),
+        )
+    return guessed
+
+
 def resolve_config(config: AutoencoderKLConfig | str | os.PathLike) -> AutoencoderKLConfig:
     if isinstance(config, AutoencoderKLConfig):
         return config
@@ -176,38 +178,32 @@ def resolve_config(config: AutoencoderKLConfig | str | os.PathLike) -> Autoencod
     return preset(text)
 
 
-def load_single_file(
-    cls: type[AutoencoderKL],
-    path: str | os.PathLike,
-    config: AutoencoderKLConfig | str | os.PathLike | None = None,
-    torch_dtype: torch.dtype | None = None,
-) -> AutoencoderKL:
+def read_single_file(
+    path: str | os.PathLike, config: AutoencoderKLConfig | str | os.PathLike | None = None
+) -> LoadedWeights:
+    """The VAE of a single file, with `config` (a config, a preset name or a config.json) or the one its shapes
+    and recorded settings say."""
     path = Path(path).expanduser()
     source = str(path)
     checkpoint = read_checkpoint(path, keep=lambda name: _may_be_vae_key(name) or name in EDM_KEYS)
     _refuse_other_autoencoders(checkpoint.names, source)
     tensors = extract_vae_tensors(checkpoint.tensors, source)
     if config is not None:
-        model = cls(resolve_config(config))
-    else:
-        recorded = _recorded_settings(checkpoint.metadata)
-        knows_scaling = "scaling_factor" in recorded
-        family = None if knows_scaling else checkpoint_family(checkpoint.names)
-        statistics = {} if knows_scaling else _playground_statistics(checkpoint.tensors)
-        quiet = knows_scaling or bool(statistics)
-        model = cls(infer_config(tensors, source, family, quiet=quiet, recorded={**recorded, **statistics}))
-        if family is None and not quiet:
-            # A guess, said once by infer_config; save_single_file leaves it out of what the file records, so that
-            # it is not read back as the truth.
-            model.scaling_is_guess = True
-        if family is None and not any(
-            _is_vae_key(name[len(p) :]) for name in checkpoint.names for p in PREFIXES if name.startswith(p)
-        ):
-            _warn_about_ignored_tensors(checkpoint.names, source)  # a bare VAE file: its other tensors are odd
-    load_checked(model, tensors, source)
-    if torch_dtype is not None:
-        model.to(torch_dtype)
-    return model.eval()
+        return LoadedWeights(resolve_config(config), tensors, Provenance(source))
+    recorded = _recorded_settings(checkpoint.metadata)
+    knows_scaling = "scaling_factor" in recorded
+    family = None if knows_scaling else checkpoint_family(checkpoint.names)
+    statistics = {} if knows_scaling else _playground_statistics(checkpoint.tensors)
+    quiet = knows_scaling or bool(statistics)
+    inferred = infer_config(tensors, source, family, quiet=quiet, recorded={**recorded, **statistics})
+    if family is None and not any(
+        _is_vae_key(name[len(p) :]) for name in checkpoint.names for p in PREFIXES if name.startswith(p)
+    ):
+        _warn_about_ignored_tensors(checkpoint.names, source)  # a bare VAE file: its other tensors are odd
+    # A guess, said once by infer_config; write_single_file leaves it out of what the file records, so that it is
+    # not read back as the truth.
+    guessed = family is None and not quiet
+    return LoadedWeights(inferred, tensors, Provenance(source, scaling_is_guess=guessed))
 
 
 def _playground_statistics(tensors: dict[str, torch.Tensor]) -> dict:
@@ -237,19 +233,25 @@ def _warn_about_ignored_tensors(names: list[str], source: str) -> None:
         log.warning("%s: ignored %d tensors that are not the VAE's: %s", source, len(ignored), shown)
 
 
-def save_single_file(model: AutoencoderKL, path: str | os.PathLike) -> None:
-    """Bare LDM keys, as the VAE files A1111 and ComfyUI load; `.safetensors`, or `.ckpt` with a state_dict."""
+def write_single_file(
+    path: str | os.PathLike,
+    state_dict: dict[str, torch.Tensor],
+    config: AutoencoderKLConfig,
+    scaling_is_guess: bool = False,
+) -> None:
+    """Bare LDM keys, as the VAE files A1111 and ComfyUI load; `.safetensors`, or `.ckpt` with a state_dict. A
+    guessed scaling factor (`scaling_is_guess`) is left out of the settings the file records."""
     path = Path(path)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    state = diffusers_to_ldm(state, len(model.config.block_out_channels))
-    guessed = SCALING_SETTINGS if getattr(model, "scaling_is_guess", False) else ()
-    settings = json.dumps({name: getattr(model.config, name) for name in RECORDED_SETTINGS if name not in guessed})
-    if model.config.norm_num_groups != 32:
+    state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    state = diffusers_to_ldm(state, len(config.block_out_channels))
+    guessed = SCALING_SETTINGS if scaling_is_guess else ()
+    settings = json.dumps({name: getattr(config, name) for name in RECORDED_SETTINGS if name not in guessed})
+    if config.norm_num_groups != 32:
         log.warning(
             "%s: this model normalises in %d groups; the file records it for this package, but A1111, ComfyUI and "
             "diffusers' from_single_file assume 32 unless given its config.json",
             path,
-            model.config.norm_num_groups,
+            config.norm_num_groups,
         )
     with atomic_path(path) as tmp:
         if path.suffix.lower() == ".safetensors":

@@ -166,9 +166,8 @@ def stream_decoder_tail(decoder: Decoder, features: torch.Tensor, band_rows: int
     statistics unless shared ones are installed (tiling.shared_norm_stats), and a band's own statistics are
     not the image's. The output norm's statistics are always exact: the up blocks' output is spilled to a
     temporary file while its moments are summed over every row, then read back through the output norm and
-    conv. That norm matters most (on 1024x1024 photos with the embedded model, estimated statistics for it
-    alone cost 4-8 dB of tiled-against-untiled PSNR), and its input is the largest activation of all, so this
-    is the one norm worth a second look at its input.
+    conv. That norm's statistics matter most (docs/tiling.md), and its input is the largest activation of all,
+    so this is the one norm worth a second look at its input.
     """
     if band_rows < 1:
         raise ValueError(f"band_rows must be at least 1, got {band_rows}")

@@ -10,7 +10,7 @@ normalises with those shared numbers.
 The decoder's tail is not tiled but streamed in bands of rows (codec/streaming.py), which needs no overlap;
 its first up block runs whole and its output norm's statistics are measured exactly, so only the norms
 between come from the passes (codec/inference.py). Tiles remain for the encoder and for latents too large
-for one global attention.
+for one global attention. docs/tiling.md explains the design and its measured fidelity.
 
 Tiles along an axis are made as small as still covers it with the given overlap, not the largest allowed:
 1024 pixels in tiles of at most 512 with 64 overlap become 3 tiles of 384, not 3 of 512 (less recomputation).
@@ -72,7 +72,7 @@ def _edge_weights(length: int, overlap_start: int, overlap_end: int) -> torch.Te
 def _norm_hooks(module: nn.Module, hook: Callable) -> Iterator[None]:
     norms = [(name, m) for name, m in module.named_modules() if isinstance(m, GroupNorm)]
     for name, norm in norms:
-        # A name, not id(norm): an fp32 copy of the model (the half-precision fallback) finds the same entries.
+        # A name, not id(norm): statistics recorded on a model apply to any copy of it.
         norm.stats_key = name
         norm.stats_hook = hook
     try:
@@ -117,24 +117,19 @@ def estimate_norm_stats(
 ) -> Stats:
     """The whole input's GroupNorm statistics, estimated from two passes over downscaled copies of it.
 
-    A downscaled copy has coarser features than the full input, so its statistics are biased (variances came
-    out 3-6% low at half size). Passes at `fraction` of the input's size and at half that (at most the area of a
-    `max_side` square, which bounds their memory) measure how the statistics change per halving, and the change
-    is carried on for the log2(1 / fraction) halvings up to full size, linearly for means and in the log for
-    variances. On four 1024x1024 Kodak crops with the embedded model (v2; the streamed decoder's output norm
-    exact), tiled-against-untiled PSNR was 34.0-46.6 dB with the half-size pass alone, 34.7-47.6 with one at
-    three quarters, and 40.4-46.0 with this extrapolation from 1/2 and 1/4.
+    A downscaled copy has coarser features than the full input, so its statistics are biased (variances come out
+    low). Passes at `fraction` of the input's size and at half that (at most the area of a `max_side` square,
+    which bounds their memory) measure how the statistics change per halving, and the change is carried on for
+    the log2(1 / fraction) halvings up to full size, linearly for means and in the log for variances.
 
     With `low_precision`, an fp32 model runs these passes under bf16 autocast where the hardware has fast bf16
-    (see `statistics_autocast`): the statistics came out within 0.4% of fp32 ones (SD config, 1024x1024),
-    far inside the error of the extrapolation itself, and the passes took half the time.
+    (see `statistics_autocast`): only statistics come out of them, within the extrapolation's own error, in about
+    half the time. docs/tiling.md has the measured figures.
     """
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    # Sizes are sides of squares of the passes' areas. A pass bounded by its longer side instead shrank a thin
-    # strip to a pixel or two across: tiled against untiled decode of a 64x768 strip of kodim23 at tile 16 with
-    # the embedded model, 19.6 dB, and 31.6 bounded by area; the whole 512x768 image 38.6 and 40.0. Squares are
-    # unchanged.
+    # Sizes are sides of squares of the passes' areas: bounded by its longer side, a thin strip shrank to a pixel
+    # or two across.
     size = math.sqrt(x.shape[-2] * x.shape[-1])
     side = min(max_side, max(align, math.ceil(size * fraction / align) * align))
     precision = statistics_autocast(x) if low_precision else contextlib.nullcontext()
@@ -179,9 +174,8 @@ def downscale_to_fit(x: torch.Tensor, max_side: int, align: int) -> torch.Tensor
     long = max(align, round(max(h, w) * scale / align) * align)
     if short * long > 1.25 * max_side * max_side:
         # The short side was rounded up to a whole `align` (a thin strip): the long side gives the area back, or
-        # the pass could cost many tiles' memory. Not for a few percent: trimming a side that merely rounded up
-        # (260 positions for 256) cost 2.8 dB of tiled-against-untiled decode on kodim23 at tile 16, as the
-        # estimate is sensitive to the passes' ratio.
+        # the pass could cost many tiles' memory. Not for a few percent, as the estimate is sensitive to the
+        # passes' ratio.
         long = max(align, min(long, max_side * max_side // short // align * align))
     size = (short, long) if h <= w else (long, short)
     return F.interpolate(x.float(), size=size, mode="area").to(x.dtype)

@@ -9,17 +9,13 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from codec.atomic import atomic_path
-from codec.checkpoint import CheckpointError, load_checked, read_tensors
-from codec.config import CONFIG_NAME, PRESETS, AutoencoderKLConfig, preset
+from codec.checkpoint import CheckpointError, LoadedWeights, Provenance, read_tensors
+from codec.config import CONFIG_NAME, PRESETS, AutoencoderKLConfig
 from codec.keys import upgrade_legacy_attention_keys
-
-if TYPE_CHECKING:
-    from codec.model import AutoencoderKL
 
 log = logging.getLogger(__name__)
 
@@ -68,57 +64,48 @@ def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _finish(cls, config: AutoencoderKLConfig, tensors: dict, source: str, torch_dtype: torch.dtype | None):
-    model = cls(config)
-    load_checked(model, upgrade_legacy_attention_keys(tensors), source)
-    if torch_dtype is not None:
-        model.to(torch_dtype)
-    return model.eval()
+def _loaded(config: AutoencoderKLConfig, tensors: dict[str, torch.Tensor], source: str) -> LoadedWeights:
+    return LoadedWeights(config, upgrade_legacy_attention_keys(tensors), Provenance(source))
 
 
-def load_folder(
-    cls: type[AutoencoderKL], folder: Path, variant: str | None, torch_dtype: torch.dtype | None
-) -> AutoencoderKL:
+def read_folder(folder: Path, variant: str | None) -> LoadedWeights:
     if not (folder / CONFIG_NAME).is_file() and (folder / "vae" / CONFIG_NAME).is_file():
         folder = folder / "vae"  # a whole pipeline: its VAE lives in vae/
     config = AutoencoderKLConfig.from_json(folder / CONFIG_NAME)
     for name in _weight_names(variant):
         path = folder / name
         if path.is_file():
-            return _finish(cls, config, read_tensors(path), str(path), torch_dtype)
+            return _loaded(config, read_tensors(path), str(path))
         for index in (folder / f"{name}.index.json", folder / _variant_index_name(name, variant)):
             if index.is_file():
-                return _finish(cls, config, _read_sharded(index), str(index), torch_dtype)
+                return _loaded(config, _read_sharded(index), str(index))
     raise CheckpointError(f"{folder}: no weights found; expected one of {', '.join(_weight_names(variant))}")
 
 
-def load_from_hub(
-    cls,
-    repo_id: str,
-    subfolder: str | None,
-    variant: str | None,
-    torch_dtype: torch.dtype | None,
-    revision: str | None = None,
-    hub: HubOptions | None = None,
-):
-    import huggingface_hub
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RevisionNotFoundError,
-    )
+class _HubFiles:
+    """One repository's files at one revision, fetched through huggingface_hub (or found in its cache)."""
 
-    not_cached: list[Exception] = []
+    def __init__(self, repo_id: str, revision: str | None, hub: HubOptions | None) -> None:
+        self.repo_id, self.revision, self.hub = repo_id, revision, hub or HubOptions()
+        self.not_cached: list[Exception] = []
 
-    def fetch(filename: str, folder: str | None) -> Path | None:
+    def fetch(self, filename: str, folder: str | None) -> Path | None:
         """The file, downloaded or from the cache; None where the repository has no such file, or (offline) the
         cache does not hold it."""
+        import huggingface_hub
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            HfHubHTTPError,
+            LocalEntryNotFoundError,
+            OfflineModeIsEnabled,
+            RevisionNotFoundError,
+        )
+
         try:
+            options = dataclasses.asdict(self.hub)
             return Path(
                 huggingface_hub.hf_hub_download(
-                    repo_id, filename, subfolder=folder, revision=revision, **dataclasses.asdict(hub or HubOptions())
+                    self.repo_id, filename, subfolder=folder, revision=self.revision, **options
                 )
             )
         # LocalEntryNotFoundError (offline, not cached) subclasses EntryNotFoundError: it must be caught first.
@@ -126,37 +113,48 @@ def load_from_hub(
             # Offline, a file missing from the cache may be one the repository lacks (a sharded VAE has no single
             # weights file, a pipeline no config.json at its root): the other candidates are tried, and the hub is
             # called unreachable only if none of them is cached.
-            not_cached.append(error)
+            self.not_cached.append(error)
             return None
         except EntryNotFoundError:
             return None
         except RevisionNotFoundError:
-            raise CheckpointError(f"{repo_id}: no revision {revision!r} (a branch, tag or commit)") from None
+            raise CheckpointError(f"{self.repo_id}: no revision {self.revision!r} (a branch, tag or commit)") from None
         except (HfHubHTTPError, OSError) as error:
-            raise _hub_unreachable(repo_id, error) from None
+            raise _hub_unreachable(self.repo_id, error) from None
 
-    def missing(message: str) -> CheckpointError:
-        return _hub_unreachable(repo_id, not_cached[-1]) if not_cached else CheckpointError(f"{repo_id}: {message}")
+    def missing(self, message: str) -> CheckpointError:
+        if self.not_cached:
+            return _hub_unreachable(self.repo_id, self.not_cached[-1])
+        return CheckpointError(f"{self.repo_id}: {message}")
 
+
+def read_from_hub(
+    repo_id: str,
+    subfolder: str | None,
+    variant: str | None,
+    revision: str | None = None,
+    hub: HubOptions | None = None,
+) -> LoadedWeights:
+    files = _HubFiles(repo_id, revision, hub)
     for folder in [subfolder] if subfolder else [None, "vae"]:  # a VAE repository, or a pipeline's vae/
-        config_path = fetch(CONFIG_NAME, folder)
+        config_path = files.fetch(CONFIG_NAME, folder)
         if config_path is None:
             continue
         config = AutoencoderKLConfig.from_json(config_path)
         for name in _weight_names(variant):
-            weights = fetch(name, folder)
+            weights = files.fetch(name, folder)
             if weights is not None:
-                return _finish(cls, config, read_tensors(weights), f"{repo_id}/{weights.name}", torch_dtype)
+                return _loaded(config, read_tensors(weights), f"{repo_id}/{weights.name}")
             for index_name in dict.fromkeys((f"{name}.index.json", _variant_index_name(name, variant))):
-                index = fetch(index_name, folder)
+                index = files.fetch(index_name, folder)
                 if index is not None:  # sharded: fetch every shard it names into the same snapshot folder
                     for shard in sorted(set(_weight_map(index).values())):
-                        if fetch(shard, folder) is None:
-                            raise missing(f"{index_name} names {shard}, which is not there")
-                    return _finish(cls, config, _read_sharded(index), f"{repo_id}/{index.name}", torch_dtype)
+                        if files.fetch(shard, folder) is None:
+                            raise files.missing(f"{index_name} names {shard}, which is not there")
+                    return _loaded(config, _read_sharded(index), f"{repo_id}/{index.name}")
         where = f"{folder}/" if folder else "the repository root"
-        raise missing(f"no weights file in {where}; expected one of {', '.join(_weight_names(variant))}")
-    raise missing(f"no config.json {f'in {subfolder}/' if subfolder else 'at the root or in vae/'}")
+        raise files.missing(f"no weights file in {where}; expected one of {', '.join(_weight_names(variant))}")
+    raise files.missing(f"no config.json {f'in {subfolder}/' if subfolder else 'at the root or in vae/'}")
 
 
 def _hub_unreachable(repo_id: str, error: Exception) -> CheckpointError:
@@ -175,38 +173,43 @@ def _hub_unreachable(repo_id: str, error: Exception) -> CheckpointError:
     )
 
 
-def load_pretrained(
-    cls: type[AutoencoderKL],
+def read_pretrained(
     path_or_hub_id: str | os.PathLike,
     subfolder: str | None = None,
     variant: str | None = None,
-    torch_dtype: torch.dtype | None = None,
     revision: str | None = None,
     hub: HubOptions | None = None,
-) -> AutoencoderKL:
+) -> LoadedWeights:
+    """A diffusers folder (or a pipeline's, whose VAE is in vae/) or a hub id."""
     name = str(path_or_hub_id)
     path = Path(name).expanduser()  # `--model=~/vae`: the shell leaves a ~ after = alone
     if subfolder:
         path = path / subfolder
     if path.is_dir():
-        return load_folder(cls, path, variant, torch_dtype)
+        return read_folder(path, variant)
     if path.is_file():
         raise CheckpointError(f"{path}: is a file; use AutoencoderKL.from_single_file for single-file checkpoints")
     if isinstance(path_or_hub_id, os.PathLike) or name.startswith((".", "/", "~")) or not HUB_ID.fullmatch(name):
         raise CheckpointError(f"{name}: no such folder, and not a hub id of the form owner/name")
-    return load_from_hub(cls, name, subfolder, variant, torch_dtype, revision, hub)
+    return read_from_hub(name, subfolder, variant, revision, hub)
 
 
-def save_pretrained(model: AutoencoderKL, directory: str | os.PathLike, variant: str | None = None) -> None:
+def write_pretrained(
+    directory: str | os.PathLike,
+    state_dict: dict[str, torch.Tensor],
+    config: AutoencoderKLConfig,
+    variant: str | None = None,
+) -> None:
+    """config.json and the safetensors weights, as diffusers' save_pretrained writes them."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}
+    state = {key: value.detach().contiguous().cpu() for key, value in state_dict.items()}
     # Both files are written in full before either replaces its old self: saving over another model, a crash or
     # a full disk while writing leaves the old pair, never a config beside weights it does not describe.
     with atomic_path(directory / CONFIG_NAME) as config_tmp, atomic_path(directory / _weight_names(variant)[0]) as tmp:
-        model.config.to_json(config_tmp)
+        config.to_json(config_tmp)
         save_file(state, str(tmp), metadata={"format": "pt"})
     _remove_stale_shards(directory, variant)
 
@@ -234,9 +237,10 @@ def _remove_stale_shards(directory: Path, variant: str | None) -> None:
 
 
 def check_spec(spec: str | os.PathLike) -> None:
-    """Refuse, without loading anything, a --model that load_any could not load for a reason seen from here: an
-    unknown preset, or a local path that does not exist (a hub id is only checked for its form). Commands that
-    take several models call it for all of them first, so a typo in the last is not found after hours of work."""
+    """Refuse, without loading anything, a --model that codec.loading.read_model could not load for a reason seen
+    from here: an unknown preset, or a local path that does not exist (a hub id is only checked for its form).
+    Commands that take several models call it for all of them first, so a typo in the last is not found after
+    hours of work."""
     text = str(spec)
     if text == "builtin":
         return
@@ -260,30 +264,3 @@ def check_spec(spec: str | os.PathLike) -> None:
         close = difflib.get_close_matches(text, ["builtin", *(f"preset:{name}" for name in PRESETS)], n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise CheckpointError(f"{text}: no such folder or file, and not a hub id of the form owner/name{hint}")
-
-
-def load_any(
-    cls: type[AutoencoderKL], spec: str | os.PathLike, torch_dtype: torch.dtype | None = None
-) -> AutoencoderKL:
-    """Resolve what a user typed after --model: 'builtin', 'preset:NAME' (random weights), a folder, a file, a hub id."""
-    text = str(spec)
-    if text == "builtin":
-        from codec.builtin import load_builtin
-
-        return load_builtin(cls, torch_dtype=torch_dtype)
-    if text.startswith("preset:"):
-        name = text.split(":", 1)[1]
-        if name not in PRESETS:
-            raise CheckpointError(f"{text}: unknown preset; choose one of {', '.join(PRESETS)}")
-        log.warning("%s: randomly initialised weights (seed 0), for testing only", text)
-        with torch.random.fork_rng(devices=[]):  # seeded without disturbing the caller's random state
-            torch.manual_seed(0)
-            model = cls(preset(name)).eval()
-        return model.to(torch_dtype) if torch_dtype is not None else model
-    path = Path(text).expanduser()
-    if path.is_file():
-        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
-            raise CheckpointError(f"{path}: not a checkpoint; expected one of {', '.join(SINGLE_FILE_SUFFIXES)}")
-        return cls.from_single_file(path, torch_dtype=torch_dtype)
-    check_spec(spec)  # what cannot be found here nor on the hub, said as for any --model
-    return load_pretrained(cls, text, torch_dtype=torch_dtype)

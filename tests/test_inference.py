@@ -269,6 +269,23 @@ def test_settings_are_checked_where_they_are_given(vae, monkeypatch):
             vae.decode(torch.randn(1, 4, 4, 4))
 
 
+def test_the_settings_live_in_one_options_object_that_the_named_attributes_read_and_write(vae):
+    vae.enable_tiling(8)
+    vae.enable_slicing()
+    vae.memory_budget = 1 << 20
+    vae.enable_compile("max-autotune")
+    expected = inference.InferenceOptions(True, True, 1 << 20, 8, "max-autotune")
+    assert vae.inference_options == expected
+    assert not {"use_tiling", "tile_latent_size", "memory_budget"} & set(vars(vae))  # no second copy on the module
+    vae.inference_options.tile_latent_size = 4
+    assert vae.tile_latent_size == vae.tile_latent_min_size == 4 and vae.tile_sample_min_size == 32
+    with pytest.raises(ValueError, match="compile mode must be one of"):
+        vae.compile_mode = "fastest"
+    with pytest.raises(ValueError, match="tile_latent_size must be a whole number"):
+        vae.tile_latent_size = 2.5
+    assert vae.inference_options == inference.InferenceOptions(True, True, 1 << 20, 4, "max-autotune")
+
+
 def test_a_strip_whose_area_fits_one_tile_is_not_tiled(vae):
     # 3x17 latent positions with 16-position tiles: wider than a tile, smaller than one in area. Tiled, its
     # statistics passes shrank the short side to a pixel or two (17.7 dB with the embedded model, diffusers 35.2).
@@ -307,7 +324,7 @@ def test_a_strips_statistics_passes_are_sized_by_area_not_by_its_longer_side(vae
 
 def test_a_thin_strip_of_a_photo_tiles_close_to_untiled_with_the_embedded_model():
     """768x64 pixels at tile 16 (128 pixels): tiles along the strip, the statistics from area-sized passes
-    (28.8 dB round trip here; 23.1 when the passes were bounded by the longer side)."""
+    (28.8 dB round trip here; passes bounded by the longer side would give 23.1)."""
     from codec.cli.demo import SAMPLES
     from codec.images import image_to_tensor
 
@@ -336,9 +353,8 @@ def _photo_mosaic(side: int) -> torch.Tensor:
 
 
 def test_a_streamed_tiled_decode_at_1024_stays_within_40_db_of_untiled_with_the_embedded_model():
-    """Issue 7's bar, at the size where tiled decode streams with estimated statistics. Both statistics passes
-    run every up block: with the larger pass stopping before the last one, this mosaic came out at 34.4 dB
-    (43.0 now; eight Kodak crops 31.0-43.6, now 41.3-55.6)."""
+    """The size where tiled decode streams with estimated statistics (43.0 dB here): both statistics passes run
+    every up block, which a shortcut that skipped the last one would fail (34.4 dB, docs/tiling.md)."""
     vae = codec.AutoencoderKL.load("builtin")
     vae.memory_budget = float("inf")  # untiled unless asked
     threads = torch.get_num_threads()

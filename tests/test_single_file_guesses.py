@@ -37,6 +37,7 @@ def test_a_guessed_scaling_factor_is_not_recorded_as_known(tiny_config, tmp_path
     with caplog.at_level("WARNING"):
         guessed = codec.AutoencoderKL.from_single_file(bare)
     assert "does not record its scaling factor; assuming 0.18215" in caplog.text
+    assert guessed.provenance.scaling_is_guess and guessed.scaling_is_guess
     guessed.save_single_file(tmp_path / "converted.safetensors")  # as `codec convert` does
     caplog.clear()
     with caplog.at_level("WARNING"):

@@ -389,3 +389,22 @@ def test_a_model_that_is_nowhere_is_named_with_what_was_meant(tmp_path):
         codec.AutoencoderKL.load(str(tmp_path / "vae.ckpt"))
     with pytest.raises(CheckpointError, match=r"is a folder; this reads one \.safetensors/\.ckpt file"):
         codec.AutoencoderKL.from_single_file(tmp_path)
+
+
+def test_the_provenance_says_where_the_weights_came_from(diffusers_folder, tiny_config, tmp_path):
+    from codec.builtin import BUILTIN_DIR
+    from codec.checkpoint import Provenance
+
+    assert codec.AutoencoderKL(tiny_config).provenance == Provenance()  # built in code: from nowhere
+    assert codec.AutoencoderKL.load("preset:tiny").provenance == Provenance("preset:tiny")
+    folder = codec.AutoencoderKL.from_pretrained(diffusers_folder)
+    assert folder.provenance.source == str(diffusers_folder / "diffusion_pytorch_model.safetensors")
+    assert folder.about is None and not folder.scaling_is_guess
+    folder.save_single_file(tmp_path / "vae.safetensors")
+    single = codec.AutoencoderKL.load(tmp_path / "vae.safetensors")
+    assert single.provenance == Provenance(str(tmp_path / "vae.safetensors"))  # our file records its scaling
+    builtin = codec.AutoencoderKL.load("builtin")
+    assert builtin.about == (BUILTIN_DIR / "ABOUT.md").read_text() == builtin.provenance.about
+    assert builtin.provenance.source == str(BUILTIN_DIR / "diffusion_pytorch_model.safetensors")
+    moved = builtin.to(torch.float16)
+    assert moved.provenance is builtin.provenance  # it stays with the model through moves and casts

@@ -9,8 +9,8 @@ import hashlib
 import json
 from pathlib import Path
 
-import codec
 from codec.cache.shards import DATA_DIR, FORMAT, FORMAT_VERSION, MANIFEST, CacheError, atomic_write, shard_path
+from codec.version import __version__
 
 
 def read_manifest(out: Path) -> dict | None:
@@ -70,7 +70,7 @@ def build_manifest(
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "tool": {"name": "latent-codec", "version": codec.__version__},
+        "tool": {"name": "latent-codec", "version": __version__},
         "complete": metas is not None,
         "compat": compat_hash,
         "codec": {
