@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
-from codec.cache import manifest, shards
+from codec.cache import checksums, manifest, shards
 from codec.cache.identity import DTYPE_NAMES, is_legacy, same_codec
 from codec.cache.preprocess import Prepared, Preprocessing, to_model_input
 
@@ -197,6 +197,7 @@ class _ShardBuilder:
         table = shards.rows_to_table(
             self.rows, settings.latent_dtype, settings.preprocessing.flip, source.carried_schema()
         )
+        digests = checksums.row_digests(table)
         meta = {
             "shard": self.index,
             "compat": compat_hash,
@@ -207,6 +208,8 @@ class _ShardBuilder:
             "skipped": sorted(self.skipped, key=lambda s: s["key"]),
             "upscaled": sum(1 for row in self.rows if _upscaled(row)),
             "written_by": rank,
+            "checksum": checksums.shard_checksum(digests),
+            "row_checksums": checksums.row_checksums(digests),
         }
         shards.write_shard(out, self.index, table, meta)
 

@@ -211,8 +211,11 @@ def run_verify(args: argparse.Namespace) -> int:
         return 1
     checked = " and codec" if codec else ""
     print(
-        f"{args.target}: OK, {report.rows} rows and {report.skipped} skipped in {report.shards} shards (counts, keys, shapes{checked} checked)"
+        f"{args.target}: OK, {report.rows} rows and {report.skipped} skipped in {report.shards} shards (counts, keys, "
+        f"shapes, value ranges, checksums{checked} checked)"
     )
+    if report.unchecked:
+        print(f"checksum check skipped for {report.unchecked} shard(s): written before checksums were recorded")
     return 0
 
 
