@@ -128,7 +128,8 @@ def summarize(shards: list[Shard], options: BenchOptions, device: str, world: in
     notes["memory"] = "; ".join(f"{', '.join(sorted(set(k)))}: {m}" for m, k in methods.items())
     notes["rate"] = (
         f"latents stored as {options.latent_precision} before decoding (uint8: per-channel scale and offset, "
-        "counted in the rate); bicubic-latent keeps as many values as a 4-channel f8 latent (side factor sqrt(48)); "
+        "counted in the rate); bicubic keeps 3 values per f^2 pixels and bicubic-latent as many values as the latent "
+        "(C per f^2 pixels) of the VAE it is matched to (SD's f8, 4 channels, when the run has no VAE); "
         "JPEG/WebP file sizes include headers"
     )
     missed = [row for row in rows if row["kind"] == "classic" and row["rate_met_fraction"] < 1]
