@@ -4,7 +4,7 @@ Inputs are uint8-valued tensors or arrays (B, H, W, 3) or (B, 3, H, W) float in 
 after quantisation to 8 bits, because that is the image a user saves and sees.
 
 Every metric works through the image in bands of rows, converting one band at a time, so the memory it needs
-beyond its inputs stays a few tens of MB at any size (a float64 copy of a whole 8192x8192 image is 1.6 GB).
+beyond its inputs stays a few tens of MB whatever the image's size (a whole-image float copy would take GBs).
 """
 
 from __future__ import annotations

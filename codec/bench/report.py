@@ -23,8 +23,7 @@ CSV_COLUMNS = (
     "image", "model", "kind", "width", "height", "bpp", "psnr", "ssim", "ms_ssim",
     "lpips_alex", "lpips_vgg", "target_bpp", "quality", "rate_met",
 )  # fmt: skip
-# A lossless image has infinite PSNR; averaged as it is, one would make any mean infinite, and left out (as
-# before) it made a codec that got it exactly right score below one that merely came close.
+# A lossless image's PSNR is infinite: counted at this ceiling, it neither makes a mean infinite nor drops out.
 PSNR_CEILING = 100.0
 FID_RELIABLE_IMAGES = 5000  # the model cards' count; below a few thousand rFID is biased upwards
 

@@ -349,9 +349,8 @@ def build_cache(
     except Exception as error:  # any (a footer of another shape, a vanished file): every rank stops with it
         refusal = error
     run.group.stop_together(refusal)
-    # Marked incomplete only where a shard will be written (or, in _plan, removed), so that the codec and settings
-    # are on record from the first shard on; a rerun with nothing to do leaves a complete cache complete, even if
-    # it is interrupted.
+    # Incomplete only while shards change: the codec is on record from the first shard on, and an interrupted
+    # rerun with nothing to do leaves a complete cache complete.
     if run.group.sum(len(todo)) and run.group.is_main:
         manifest.write_manifest(run.out, run.manifest())
     run.group.barrier()
