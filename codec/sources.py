@@ -1,7 +1,8 @@
 """Image sources, shared by `codec cache`, `codec bench` and training: what a source string names, and one item decoded.
 
-A source is a folder of images (recursive), a .txt list of image paths, a .parquet file or a folder of them, a
-`datasets` save_to_disk folder, a Hugging Face hub dataset name, or (where the caller allows it) one image file.
+A source is a folder of images (recursive, through linked folders: see codec.scan), a .txt list of image paths,
+a .parquet file or a folder of them, a `datasets` save_to_disk folder, a Hugging Face hub dataset name, or (where
+the caller allows it) one image file.
 `open_source` says which and opens it: `ImageFiles` for files, `DatasetSplit` for a dataset, whose image column
 `image_column` checks and hands out undecoded, so that `decode_image` meets a corrupt row in the caller's hands
 (to be skipped and reported) and not inside `datasets`.
