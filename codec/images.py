@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from codec.scan import scan_folder
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 
 
@@ -114,21 +116,8 @@ def tensor_to_pil(x: torch.Tensor) -> list[Image.Image]:
 
 
 def list_images(root: str | os.PathLike) -> list[Path]:
-    """Image files under a folder, recursively, in a stable sorted order."""
-    return scan_images(root)[0]
-
-
-def scan_images(root: str | os.PathLike) -> tuple[list[Path], set[Path]]:
-    """`list_images`, and the .txt files met on the same walk (captions: NAME.txt beside NAME.jpg). One walk,
-    because a training folder may hold millions of files."""
-    images, texts = [], set()
-    for path in Path(root).rglob("*"):
-        suffix = path.suffix.lower()
-        if suffix in IMAGE_SUFFIXES and path.is_file():
-            images.append(path)
-        elif suffix == ".txt":
-            texts.add(path)
-    return sorted(images), texts
+    """Image files under a folder, recursively (through linked folders too), in a stable sorted order."""
+    return scan_folder(root, IMAGE_SUFFIXES).files
 
 
 def read_image_list_lines(path: str | os.PathLike) -> list[tuple[int, str, Path]]:

@@ -1,7 +1,8 @@
 """Image sources, shared by `codec cache`, `codec bench` and training: what a source string names, and one item decoded.
 
-A source is a folder of images (recursive), a .txt list of image paths, a .parquet file or a folder of them, a
-`datasets` save_to_disk folder, a Hugging Face hub dataset name, or (where the caller allows it) one image file.
+A source is a folder of images (recursive, through linked folders: see codec.scan), a .txt list of image paths,
+a .parquet file or a folder of them, a `datasets` save_to_disk folder, a Hugging Face hub dataset name, or (where
+the caller allows it) one image file.
 `open_source` says which and opens it: `ImageFiles` for files, `DatasetSplit` for a dataset, whose image column
 `image_column` checks and hands out undecoded, so that `decode_image` meets a corrupt row in the caller's hands
 (to be skipped and reported) and not inside `datasets`.
@@ -12,6 +13,7 @@ A source is a folder of images (recursive), a .txt list of image paths, a .parqu
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 import warnings
@@ -21,12 +23,16 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from codec.images import IMAGE_SUFFIXES, ImageError, read_image_list_lines, scan_images, to_rgb
+from codec.images import IMAGE_SUFFIXES, ImageError, read_image_list_lines, to_rgb
+from codec.scan import Skipped, scan_folder
+
+log = logging.getLogger(__name__)
 
 # `datasets` writes one of these into a save_to_disk'd Dataset / DatasetDict folder.
 _SAVED_DATASET_MARKERS = ("state.json", "dataset_dict.json")
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 _PATH_SUFFIXES = (".txt", ".parquet", *IMAGE_SUFFIXES)
+_REPORTED_SKIPS = 20  # named one by one; past that, a count (a folder of broken links need not flood the log)
 
 
 class SourceError(ValueError):
@@ -43,6 +49,7 @@ class ImageFiles:
     # A list's (line number, line as written) for each path, for keys and for messages that point at a line.
     lines: list[tuple[int, str]] = field(default_factory=list)
     captioned: bool = False  # a folder with a NAME.txt beside at least one NAME.jpg
+    skipped: list[Skipped] = field(default_factory=list)  # a folder's dangling links, link loops, unreadable folders
 
 
 @dataclass(frozen=True)
@@ -80,11 +87,14 @@ def open_source(source: str | os.PathLike, *, split: str, single_image: bool = F
             import datasets
 
             return _split(datasets.load_from_disk(str(path)), split, str(path))
-        images, texts = scan_images(path)  # one walk of the tree: it may hold millions of files
+        scan = scan_folder(path, (*IMAGE_SUFFIXES, ".txt", ".parquet"))  # one walk: it may hold millions of files
+        report_skipped(path, scan.skipped)
+        images = [file for file in scan.files if file.suffix.lower() in IMAGE_SUFFIXES]
         if images:
+            texts = {file for file in scan.files if file.suffix.lower() == ".txt"}
             captioned = any(image.with_suffix(".txt") in texts for image in images)
-            return ImageFiles("folder", path, images, captioned=captioned)
-        if any(path.rglob("*.parquet")):
+            return ImageFiles("folder", path, images, captioned=captioned, skipped=scan.skipped)
+        if any(file.suffix.lower() == ".parquet" for file in scan.files):
             return _parquet(path, split)
         raise SourceError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) or parquet files in this folder")
     suffix = path.suffix.lower()
@@ -102,6 +112,18 @@ def open_source(source: str | os.PathLike, *, split: str, single_image: bool = F
     if text.startswith((".", "/", "~")) or suffix in _PATH_SUFFIXES or not _HUB_NAME.fullmatch(text):
         raise SourceError(f"{text}: no such file or folder")
     return _hub(text, split)
+
+
+def report_skipped(folder: Path, skipped: list[Skipped]) -> None:
+    """Warn of what a folder's scan left out, each with its reason."""
+    for entry in skipped[:_REPORTED_SKIPS]:
+        log.warning("%s: skipped, %s", entry.path, entry.reason)
+    if len(skipped) > _REPORTED_SKIPS:
+        log.warning(
+            "%s: %d more entries skipped (links and folders that cannot be read)",
+            folder,
+            len(skipped) - _REPORTED_SKIPS,
+        )
 
 
 def _file_list(path: Path) -> ImageFiles:

@@ -29,7 +29,7 @@ from PIL import Image
 from codec.cache.identity import model_identities
 from codec.cache.preprocess import Preprocessing
 from codec.cache.sources import open_source
-from codec.cache.writer import Settings, build_cache
+from codec.cache.writer import CacheModel, Settings, build_cache
 from codec.cli.common import DTYPES, resolve_device
 from codec.model import AutoencoderKL
 
@@ -81,12 +81,14 @@ def model_only_run(vae, count: int, batch: int, size: int):
 
 def end_to_end_run(vae, identities, source_dir: Path, args: argparse.Namespace, rows: list[int]):
     source = open_source(source_dir)
-    settings = Settings(Preprocessing(args.size), args.latent_dtype, args.batch_size, args.num_workers, args.shard_size)
+    settings = Settings(
+        Preprocessing(args.size), args.latent_dtype, args.batch_size, args.num_workers, args.shard_size, progress=False
+    )
 
     def run() -> float:
         with tempfile.TemporaryDirectory(prefix="bench-cache-") as out:
             start = time.perf_counter()
-            summary = build_cache(source, out, vae, identities, settings, model_name=args.model, progress=False)
+            summary = build_cache(source, out, CacheModel(vae, identities, args.model), settings)
             seconds = time.perf_counter() - start
         rows.append(summary.rows)
         return seconds

@@ -14,7 +14,7 @@ import codec
 from codec.cache.identity import model_identities
 from codec.cache.preprocess import Preprocessing
 from codec.cache.sources import open_source
-from codec.cache.writer import Settings, build_cache
+from codec.cache.writer import CacheModel, Settings, build_cache
 from codec.cli import main
 
 
@@ -46,10 +46,10 @@ def build(source, out: Path, model_dir: Path, identities=model_identities, **opt
     prep = Preprocessing(**{"resolution": 32, **{k: v for k, v in options.items() if k in prep_fields}})
     run = {k: v for k, v in options.items() if k in ("on_shard_written", "group")}
     rest = {k: v for k, v in options.items() if k not in prep_fields and k not in run}
-    settings = Settings(prep, **{"batch_size": 2, "shard_size": 3, **rest})
+    settings = Settings(prep, **{"batch_size": 2, "shard_size": 3, "progress": False, **rest})
     vae = codec.AutoencoderKL.load(model_dir)
     source = open_source(source) if isinstance(source, (str, Path)) else source
-    return build_cache(source, out, vae, identities(vae), settings, model_name=str(model_dir), progress=False, **run)
+    return build_cache(source, out, CacheModel(vae, identities(vae), str(model_dir)), settings, **run)
 
 
 def read_rows(out: Path) -> list[dict]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from codec.bench import rate
-from codec.bench.baselines import BASELINES, ResampleBaseline
+from codec.bench.baselines import SD_LATENT, ResampleBaseline, side_factor
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def test_unknown_precision():
 
 
 def test_bicubic_latent_keeps_as_many_values_as_a_4_channel_f8_latent():
-    assert BASELINES["bicubic-latent"] == pytest.approx(math.sqrt(48))
+    assert side_factor("bicubic-latent", SD_LATENT) == pytest.approx(math.sqrt(48))
     baseline = ResampleBaseline("bicubic-latent", "bicubic-latent", "fp16", torch.device("cpu"))
     x = torch.rand(1, 3, 256, 384) * 2 - 1
     stored = baseline.encode(x)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import codec.metrics
 from codec.metrics import ms_ssim, psnr, ssim
 from codec.visual import LABEL_HEIGHT, error_heatmap, grid, label_width, side_by_side
 
@@ -132,6 +135,42 @@ def test_ms_ssim_size_limit(photo):
     for small in (photo[:175, :200], photo[:200, :175], photo[:100, :100]):
         with pytest.raises(ValueError, match="176"):
             ms_ssim(small, small)
+
+
+def test_metrics_in_many_bands_are_the_metrics_in_one(photo, monkeypatch):
+    from skimage.metrics import peak_signal_noise_ratio
+
+    odd = photo[:199, :237]  # sides that split unevenly into bands and into MS-SSIM's halvings
+    noisy = _noisy(odd, 12.0, seed=3)
+    whole = ms_ssim(odd, noisy)
+    monkeypatch.setattr(codec.metrics, "BAND_VALUES", 2000)  # bands of a row or two
+    assert abs(psnr(odd, noisy).item() - peak_signal_noise_ratio(odd, noisy, data_range=255)) < 1e-9
+    assert abs(ssim(odd, noisy).item() - _skimage_ssim(odd, noisy)) < 1e-5
+    assert abs(ms_ssim(odd, noisy).item() - whole.item()) < 1e-6  # float32 windows, summed in other groupings
+
+
+_PEAK = """
+import numpy as np, torch
+from codec.metrics import psnr, ssim
+torch.set_num_threads(1)
+def status(key):
+    return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1]) * 1024
+rng = np.random.default_rng(0)
+a = rng.integers(0, 256, (2048, 2048, 3), dtype=np.uint8)
+b = np.clip(a.astype(np.int16) + rng.integers(-6, 7, a.shape, dtype=np.int16), 0, 255).astype(np.uint8)
+psnr(a[:64, :64], b[:64, :64]), ssim(a[:64, :64], b[:64, :64])  # torch's own first allocations
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) restarts from here
+base = status("VmRSS")
+psnr(a, b), ssim(a, b)
+print((status("VmHWM") - base) / 2**20)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux's resettable peak memory")
+def test_metrics_of_a_large_image_need_little_memory_beyond_it():
+    # Whole-image float64 copies made a 2048x2048 pair's PSNR and SSIM peak at 840 MiB over its 24 MiB of pixels.
+    result = subprocess.run([sys.executable, "-c", _PEAK], capture_output=True, text=True, check=True)
+    assert float(result.stdout) < 64, result.stdout  # 24 MiB in bands
 
 
 # ---- codec.visual -----------------------------------------------------------------------------------------

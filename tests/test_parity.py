@@ -1,5 +1,6 @@
 """Ours against diffusers with the same weights, in fp32: the posterior, its statistics, decoding and forward;
-gradients (with and without checkpointing); padding of odd sizes; latent scaling."""
+gradients (with and without checkpointing); padding of odd sizes; latent scaling. The tiny config throughout,
+and encode and decode once on the full SD config (what real checkpoints use: its widths, depth and groups)."""
 
 from __future__ import annotations
 
@@ -198,6 +199,29 @@ def test_gradient_checkpointing_gives_same_gradients(ours, images, monkeypatch):
     ours.disable_gradient_checkpointing()
     _gradients(ours, images[:1])
     assert not calls
+
+
+def test_sd_config_encodes_and_decodes_as_diffusers():
+    import diffusers
+    from accelerate import init_empty_weights
+
+    config = codec.preset("sd")
+    torch.manual_seed(0)
+    mine = codec.AutoencoderKL(config).eval()
+    with init_empty_weights():  # no second random init of 84M weights: ours are loaded into it
+        theirs = diffusers.AutoencoderKL(**config.to_dict())
+    theirs.load_state_dict(mine.state_dict(), assign=True)
+    theirs.eval()
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    with torch.no_grad():
+        posterior, their_posterior = mine.encode(x).latent_dist, theirs.encode(x).latent_dist
+        assert posterior.mean.shape == (1, 4, 4, 4)
+        _assert_parity("sd mean", posterior.mean, their_posterior.mean)
+        _assert_parity("sd logvar", posterior.logvar, their_posterior.logvar)
+        z = their_posterior.sample(generator=torch.Generator().manual_seed(4))
+        decoded, their_decoded = mine.decode(z).sample, theirs.decode(z).sample
+    assert decoded.shape == (1, 3, 32, 32) and decoded.std() > 0.01  # a real output, not a constant
+    _assert_parity("sd decode", decoded, their_decoded)
 
 
 @pytest.mark.parametrize("size", [(37, 53), (33, 31)])

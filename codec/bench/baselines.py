@@ -1,23 +1,46 @@
 """Latent codecs under one interface: the VAE, and resampling baselines that store a small RGB image instead.
 
-  bicubic          bicubic down and up by the model's factor 8: 3 values per 64 pixels (3/4 of an SD latent).
-  bicubic-latent   bicubic down and up to as many values as a 4-channel f8 latent holds (4 per 64 pixels):
-                   3 / s^2 = 4 / 64, so the side factor is s = sqrt(48) ~ 6.93.
+  bicubic          bicubic down and up by the VAE's own factor f: 3 values per f^2 pixels.
+  bicubic-latent   bicubic down and up to as many values as the VAE's latent holds (C per f^2 pixels):
+                   3 / s^2 = C / f^2, so the side factor is s = f * sqrt(3 / C) (sqrt(48) ~ 6.93 for SD's).
 
-A baseline is what any latent codec must beat: with the same storage precision and about the same number of
-values, a VAE that does no better than resampling has learned nothing worth its parameters.
+The factor and channels are those of the VAE(s) in the same run; with none, SD's (f8, 4 channels). A baseline
+is what any latent codec must beat: with the same storage precision and about the same number of values, a VAE
+that does no better than resampling has learned nothing worth its parameters.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from codec.bench import rate
 
-BASELINES = {"bicubic": 8.0, "bicubic-latent": math.sqrt(48.0)}
+BASELINES = ("bicubic", "bicubic-latent")
+
+
+@dataclass(frozen=True)
+class LatentShape:
+    """A VAE's downscale factor per side and its latent channels: the rate a baseline is matched to."""
+
+    factor: int
+    channels: int
+    model: str | None = None  # the row it was taken from; None for SD's, used when the run has no VAE
+
+
+SD_LATENT = LatentShape(8, 4)
+
+
+def side_factor(spec: str, latent: LatentShape) -> float:
+    """How much a baseline shrinks each side: the VAE's factor, or as far as keeps as many values as its latent."""
+    if spec == "bicubic":
+        return float(latent.factor)
+    if spec == "bicubic-latent":
+        return latent.factor * math.sqrt(3.0 / latent.channels)
+    raise ValueError(f"unknown baseline {spec!r}; choose one of {', '.join(BASELINES)}")
 
 
 class LatentCodec:
@@ -49,9 +72,12 @@ class LatentCodec:
 class ResampleBaseline(LatentCodec):
     kind = "baseline"
 
-    def __init__(self, name: str, spec: str, precision: str, device: torch.device) -> None:
+    def __init__(
+        self, name: str, spec: str, precision: str, device: torch.device, latent: LatentShape = SD_LATENT
+    ) -> None:
         super().__init__(name, spec, precision)  # name: the row's (bicubic-2 when asked for twice)
-        self.factor = BASELINES[spec]
+        self.latent = latent
+        self.factor = side_factor(spec, latent)
         self.device = device
 
     def small_size(self, height: int, width: int) -> tuple[int, int]:
@@ -67,7 +93,12 @@ class ResampleBaseline(LatentCodec):
         return F.interpolate(rate.load(stored), size=size, mode="bicubic", align_corners=False).clamp(-1.0, 1.0)
 
     def describe(self) -> str:
-        return f"bicubic down and up by {self.factor:.3f} per side (3 values per {self.factor**2:.0f} pixels)"
+        latent = self.latent
+        matched = f"{latent.model}'s" if latent.model else "SD's"
+        return (
+            f"bicubic down and up by {self.factor:.3f} per side (3 values per {self.factor**2:.1f} pixels), for "
+            f"{matched} {latent.channels}-channel latent at factor {latent.factor}"
+        )
 
 
 class VaeCodec(LatentCodec):
@@ -92,6 +123,10 @@ class VaeCodec(LatentCodec):
         z = self.vae.unscale_latents(rate.load(stored)).to(self.vae.dtype)
         return self.vae.decode(z).sample[..., : size[0], : size[1]].float()
 
+    @property
+    def latent(self) -> LatentShape:
+        return LatentShape(self.vae.downsample_factor, self.vae.config.latent_channels, self.name)
+
     def describe(self) -> str:
         config = self.vae.config
         return (
@@ -100,10 +135,13 @@ class VaeCodec(LatentCodec):
         )
 
 
-def load_codec(spec: str, name: str, precision: str, device: torch.device, dtype: torch.dtype) -> LatentCodec:
-    """A baseline by name, else a VAE through `AutoencoderKL.load` (folder, file, hub id, builtin, preset)."""
+def load_codec(
+    spec: str, name: str, precision: str, device: torch.device, dtype: torch.dtype, latent: LatentShape = SD_LATENT
+) -> LatentCodec:
+    """A baseline by name (matched to `latent`), else a VAE through `AutoencoderKL.load` (folder, file, hub id,
+    builtin, preset)."""
     if spec in BASELINES:
-        return ResampleBaseline(name, spec, precision, device)
+        return ResampleBaseline(name, spec, precision, device, latent)
     from codec.model import AutoencoderKL
 
     vae = AutoencoderKL.load(spec, torch_dtype=dtype).to(device).eval()

@@ -30,18 +30,29 @@ def write_plots(summary: dict, output: Path) -> list[str]:
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    rows, records = summary["rows"], summary["records"]
-    if not rows:
+    if not summary["rows"]:
         return []
+    written = []
+    for name, draw in (
+        ("psnr_per_image", _psnr_per_image),
+        ("quality_vs_speed", _quality_vs_speed),
+        ("psnr_vs_bpp", _psnr_vs_bpp),
+    ):
+        figure = draw(plt, summary)
+        _save(figure, output / "plots" / f"{name}.png")
+        plt.close(figure)
+        written.append(f"plots/{name}.png")
+    return written
+
+
+def _psnr_per_image(plt, summary: dict):
     from codec.bench.grids import ranked_images
 
     primary, ranked = ranked_images(summary)
     position = {image: index for index, image in enumerate(ranked)}
-    written = []
-
     figure, axes = plt.subplots(figsize=(max(6.0, 0.3 * len(ranked) + 3), 4.5))
-    for row in rows:
-        points = sorted((position[r["image"]], r["psnr"]) for r in records if r["model"] == row["name"])
+    for row in summary["rows"]:
+        points = sorted((position[r["image"]], r["psnr"]) for r in summary["records"] if r["model"] == row["name"])
         points = [(x, y) for x, y in points if _finite(y)]
         axes.plot(
             [x for x, _ in points],
@@ -56,12 +67,12 @@ def write_plots(summary: dict, output: Path) -> list[str]:
     axes.set_title("PSNR per image")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7)
-    _save(figure, output / "plots" / "psnr_per_image.png")
-    plt.close(figure)
-    written.append("plots/psnr_per_image.png")
+    return figure
 
+
+def _quality_vs_speed(plt, summary: dict):
     figure, axes = plt.subplots(figsize=(6.5, 4.5))
-    for row in rows:
+    for row in summary["rows"]:
         encode, decode = row["encode_images_per_s"], row["decode_images_per_s"]
         if not (_finite(encode) and _finite(decode) and _finite(row["psnr"])):
             continue
@@ -73,15 +84,15 @@ def write_plots(summary: dict, output: Path) -> list[str]:
     axes.set_ylabel("mean PSNR (dB)")
     axes.set_title("Quality against speed")
     axes.grid(alpha=0.3, which="both")
-    _save(figure, output / "plots" / "quality_vs_speed.png")
-    plt.close(figure)
-    written.append("plots/quality_vs_speed.png")
+    return figure
 
+
+def _psnr_vs_bpp(plt, summary: dict):
     figure, axes = plt.subplots(figsize=(6.5, 4.5))
     for codec, curve in summary.get("rd_curves", {}).items():
         points = [(p["bpp"], p["psnr"]) for p in curve if _finite(p["psnr"])]
         axes.plot([x for x, _ in points], [y for _, y in points], "--", alpha=0.6, label=f"{codec} (fixed qualities)")
-    for row in rows:
+    for row in summary["rows"]:
         if _finite(row["bpp"]) and _finite(row["psnr"]):
             axes.scatter(row["bpp"], row["psnr"], marker=_MARKERS.get(row["kind"], "o"), zorder=3, label=row["name"])
     axes.set_xlabel(f"bits per pixel (latents as {summary['latent_precision']})")
@@ -89,7 +100,4 @@ def write_plots(summary: dict, output: Path) -> list[str]:
     axes.set_title("PSNR against rate")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7)
-    _save(figure, output / "plots" / "psnr_vs_bpp.png")
-    plt.close(figure)
-    written.append("plots/psnr_vs_bpp.png")
-    return written
+    return figure

@@ -23,8 +23,7 @@ CSV_COLUMNS = (
     "image", "model", "kind", "width", "height", "bpp", "psnr", "ssim", "ms_ssim",
     "lpips_alex", "lpips_vgg", "target_bpp", "quality", "rate_met",
 )  # fmt: skip
-# A lossless image has infinite PSNR; averaged as it is, one would make any mean infinite, and left out (as
-# before) it made a codec that got it exactly right score below one that merely came close.
+# A lossless image's PSNR is infinite: counted at this ceiling, it neither makes a mean infinite nor drops out.
 PSNR_CEILING = 100.0
 FID_RELIABLE_IMAGES = 5000  # the model cards' count; below a few thousand rFID is biased upwards
 
@@ -51,6 +50,7 @@ def _finite(value: Any) -> Any:
 
 
 def summarize(shards: list[Shard], options: BenchOptions, device: str, world: int) -> dict:
+    """Every rank's shard as one summary: a row per codec, the notes that qualify its figures, the RD curves."""
     order = {name: index for index, name in enumerate(shards[0].rows)}
     records = sorted((r for shard in shards for r in shard.records), key=lambda r: (order[r["model"]], r["image"]))
     notes = {key: text for shard in shards for key, text in shard.notes.items()}
@@ -58,36 +58,62 @@ def summarize(shards: list[Shard], options: BenchOptions, device: str, world: in
     for shard in shards:
         for key, rows in shard.features.items():
             features.setdefault(key, []).extend(rows)
+    rows = [
+        _row(first, [shard.rows[name] for shard in shards if name in shard.rows], records, features)
+        for name, first in shards[0].rows.items()
+    ]
     n_images = len({record["image"] for record in records})
-    rows = []
-    for name, first in shards[0].rows.items():
-        facts = [shard.rows[name] for shard in shards if name in shard.rows]
-        mine = [record for record in records if record["model"] == name]
-        seconds = {phase: sum(f["seconds"].get(phase, 0.0) for f in facts) for phase in ("encode", "decode")}
-        images = sum(f["images"] for f in facts)
-        psnrs = [record["psnr"] for record in mine]
-        row = {key: first[key] for key in ("name", "kind", "spec", "description", "params", "weights_mb")}
-        row.update(latent_precision=first["latent_precision"], matched_to=first.get("matched_to"), images=len(mine))
-        row["memory_method"] = first["memory_method"]
-        row.update(
-            bpp=_mean([record["bpp"] for record in mine]),
-            psnr=_mean([min(p, PSNR_CEILING) for p in psnrs]),
-            ssim=_mean_of_all([record["ssim"] for record in mine]),
-            ms_ssim=_mean_of_all([record["ms_ssim"] for record in mine]),
-        )
-        for net in NETS:
-            row[f"lpips_{net}"] = _mean_of_all([record.get(f"lpips_{net}") for record in mine])
-        row["rfid"] = None
-        if REFERENCE in features and len(features.get(name, [])) >= 2:
-            row["rfid"] = fid_from_features(np.stack(features[REFERENCE]), np.stack(features[name]))
-        row["encode_images_per_s"] = images / seconds["encode"] if seconds["encode"] > 0 else None
-        row["decode_images_per_s"] = images / seconds["decode"] if seconds["decode"] > 0 else None
-        row["peak_memory_mb"] = max(f["peak_bytes"] for f in facts) / 2**20
-        if row["kind"] == "classic":
-            row["quality_mean"] = _mean([record["quality"] for record in mine])
-            row["rate_met_fraction"] = _mean([float(record["rate_met"]) for record in mine])
-        rows.append(row)
     sizes = sorted({(record["width"], record["height"]) for record in records})
+    _metric_notes(notes, records, sizes, options, n_images)
+    _run_notes(notes, rows, options, device, world)
+    return {
+        "command": options.command,
+        "data": options.data,
+        "protocol": options.protocol,
+        "images": n_images,
+        "image_sizes": [list(size) for size in sizes],
+        "latent_precision": options.latent_precision,
+        "device": device,
+        "processes": world,
+        "lpips": {net: {"computed": f"lpips_{net}" not in notes, "reason": notes.get(f"lpips_{net}")} for net in NETS},
+        "notes": notes,
+        "rows": rows,
+        "rd_curves": _rd_curves(shards),
+        "records": records,
+    }
+
+
+def _row(first: dict, facts: list[dict], records: list[dict], features: dict[str, list]) -> dict:
+    """One codec's row: its means over its images, rFID, speed and memory (`facts`: what each rank measured)."""
+    name = first["name"]
+    mine = [record for record in records if record["model"] == name]
+    seconds = {phase: sum(f["seconds"].get(phase, 0.0) for f in facts) for phase in ("encode", "decode")}
+    images = sum(f["images"] for f in facts)
+    row = {key: first[key] for key in ("name", "kind", "spec", "description", "params", "weights_mb")}
+    row.update(latent_precision=first["latent_precision"], matched_to=first.get("matched_to"), images=len(mine))
+    row["memory_method"] = first["memory_method"]
+    row.update(
+        bpp=_mean([record["bpp"] for record in mine]),
+        psnr=_mean([min(record["psnr"], PSNR_CEILING) for record in mine]),
+        ssim=_mean_of_all([record["ssim"] for record in mine]),
+        ms_ssim=_mean_of_all([record["ms_ssim"] for record in mine]),
+    )
+    for net in NETS:
+        row[f"lpips_{net}"] = _mean_of_all([record.get(f"lpips_{net}") for record in mine])
+    row["rfid"] = None
+    if REFERENCE in features and len(features.get(name, [])) >= 2:
+        row["rfid"] = fid_from_features(np.stack(features[REFERENCE]), np.stack(features[name]))
+    row["encode_images_per_s"] = images / seconds["encode"] if seconds["encode"] > 0 else None
+    row["decode_images_per_s"] = images / seconds["decode"] if seconds["decode"] > 0 else None
+    row["peak_memory_mb"] = max(f["peak_bytes"] for f in facts) / 2**20
+    if row["kind"] == "classic":
+        row["quality_mean"] = _mean([record["quality"] for record in mine])
+        row["rate_met_fraction"] = _mean([float(record["rate_met"]) for record in mine])
+    return row
+
+
+def _metric_notes(notes: dict, records: list[dict], sizes: list, options: BenchOptions, n_images: int) -> None:
+    """What each metric's figures mean, and why a metric was skipped (too small an image, an option, no trunk)."""
     lossless = sum(1 for record in records if math.isinf(record["psnr"]))
     notes["psnr"] = "mean of per-image PSNRs (8-bit RGB, peak 255)" + (
         f"; {lossless} lossless reconstruction(s) counted at {PSNR_CEILING:g} dB (inf in per_image.csv)"
@@ -118,6 +144,10 @@ def summarize(shards: list[Shard], options: BenchOptions, device: str, world: in
                 else ""
             )
         ).strip()
+
+
+def _run_notes(notes: dict, rows: list[dict], options: BenchOptions, device: str, world: int) -> None:
+    """How speed, memory, rate and weights were measured, and which classic rows missed their rate."""
     notes["speed"] = (
         f"images/s per process ({world} process(es), batch size {options.batch_size}, device {device}); the first "
         "batch is first run once untimed as a warm-up, then timed with the rest; classic codecs: the final encode only, not the quality search"
@@ -128,7 +158,8 @@ def summarize(shards: list[Shard], options: BenchOptions, device: str, world: in
     notes["memory"] = "; ".join(f"{', '.join(sorted(set(k)))}: {m}" for m, k in methods.items())
     notes["rate"] = (
         f"latents stored as {options.latent_precision} before decoding (uint8: per-channel scale and offset, "
-        "counted in the rate); bicubic-latent keeps as many values as a 4-channel f8 latent (side factor sqrt(48)); "
+        "counted in the rate); bicubic keeps 3 values per f^2 pixels and bicubic-latent as many values as the latent "
+        "(C per f^2 pixels) of the VAE it is matched to (SD's f8, 4 channels, when the run has no VAE); "
         "JPEG/WebP file sizes include headers"
     )
     missed = [row for row in rows if row["kind"] == "classic" and row["rate_met_fraction"] < 1]
@@ -140,30 +171,19 @@ def summarize(shards: list[Shard], options: BenchOptions, device: str, world: in
             for row in missed
         )
     notes["weights"] = "MB of each model's weights in memory, at the precision it ran in (--dtype), not on disk"
-    rd = {}
+
+
+def _rd_curves(shards: list[Shard]) -> dict[str, list[dict]]:
+    """Per classic codec, the mean bpp and PSNR at each fixed quality: the points of the rate-distortion plot."""
+    rd: dict[str, dict[int, list[dict]]] = {}
     for point in (p for shard in shards for p in shard.rd_points):
         rd.setdefault(point["codec"], {}).setdefault(point["quality"], []).append(point)
-    rd_curves = {
+    return {
         codec: [
             {"quality": q, "bpp": _mean([p["bpp"] for p in pts]), "psnr": _mean([p["psnr"] for p in pts])}
             for q, pts in sorted(by_quality.items())
         ]
         for codec, by_quality in rd.items()
-    }
-    return {
-        "command": options.command,
-        "data": options.data,
-        "protocol": options.protocol,
-        "images": n_images,
-        "image_sizes": [list(size) for size in sizes],
-        "latent_precision": options.latent_precision,
-        "device": device,
-        "processes": world,
-        "lpips": {net: {"computed": f"lpips_{net}" not in notes, "reason": notes.get(f"lpips_{net}")} for net in NETS},
-        "notes": notes,
-        "rows": rows,
-        "rd_curves": rd_curves,
-        "records": records,
     }
 
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from codec import metrics
 from codec.bench import classic, rate
-from codec.bench.baselines import BASELINES, LatentCodec, load_codec
+from codec.bench.baselines import BASELINES, SD_LATENT, LatentCodec, LatentShape, load_codec
 from codec.bench.data import BenchItem, open_source
 from codec.bench.fid import FIDUnavailable, InceptionFeatures
 from codec.bench.measure import Meter
@@ -216,6 +216,33 @@ def _rd_points(codec_name: str, qualities: tuple[int, ...], items, scorer: Score
             )
 
 
+def _run_models(options: BenchOptions, items, sizes: dict, scorer: Scorer, shard: Shard, device) -> None:
+    """The VAEs, then the baselines at the rate of the VAEs' latents (one row per distinct latent shape, SD's
+    where there is no VAE); the rows keep the order the models were given in."""
+    taken: set[str] = set()
+    planned = [(spec, row_name(spec, taken)) for spec in options.models]
+    latents: dict[tuple[int, int], tuple[LatentShape, list[str]]] = {}  # (factor, channels): first, every model
+    for spec, name in planned:
+        if spec not in BASELINES:
+            codec = load_codec(spec, name, options.latent_precision, device, options.dtype)
+            _run_latent_codec(codec, items, sizes, options, scorer, shard)
+            latents.setdefault((codec.latent.factor, codec.latent.channels), (codec.latent, []))[1].append(name)
+            del codec  # free one model's weights before the next is loaded
+    matched = list(latents.values()) or [(SD_LATENT, None)]
+    order = []
+    for spec, name in planned:
+        if spec not in BASELINES:
+            order.append(name)
+            continue
+        for latent, models in matched:
+            row = name if len(matched) == 1 else f"{name}@{latent.model}"
+            codec = load_codec(spec, row, options.latent_precision, device, options.dtype, latent)
+            _run_latent_codec(codec, items, sizes, options, scorer, shard)
+            shard.rows[row]["matched_to"] = models
+            order.append(row)
+    shard.rows = {name: shard.rows[name] for name in order}
+
+
 def run_shard(options: BenchOptions, group: Group, device: torch.device, quiet: bool = False) -> Shard:
     shard = Shard(quiet=quiet)
     from codec.weights import check_spec
@@ -252,12 +279,7 @@ def run_shard(options: BenchOptions, group: Group, device: torch.device, quiet: 
         save_png(array, scorer.reference_path(item.name))
         scorer.add_features(REFERENCE, array)
     scorer.flush(REFERENCE)
-    taken: set[str] = set()
-    for spec in options.models:
-        name = row_name(spec, taken)
-        codec = load_codec(spec, name, options.latent_precision, device, options.dtype)
-        _run_latent_codec(codec, mine, sizes, options, scorer, shard)
-        del codec  # free one model's weights before the next is loaded
+    _run_models(options, mine, sizes, scorer, shard, device)
     for target_key, target in _classic_targets(shard).items():
         for codec_name in classic_codecs:
             _run_classic(codec_name, target_key, target, mine, scorer, shard)

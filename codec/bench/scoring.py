@@ -34,8 +34,7 @@ def load_png(path: Path) -> np.ndarray:
 
 @contextlib.contextmanager
 def single_thread() -> Iterator[None]:
-    """One torch thread for small per-image work: on a shared 2-core machine SSIM of a 256x256 pair took 1.2 s
-    with 2 threads (waking and synchronising them) and 0.03 s with 1."""
+    """One torch thread for small per-image work: waking and synchronising more costs far more than the work."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

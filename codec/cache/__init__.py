@@ -5,7 +5,7 @@
     codec stats OUT --write-config M        # per-channel latent statistics and the scaling factor
 
 Modules: sources (what is read), preprocess (crops and buckets), identity (the codec's hash), shards (the format),
-manifest, writer (the run), verify, reader (LatentDataset, BucketBatchSampler), stats. Importing this package is light:
+manifest, checksums (of shard rows), writer (the run), verify, reader (LatentDataset, BucketBatchSampler), stats. Importing this package is light:
 the names below load their modules (and pyarrow) on first use.
 """
 

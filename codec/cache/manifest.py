@@ -109,6 +109,7 @@ def build_manifest(
                 "file": f"{DATA_DIR}/{shard_path(Path(), i).name}",
                 "rows": m["rows"],
                 "skipped": len(m["skipped"]),
+                **({"checksum": m["checksum"]} if "checksum" in m else {}),  # none in shards of earlier versions
             }
             for i, m in enumerate(metas)
         ]

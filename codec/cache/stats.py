@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from codec.atomic import atomic_path
 from codec.cache import shards
@@ -64,32 +65,40 @@ class LatentStats:
         }
 
 
-def cache_stats(root: str | Path, posterior: str = "sample") -> dict:
-    """Statistics over every row of a finished cache (mirrored copies left out: they would count images twice)."""
-    import pyarrow.parquet as pq
-
+def cache_stats(root: str | Path, posterior: str = "sample", progress: bool = True) -> dict:
+    """Statistics over every row of a finished cache (mirrored copies left out: they would count images twice).
+    `progress` shows a bar on stderr, where that is a terminal."""
     root = Path(root)
     manifest = read_manifest(root)
     if manifest is None or not manifest.get("complete"):
         raise shards.CacheError(f"{root}: not a finished cache (no complete manifest.json)")
     stats = LatentStats(manifest["codec"]["latent_channels"])
     bf16 = manifest["storage"]["latent_dtype"] == "bf16"
-    for entry in manifest["shards"]:
-        table = pq.read_table(root / entry["file"], columns=["shape", "mean", "logvar"])
-        shapes = shards.fixed_width_rows(table.column("shape"), 3, np.int64)
-        columns = [shards.latent_arrays(table.column(name)) for name in ("mean", "logvar")]
-        if bf16:
-            columns = [(offsets, shards.bf16_to_float32(values)) for offsets, values in columns]
-        (offsets, means), (_, logvars) = columns
-        for row, shape in enumerate(shapes):
-            span = slice(offsets[row], offsets[row + 1])
-            stats.add(means[span].reshape(shape), logvars[span].reshape(shape) if posterior == "sample" else None)
+    with tqdm(total=manifest["counts"]["rows"], desc="stats", unit="row", disable=None if progress else True) as bar:
+        for entry in manifest["shards"]:
+            bar.update(_add_shard(stats, root / entry["file"], bf16, posterior == "sample"))
     result = stats.result()
     # Enlarged images blur the statistics: their count is in the shards' footers (0 for shards that predate it).
     upscaled = sum((shards.read_shard_meta(root / e["file"]) or {}).get("upscaled", 0) for e in manifest["shards"])
     result.update(posterior=posterior, cache=str(root), identity=manifest["codec"]["identity"], upscaled=upscaled)
     result.update(rows=manifest["counts"]["rows"], resolution=manifest["preprocessing"].get("resolution"))
     return result
+
+
+def _add_shard(stats: LatentStats, path: Path, bf16: bool, with_logvar: bool) -> int:
+    """Every row of one shard into `stats`; returns the number of rows."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=["shape", "mean", "logvar"])
+    shapes = shards.fixed_width_rows(table.column("shape"), 3, np.int64)
+    columns = [shards.latent_arrays(table.column(name)) for name in ("mean", "logvar")]
+    if bf16:
+        columns = [(offsets, shards.bf16_to_float32(values)) for offsets, values in columns]
+    (offsets, means), (_, logvars) = columns
+    for row, shape in enumerate(shapes):
+        span = slice(offsets[row], offsets[row + 1])
+        stats.add(means[span].reshape(shape), logvars[span].reshape(shape) if with_logvar else None)
+    return len(shapes)
 
 
 def write_config(model_dir: str | Path, result: dict, channel_stats: bool = False) -> Path:

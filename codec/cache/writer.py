@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
-from codec.cache import manifest, shards
+from codec.cache import checksums, manifest, shards
 from codec.cache.identity import DTYPE_NAMES, is_legacy, same_codec
 from codec.cache.preprocess import Prepared, Preprocessing, to_model_input
 
@@ -34,11 +34,39 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Settings:
+    """How a cache is written: what the shards hold (preprocessing, dtype, shard size) and how the run goes."""
+
     preprocessing: Preprocessing
     latent_dtype: str = "fp16"
     batch_size: int = 16
     num_workers: int = 0
     shard_size: int = 1000
+    progress: bool = True  # a bar on the main process
+
+    def check(self, source, vae) -> None:
+        """Refuse settings that cannot make this cache, before anything is written."""
+        self.preprocessing.check_factor(vae.config.downsample_factor)
+        if self.latent_dtype not in shards.LATENT_DTYPES:
+            raise ValueError(f"latent dtype {self.latent_dtype!r}: choose one of {', '.join(shards.LATENT_DTYPES)}")
+        if self.shard_size < 1 or self.batch_size < 1:
+            raise ValueError(f"shard size and batch size must be positive, got {self.shard_size}, {self.batch_size}")
+        if self.num_workers < 0:  # before the manifest: the DataLoader's own refusal came after it
+            raise ValueError(f"--num-workers must be 0 (decode in this process) or more, got {self.num_workers}")
+        clashes = [name for name in source.carried_schema().names if name in shards.RESERVED_COLUMNS]
+        if clashes:
+            raise ValueError(
+                f"{source.name}: column(s) {clashes} would clash with the cache's own; pick others with --columns"
+            )
+
+
+@dataclass
+class CacheModel:
+    """The codec that encodes: the model, its identities (see codec.cache.identity) and the name the manifest
+    records for it."""
+
+    vae: AutoencoderKL
+    identities: dict[str, str]
+    name: str
 
 
 @dataclass
@@ -197,6 +225,7 @@ class _ShardBuilder:
         table = shards.rows_to_table(
             self.rows, settings.latent_dtype, settings.preprocessing.flip, source.carried_schema()
         )
+        digests = checksums.row_digests(table)
         meta = {
             "shard": self.index,
             "compat": compat_hash,
@@ -207,6 +236,8 @@ class _ShardBuilder:
             "skipped": sorted(self.skipped, key=lambda s: s["key"]),
             "upscaled": sum(1 for row in self.rows if _upscaled(row)),
             "written_by": rank,
+            "checksum": checksums.shard_checksum(digests),
+            "row_checksums": checksums.row_checksums(digests),
         }
         shards.write_shard(out, self.index, table, meta)
 
@@ -251,140 +282,154 @@ def _identities_as_recorded(existing: dict | None, vae, identities: dict[str, st
     return identities
 
 
-def _stale_shards(
-    out: Path, source, settings: Settings, group: Group, chash: str, compat: dict, summary: Summary
-) -> list[_ShardBuilder]:
+def _stale_shards(run: _Run, summary: Summary) -> list[_ShardBuilder]:
     """This rank's shards that must be encoded (counting those already done in `summary.reused`); refuses a shard
     written with other settings."""
-    n = len(source.keys)
+    n, size = len(run.source.keys), run.settings.shard_size
     todo = []
-    for index in range(group.rank, math.ceil(n / settings.shard_size), group.world):
-        keys = range(index * settings.shard_size, min(n, (index + 1) * settings.shard_size))
-        fingerprint = source.fingerprint(keys)
-        meta = shards.read_shard_meta(shards.shard_path(out, index))
-        if meta is not None and meta.get("compat") != chash:
-            shards.check_compatible(meta.get("record", {}), compat, shards.shard_path(out, index))
+    for index in range(run.group.rank, run.n_shards, run.group.world):
+        keys = range(index * size, min(n, (index + 1) * size))
+        fingerprint = run.source.fingerprint(keys)
+        path = shards.shard_path(run.out, index)
+        meta = shards.read_shard_meta(path)
+        if meta is not None and meta.get("compat") != run.compat_hash:
+            shards.check_compatible(meta.get("record", {}), run.compat, path)
         # Reused only under this run's exact record: one that compares equal but hashes otherwise (written by an
         # older version) is encoded again, or the final check below would count it as missing.
-        current = meta is not None and meta.get("compat") == chash
+        current = meta is not None and meta.get("compat") == run.compat_hash
         if current and meta.get("fingerprint") == fingerprint and meta.get("count") == len(keys):
             summary.reused += 1
             continue
         if meta is not None:
             why = "its source files changed" if current else "its settings were recorded differently"
-            log.info("%s is stale (%s); encoding it again", shards.shard_path(out, index), why)
+            log.info("%s is stale (%s); encoding it again", path, why)
         todo.append(_ShardBuilder(index, keys, fingerprint))
     return todo
+
+
+@dataclass
+class _Run:
+    """One run's fixed facts: where, what, with which codec and settings, and the record every shard must carry."""
+
+    out: Path
+    source: Source
+    model: CacheModel
+    settings: Settings
+    group: Group
+    compat: dict
+    compat_hash: str
+    n_shards: int
+
+    def manifest(self, metas: list[dict] | None = None) -> dict:
+        model, settings = self.model, self.settings
+        return manifest.build_manifest(
+            model.vae, model.identities, model.name, self.source, settings, self.compat, self.compat_hash,
+            self.n_shards, metas=metas,
+        )  # fmt: skip
 
 
 def build_cache(
     source: Source,
     out: str | Path,
-    vae: AutoencoderKL,
-    identities: dict[str, str],
+    model: CacheModel,
     settings: Settings,
     *,
-    model_name: str,
     group: Group | None = None,
     on_shard_written: Callable[[int], None] | None = None,
-    progress: bool = True,
 ) -> Summary:
     """Encode every key of `source` not already cached in `out`. The summary's shard counts (reused, written)
     are every process's together; rows, skipped and upscaled are filled in on the main process only."""
     started = time.perf_counter()
-    out, group = Path(out), group or Group()
-    prep = settings.preprocessing
-    prep.check_factor(vae.config.downsample_factor)
-    if settings.latent_dtype not in shards.LATENT_DTYPES:
-        raise ValueError(f"latent dtype {settings.latent_dtype!r}: choose one of {', '.join(shards.LATENT_DTYPES)}")
-    if settings.shard_size < 1 or settings.batch_size < 1:
-        raise ValueError(
-            f"shard size and batch size must be positive, got {settings.shard_size}, {settings.batch_size}"
-        )
-    if settings.num_workers < 0:  # before the manifest: the DataLoader's own refusal came after it
-        raise ValueError(f"--num-workers must be 0 (decode in this process) or more, got {settings.num_workers}")
-    clashes = [name for name in source.carried_schema().names if name in shards.RESERVED_COLUMNS]
-    if clashes:
-        raise ValueError(
-            f"{source.name}: column(s) {clashes} would clash with the cache's own; pick others with --columns"
-        )
+    settings.check(source, model.vae)
+    run = _plan(Path(out), source, model, settings, group or Group())
+    summary = Summary(images=len(source.keys), shards=run.n_shards)
+    refusal, todo = None, []
+    try:
+        todo = _stale_shards(run, summary)
+    except Exception as error:  # any (a footer of another shape, a vanished file): every rank stops with it
+        refusal = error
+    run.group.stop_together(refusal)
+    # Incomplete only while shards change: the codec is on record from the first shard on, and an interrupted
+    # rerun with nothing to do leaves a complete cache complete.
+    if run.group.sum(len(todo)) and run.group.is_main:
+        manifest.write_manifest(run.out, run.manifest())
+    run.group.barrier()
+    summary.written = _write_stale(run, todo, on_shard_written)
+    summary.reused, summary.written = run.group.sum(summary.reused), run.group.sum(summary.written)  # a barrier too
+    if run.group.is_main:
+        _complete(run, summary)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _plan(out: Path, source: Source, model: CacheModel, settings: Settings, group: Group) -> _Run:
+    """This run's record, checked against the cache already in `out`; the main process clears leftovers."""
     existing = manifest.read_manifest(out)
-    identities = _identities_as_recorded(existing, vae, identities)
+    vae = model.vae
+    model = CacheModel(vae, _identities_as_recorded(existing, vae, model.identities), model.name)
     # The cache is named by the weights' float32 identity; the precision they ran at is recorded beside it.
     compat = shards.compat_record(
-        identities["float32"], prep.to_dict(), settings.latent_dtype, DTYPE_NAMES.get(vae.dtype, str(vae.dtype)),
-        settings.shard_size, source.descriptor(),
+        model.identities["float32"], settings.preprocessing.to_dict(), settings.latent_dtype,
+        DTYPE_NAMES.get(vae.dtype, str(vae.dtype)), settings.shard_size, source.descriptor(),
     )  # fmt: skip
-    chash = shards.compat_hash(compat)
     if existing is not None:
         shards.check_compatible(existing.get("compat_record", {}), compat, out)  # every rank refuses alike
-
-    n = len(source.keys)
-    n_shards = math.ceil(n / settings.shard_size)
-    args = (vae, identities, model_name, source, settings, compat, chash, n_shards)
+    n_shards = math.ceil(len(source.keys) / settings.shard_size)
+    run = _Run(out, source, model, settings, group, compat, shards.compat_hash(compat), n_shards)
     refusal = None
     if group.is_main:
         try:
             if existing is None:  # shards without a manifest (deleted by hand?): their footers say what they are
                 for path in sorted((out / shards.DATA_DIR).glob("shard-*.parquet")):
                     meta = shards.read_shard_meta(path)
-                    if meta is not None and meta.get("compat") != chash:
+                    if meta is not None and meta.get("compat") != run.compat_hash:
                         shards.check_compatible(meta.get("record", {}), compat, path)
-            _clean(out, n_shards, lambda: manifest.write_manifest(out, manifest.build_manifest(*args)))
+            _clean(out, n_shards, lambda: manifest.write_manifest(out, run.manifest()))
         except Exception as error:  # any: the other ranks must not be left waiting for this one
             refusal = error
     group.stop_together(refusal)
+    return run
 
-    summary = Summary(images=n, shards=n_shards)
-    refusal, todo = None, []
-    try:
-        todo = _stale_shards(out, source, settings, group, chash, compat, summary)
-    except Exception as error:  # any (a footer of another shape, a vanished file): every rank stops with it
-        refusal = error
-    group.stop_together(refusal)
-    # Marked incomplete only where a shard will be written (or, above, removed), so that the codec and settings
-    # are on record from the first shard on; a rerun with nothing to do leaves a complete cache complete, even if
-    # it is interrupted.
-    if group.sum(len(todo)) and group.is_main:
-        manifest.write_manifest(out, manifest.build_manifest(*args))
-    group.barrier()
 
+def _write_stale(run: _Run, todo: list[_ShardBuilder], on_shard_written: Callable[[int], None] | None) -> int:
+    """Decode, encode and write this rank's stale shards; returns how many it wrote."""
+    source, settings, group = run.source, run.settings, run.group
     positions = [i for builder in todo for i in builder.keys]
     loader = torch.utils.data.DataLoader(
-        _Items(source, positions, prep),
+        _Items(source, positions, settings.preprocessing),
         batch_size=settings.batch_size,
         num_workers=settings.num_workers,
         collate_fn=_as_list,
     )
     where = f" (rank {group.rank} of {group.world})" if group.world > 1 else ""
-    bar = tqdm(
-        total=len(positions), desc=f"cache{where}", unit="img", disable=not (progress and group.is_main and positions)
-    )
-    pending = iter(todo)
+    shown = settings.progress and group.is_main and bool(positions)
+    bar = tqdm(total=len(positions), desc=f"cache{where}", unit="img", disable=not shown)
+    written, pending = 0, iter(todo)
     builder = next(pending, None)
     for batch in loader:
         for item in batch:
-            builder.add(item, source, vae, settings)
+            builder.add(item, source, run.model.vae, settings)
             if builder.complete:
-                builder.finish(out, source, vae, settings, compat, chash, group.rank)
-                summary.written += 1
+                builder.finish(run.out, source, run.model.vae, settings, run.compat, run.compat_hash, group.rank)
+                written += 1
                 if on_shard_written is not None:
                     on_shard_written(builder.index)
                 builder = next(pending, None)
         bar.update(len(batch))
     bar.close()
-    summary.reused, summary.written = group.sum(summary.reused), group.sum(summary.written)  # also a barrier
+    return written
 
-    if group.is_main:
-        metas = [shards.read_shard_meta(shards.shard_path(out, i)) for i in range(n_shards)]
-        missing = [i for i, m in enumerate(metas) if m is None or m.get("compat") != chash]
-        if missing:
-            raise shards.CacheError(f"{out}: shard(s) {missing} missing after every process finished")
-        skipped = [entry for m in metas for entry in m["skipped"]]
-        report = "".join(json.dumps(entry) + "\n" for entry in skipped)
-        shards.atomic_write(out / shards.SKIPPED, lambda tmp: tmp.write_text(report))
-        summary.rows, summary.skipped = sum(m["rows"] for m in metas), len(skipped)
-        summary.upscaled = sum(m.get("upscaled", 0) for m in metas)  # shards written before it was counted: 0
-        manifest.write_manifest(out, manifest.build_manifest(*args, metas=metas))
-    summary.seconds = time.perf_counter() - started
-    return summary
+
+def _complete(run: _Run, summary: Summary) -> None:
+    """On the main process, once every shard is written: skipped.jsonl, the counts, and the complete manifest."""
+    out = run.out
+    metas = [shards.read_shard_meta(shards.shard_path(out, i)) for i in range(run.n_shards)]
+    missing = [i for i, m in enumerate(metas) if m is None or m.get("compat") != run.compat_hash]
+    if missing:
+        raise shards.CacheError(f"{out}: shard(s) {missing} missing after every process finished")
+    skipped = [entry for m in metas for entry in m["skipped"]]
+    report = "".join(json.dumps(entry) + "\n" for entry in skipped)
+    shards.atomic_write(out / shards.SKIPPED, lambda tmp: tmp.write_text(report))
+    summary.rows, summary.skipped = sum(m["rows"] for m in metas), len(skipped)
+    summary.upscaled = sum(m.get("upscaled", 0) for m in metas)  # shards written before it was counted: 0
+    manifest.write_manifest(out, run.manifest(metas))

@@ -172,7 +172,7 @@ def _load(args: argparse.Namespace, device=None):
 
 def run_cache(args: argparse.Namespace) -> int:
     from codec.cache.sources import open_source
-    from codec.cache.writer import Group, build_cache
+    from codec.cache.writer import CacheModel, Group, build_cache
     from codec.cli.outputs import refuse_model_paths
     from codec.distributed import launched_world_size, make_accelerator, shutdown
 
@@ -193,9 +193,8 @@ def run_cache(args: argparse.Namespace) -> int:
         columns = [c.strip() for c in args.columns.split(",") if c.strip() and c.strip().lower() != "none"]
     source = open_source(args.source, split=args.split, image_column=args.image_column, columns=columns)
     group = Group(accelerator)
-    summary = build_cache(
-        source, args.output, vae, identities, settings, model_name=str(args.model or "builtin"), group=group
-    )
+    model = CacheModel(vae, identities, str(args.model or "builtin"))
+    summary = build_cache(source, args.output, model, settings, group=group)
     if accelerator is not None:
         shutdown(accelerator)  # only on success: a failed rank exits and the launcher ends the others
     if group.is_main:
@@ -235,8 +234,11 @@ def run_verify(args: argparse.Namespace) -> int:
         return 1
     checked = " and codec" if codec else ""
     print(
-        f"{args.cache}: OK, {report.rows} rows and {report.skipped} skipped in {report.shards} shards (counts, keys, shapes{checked} checked)"
+        f"{args.cache}: OK, {report.rows} rows and {report.skipped} skipped in {report.shards} shards (counts, keys, "
+        f"shapes, value ranges, checksums{checked} checked)"
     )
+    if report.unchecked:
+        print(f"checksum check skipped for {report.unchecked} shard(s): written before checksums were recorded")
     return 0
 
 
@@ -261,14 +263,14 @@ def run_stats(args: argparse.Namespace) -> int:
             _warn_upscaled(result["upscaled"], result["rows"], result["resolution"])
     else:
         from codec.cache.sources import SampleSource, open_source
-        from codec.cache.writer import build_cache
+        from codec.cache.writer import CacheModel, build_cache
 
         vae, identities = _load(args)
         source = open_source(args.source, split=args.split, image_column=args.image_column, columns=[])
         if args.limit:
             source = SampleSource(source, args.limit)
         with tempfile.TemporaryDirectory(prefix="codec-stats-") as tmp:
-            summary = build_cache(source, tmp, vae, identities, settings, model_name=str(args.model or "builtin"))
+            summary = build_cache(source, tmp, CacheModel(vae, identities, str(args.model or "builtin")), settings)
             result = cache_stats(tmp, args.posterior)
         result.update(cache=None, source=str(args.source), skipped=summary.skipped, upscaled=summary.upscaled)
         if not args.json:
