@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from codec import latent_norm
 from codec.config import AutoencoderKLConfig
 from codec.distributions import DiagonalGaussianDistribution
 from codec.layers import preferred_memory_format
@@ -70,6 +71,8 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(self.config)
         self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1) if self.config.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(latent, latent, 1) if self.config.use_post_quant_conv else None
+        # FLUX.2's statistics of patchified latents (diffusers' `bn`); None where the config scales the latents.
+        self.bn = latent_norm.build(self.config)
         # Inference settings, read by codec.inference; see enable_tiling / enable_slicing.
         self.use_tiling: bool | None = None  # None: tile only when the memory budget requires it
         self.use_slicing: bool | None = None  # None: split the batch only when the memory budget requires it
@@ -199,17 +202,27 @@ class AutoencoderKL(nn.Module):
     # ---- latents as a diffusion model sees them -----------------------------------------------
 
     def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
-        """Raw latent -> the unit-variance latent a diffusion model is trained on (see `codec.model.scale_latents`)."""
+        """Raw latent -> the unit-variance latent a diffusion model is trained on (see `codec.model.scale_latents`);
+        for FLUX.2, its 2x2 patches batch-normalised (codec/latent_norm.py), as its pipelines make them."""
+        if self.bn is not None:
+            return self.bn.normalize(z)
         return scale_latents(z, self.config)
 
     def unscale_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Inverse of `scale_latents`."""
+        if self.bn is not None:
+            return self.bn.denormalize(latents)
         return unscale_latents(latents, self.config)
 
     def encode_latents(
         self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Images in [-1, 1] -> scaled latents (the posterior mean unless `sample`)."""
+        """Images in [-1, 1] -> scaled latents (the posterior mean unless `sample`). For FLUX.2 the image is padded
+        to a multiple of 16, so that its latent splits into whole 2x2 patches."""
+        if self.bn is not None:
+            from codec.inference import pad_to_multiple
+
+            x = pad_to_multiple(x, latent_norm.pixel_multiple(self.config))
         posterior = self.encode(x).latent_dist
         return self.scale_latents(posterior.sample(generator) if sample else posterior.mode())
 

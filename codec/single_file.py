@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from codec import latent_norm
 from codec.atomic import atomic_path
 from codec.checkpoint import CheckpointError, load_checked, read_checkpoint
-from codec.config import AutoencoderKLConfig, ConfigError, preset
+from codec.config import BATCH_NORM_FIELDS, BATCH_NORM_TUPLES, AutoencoderKLConfig, ConfigError, preset
 from codec.keys import diffusers_to_ldm, is_ldm_layout, ldm_to_diffusers, upgrade_legacy_attention_keys
 
 if TYPE_CHECKING:
@@ -66,8 +67,8 @@ def _recorded_settings(metadata: dict[str, str]) -> dict:
         return {}
     if not isinstance(settings, dict):  # valid JSON of another shape: no record we wrote, so none at all
         return {}
-    settings = {name: value for name, value in settings.items() if name in RECORDED_SETTINGS}
-    for name in ("latents_mean", "latents_std"):
+    settings = {name: value for name, value in settings.items() if name in (*RECORDED_SETTINGS, *BATCH_NORM_FIELDS)}
+    for name in ("latents_mean", "latents_std", *BATCH_NORM_TUPLES):
         if isinstance(settings.get(name), list):
             settings[name] = tuple(settings[name])
     return settings
@@ -99,7 +100,7 @@ def extract_vae_tensors(tensors: dict[str, torch.Tensor], source: str) -> dict[s
 
 
 def _is_vae_key(key: str) -> bool:
-    return key.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))
+    return key.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "bn."))  # bn.: FLUX.2's
 
 
 def _may_be_vae_key(key: str) -> bool:
@@ -132,6 +133,8 @@ def infer_config(
     except (KeyError, ValueError) as error:
         raise CheckpointError(f"{source}: cannot infer the VAE architecture from its keys (missing {error})") from None
     has_quant = "quant_conv.weight" in tensors
+    flux2 = latent_norm.inferred_fields(tensors, channels)  # FLUX.2: batch norm of patches, narrower decoder
+    quiet = quiet or bool(flux2)
     known = preset(family) if family is not None else None
     if known is not None and known.latent_channels == latent:
         family = known
@@ -161,6 +164,7 @@ def infer_config(
         use_post_quant_conv="post_quant_conv.weight" in tensors,
         mid_block_add_attention=any(".mid_block.attentions." in k for k in tensors),
     )
+    fields.update(flux2)
     try:  # recorded settings before validation: 8 groups of 48 channels are valid, 32 groups are not
         return AutoencoderKLConfig(**{**fields, **(recorded or {})})
     except ConfigError as error:
@@ -243,7 +247,9 @@ def save_single_file(model: AutoencoderKL, path: str | os.PathLike) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     state = diffusers_to_ldm(state, len(model.config.block_out_channels))
     guessed = SCALING_SETTINGS if getattr(model, "scaling_is_guess", False) else ()
-    settings = json.dumps({name: getattr(model.config, name) for name in RECORDED_SETTINGS if name not in guessed})
+    settings = {name: getattr(model.config, name) for name in RECORDED_SETTINGS if name not in guessed}
+    settings.update((name, getattr(model.config, name)) for name in BATCH_NORM_FIELDS if getattr(model.config, name))
+    settings = json.dumps(settings)
     if model.config.norm_num_groups != 32:
         log.warning(
             "%s: this model normalises in %d groups; the file records it for this package, but A1111, ComfyUI and "
