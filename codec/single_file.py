@@ -234,7 +234,7 @@ def _refuse_other_autoencoders(names: list[str], source: str) -> None:
 
 def _warn_about_ignored_tensors(names: list[str], source: str) -> None:
     """A bare VAE file whose other tensors are neither the VAE's nor known leftovers of LDM training: they may carry
-    what the model needs (FLUX.2's files keep latent statistics in bn.*), so say that they were left out."""
+    what the model needs, so say that they were left out."""
     ignored = [n for n in names if not _may_be_vae_key(n) and n not in EDM_KEYS and not n.startswith(LDM_LEFTOVERS)]
     if ignored:
         shown = ", ".join(ignored[:4]) + (f", ... ({len(ignored) - 4} more)" if len(ignored) > 4 else "")

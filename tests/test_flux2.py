@@ -148,6 +148,22 @@ def test_the_presets_have_diffusers_own_weights_layout():
     assert codec.preset("flux2").latent_shape(1024, 1024) == (32, 128, 128)
 
 
+def test_flux2s_defaults_are_diffusers_own():
+    import inspect
+
+    import diffusers
+
+    from codec.config import BATCH_NORM_FIELDS, FLUX2_DEFAULTS
+
+    parameters = inspect.signature(diffusers.AutoencoderKLFlux2.__init__).parameters
+    theirs = {name: p.default for name, p in parameters.items() if name != "self"}
+    assert set(BATCH_NORM_FIELDS) <= set(theirs) and set(FLUX2_KEYS) - {"force_upcast"} == set(theirs)
+    for name, value in FLUX2_DEFAULTS.items():
+        if name in theirs:
+            default = theirs[name]
+            assert (list(default) if isinstance(default, tuple) else default) == value, name
+
+
 def test_config_files_take_flux2s_defaults_and_refuse_another_scaling():
     config = codec.AutoencoderKLConfig.from_dict({"_class_name": "AutoencoderKLFlux2"})
     assert config == codec.preset("flux2").with_settings(force_upcast=True)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
+from codec import latent_norm
 from codec.cache import manifest, shards
 from codec.cache.identity import DTYPE_NAMES, is_legacy, same_codec
 from codec.cache.preprocess import Prepared, Preprocessing, to_model_input
@@ -294,7 +295,7 @@ def build_cache(
     started = time.perf_counter()
     out, group = Path(out), group or Group()
     prep = settings.preprocessing
-    prep.check_factor(vae.config.downsample_factor)
+    prep.check_factor(latent_norm.pixel_multiple(vae.config))  # FLUX.2's latents must split into whole patches
     if settings.latent_dtype not in shards.LATENT_DTYPES:
         raise ValueError(f"latent dtype {settings.latent_dtype!r}: choose one of {', '.join(shards.LATENT_DTYPES)}")
     if settings.shard_size < 1 or settings.batch_size < 1:
