@@ -193,3 +193,27 @@ def test_tiled_and_half_precision_runs_agree_with_the_plain_fp32_one(flux2_ours)
     assert torch.corrcoef(torch.stack([tiled.flatten(), decoded.flatten()]))[0, 1] > 0.6
     assert half_latents.dtype == torch.bfloat16 and torch.isfinite(half_latents).all()
     assert (half_latents.float() - reference).abs().max() < 0.1 * reference.abs().max()
+
+
+def test_codec_encode_writes_the_pipelines_latents_and_codec_decode_reads_them(flux2_ours, flux2_folder, tmp_path):
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from codec.cli import main
+    from codec.images import image_to_tensor
+
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "im.png")
+    assert (
+        main(["encode", str(tmp_path / "im.png"), "-o", str(tmp_path / "z.safetensors"), "--model", str(flux2_folder)])
+        == 0
+    )
+    latent = load_file(str(tmp_path / "z.safetensors"))["latent.0"]
+    with torch.no_grad():
+        expected = flux2_ours.encode_latents(image_to_tensor(tmp_path / "im.png"))[0]
+    assert latent.shape == (32, 3, 4)  # 40x56 padded to 48x64, in 2x2 patches of an f8 latent
+    torch.testing.assert_close(latent, expected, rtol=0, atol=1e-5)
+    assert main(["decode", str(tmp_path / "z.safetensors"), "-o", str(tmp_path / "out")]) == 0
+    with Image.open(tmp_path / "out" / "im.png") as image:
+        assert image.size == (56, 40)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from codec import latent_norm
 from codec.atomic import atomic_path
 from codec.cli.common import add_model_options, check_output_folder, load_model, output_stems
 from codec.images import image_to_tensor, tensor_to_pil
@@ -83,6 +84,8 @@ def run_encode(args: argparse.Namespace) -> int:
         "model": _recorded_model(args.model),
         "posterior": "sample" if args.sample else "mean",
     }
+    if vae.bn is not None:  # FLUX.2: its latents are patched and batch-normalised by these statistics
+        metadata["latent_norm"] = json.dumps(vae.bn.record())
     with atomic_path(args.output) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     print(f"wrote {len(tensors)} latents to {args.output}")
@@ -122,6 +125,7 @@ def read_latents_file(path: Path) -> tuple[list[torch.Tensor], dict]:
             "files": [tuple(f) for f in json.loads(metadata.get("files", "[]"))],  # 0.2.x files lack them
             "sizes": json.loads(metadata["sizes"]),
             "model": metadata.get("model"),
+            "latent_norm": json.loads(metadata["latent_norm"]) if "latent_norm" in metadata else None,
         }
     except KeyError as error:
         raise ValueError(f"{path}: not a latents file written by `codec encode` (missing {error})") from None
@@ -149,6 +153,22 @@ def _check_latents_record(path: Path, latents: list[torch.Tensor], info: dict) -
             )
         if not torch.isfinite(latent).all():
             raise ValueError(f"{path}: latent.{index} holds NaN or infinite values")
+
+
+def _recorded_norm(path: Path, info: dict, vae):
+    """FLUX.2's normalisation as the file records it (the statistics it was encoded with), or None."""
+    record = info["latent_norm"]
+    if (record is None) != (vae.bn is None):
+        encoded = "a FLUX.2 codec" if record is not None else "a codec without FLUX.2's batch norm"
+        raise ValueError(
+            f"{path}: encoded with {encoded} ({info['model']}); pass a model of the same kind with --model"
+        )
+    if record is None:
+        return None
+    try:
+        return latent_norm.from_record(record)
+    except ValueError as error:
+        raise ValueError(f"{path}: its 'latent_norm' metadata is {error}") from None
 
 
 def _optional_tuple(text: str | None) -> tuple[float, ...] | None:
@@ -180,11 +200,13 @@ def run_decode(args: argparse.Namespace) -> int:
     latents, info = read_latents_file(args.latents)
     args.model = _decoding_model(args.model, info["model"], args.latents)
     vae = load_model(args)
+    norm = _recorded_norm(args.latents, info, vae)
     channels = sorted({int(latent.shape[0]) for latent in latents})
-    if channels != [vae.config.latent_channels]:
+    wanted = vae.config.latent_channels * (norm.patch_size[0] * norm.patch_size[1] if norm is not None else 1)
+    if channels != [wanted]:
         raise ValueError(
             f"{args.latents}: latents of {'/'.join(map(str, channels))} channels (encoded with {info['model']}), "
-            f"but {args.model} decodes {vae.config.latent_channels}; pass the model that encoded them with --model"
+            f"but {args.model} decodes {wanted}; pass the model that encoded them with --model"
         )
     scaling = {name: info[name] for name in SCALING_FIELDS}
     theirs = {name: getattr(vae.config, name) for name in SCALING_FIELDS}
@@ -196,8 +218,8 @@ def run_decode(args: argparse.Namespace) -> int:
             if scaling[name] != theirs[name]
         )
         print(f"warning: {args.latents} was scaled with {differ}; unscaling with the file's values")
-    recorded = dataclasses.replace(vae.config, **scaling)
-    factor = vae.config.downsample_factor
+    recorded = dataclasses.replace(vae.config, **scaling) if norm is None else None  # FLUX.2: by its statistics
+    factor = latent_norm.pixel_multiple(vae.config) if norm is not None else vae.config.downsample_factor
     for latent, (height, width), name in zip(latents, info["sizes"], info["sources"], strict=True):
         full = (latent.shape[-2] * factor, latent.shape[-1] * factor)
         if height > full[0] or width > full[1]:
@@ -212,7 +234,10 @@ def run_decode(args: argparse.Namespace) -> int:
         raise ValueError(f"-o {args.output}: writing there would replace the encoded image(s) {', '.join(clobbered)}")
     args.output.mkdir(parents=True, exist_ok=True)
     for latent, stem, (height, width) in zip(latents, stems, info["sizes"], strict=True):
-        z = unscale_latents(latent[None].to(vae.device, vae.dtype), recorded)
+        if norm is not None:  # FLUX.2: the file's statistics undone, then the patches unfolded
+            z = norm.denormalize(latent[None].float()).to(vae.device, vae.dtype)
+        else:
+            z = unscale_latents(latent[None].to(vae.device, vae.dtype), recorded)
         image = vae.decode(z).sample[..., :height, :width]
         target = args.output / f"{stem}.png"
         with atomic_path(target) as tmp:
