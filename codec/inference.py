@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from codec import memory, precision, streaming, tiling
+from codec import latent_norm, memory, precision, streaming, tiling
 from codec.groupnorm import GroupNorm
 from codec.layers import preferred_memory_format
 
@@ -245,7 +245,8 @@ def encode_moments(vae: AutoencoderKL, x: torch.Tensor) -> torch.Tensor:
     """Images (B, C, H, W) in [-1, 1], any H and W -> posterior moments for the image padded to the factor."""
     _check_input(x, vae.config.in_channels, "encode input")
     x = x.to(device=vae.device, dtype=vae.dtype)
-    return _run(vae, pad_to_multiple(x, vae.config.downsample_factor), encode=True)
+    # FLUX.2's latents split into 2x2 patches: its images are padded to twice the factor (latent_norm.pixel_multiple).
+    return _run(vae, pad_to_multiple(x, latent_norm.pixel_multiple(vae.config)), encode=True)
 
 
 def decode(vae: AutoencoderKL, z: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,8 @@
     z = posterior.sample(generator)                # or posterior.mode()
     x_hat = vae.decode(z).sample
 
-`encode`/`decode` also pad sizes that are not multiples of the downsampling factor, split large batches,
+`encode`/`decode` also pad sizes that are not multiples of the downsampling factor (FLUX.2's: of twice it, so that
+its latent splits into whole 2x2 patches), split large batches,
 tile images that would not fit the memory budget, and recompute in fp32 whatever half precision turns
 non-finite. `encode_latents`/`decode_latents` add the scaling and shift a diffusion model expects.
 """
@@ -217,12 +218,7 @@ class AutoencoderKL(nn.Module):
     def encode_latents(
         self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Images in [-1, 1] -> scaled latents (the posterior mean unless `sample`). For FLUX.2 the image is padded
-        to a multiple of 16, so that its latent splits into whole 2x2 patches."""
-        if self.bn is not None:
-            from codec.inference import pad_to_multiple
-
-            x = pad_to_multiple(x, latent_norm.pixel_multiple(self.config))
+        """Images in [-1, 1] -> scaled latents (the posterior mean unless `sample`)."""
         posterior = self.encode(x).latent_dist
         return self.scale_latents(posterior.sample(generator) if sample else posterior.mode())
 

@@ -125,7 +125,7 @@ def test_roundtrip_with_a_taesd_folder(taesd_folder, tmp_path):
 def test_bench_a_taesd_folder_beside_builtin_and_bicubic(taesd_folder, tmp_path):
     images = _images(tmp_path / "images")
     output = tmp_path / "bench"
-    models = ["--model", str(taesd_folder), "--model", "builtin", "--model", "bicubic"]
+    models = ["--model", str(taesd_folder), "--model", "builtin", "--model", "bicubic", "--model", "preset:flux2-tiny"]
     options = ["--protocol", "full", "--no-fid", "--no-lpips", "--classic", "jpeg", "-o", str(output)]
     assert main(["bench", *models, "--data", str(images), *options]) == 0
     rows = {row["name"]: row for row in json.loads((output / "summary.json").read_text())["rows"]}
@@ -139,6 +139,10 @@ def test_bench_a_taesd_folder_beside_builtin_and_bicubic(taesd_folder, tmp_path)
     expected = float(np.mean([4 * 16 * v / p for v, p in zip(latent_values, pixels, strict=True)]))
     assert rows[taesd_folder.name]["bpp"] == pytest.approx(expected)
     assert rows["builtin"]["bpp"] == pytest.approx(expected)
+    # FLUX.2's geometry: its (here 8-channel) f8 latent in 2x2 patches, the image padded to a multiple of 16.
+    flux2_values = [8 * 8 * 8, 8 * 6 * 10, 8 * 6 * 8]
+    flux2 = float(np.mean([16 * v / p for v, p in zip(flux2_values, pixels, strict=True)]))
+    assert rows["preset-flux2-tiny"]["bpp"] == pytest.approx(flux2)
     assert all(rows[name]["bpp"] > 0 for name in rows)
     markdown = (output / "summary.md").read_text()
     assert f"| {taesd_folder.name} | vae |" in markdown and "| builtin | vae |" in markdown
