@@ -226,7 +226,8 @@ class AutoencoderKLConfig:
     # Read like diffusers' FrozenDict config too (`config["scaling_factor"]`, `"shift_factor" in config`, `.get`,
     # `dict(config)`), which some pipelines and trainers use instead of attributes.
     def keys(self) -> list[str]:
-        return [f.name for f in dataclasses.fields(self)]
+        """The fields `to_dict` writes: FLUX.2's only in its configs, as diffusers' AutoencoderKL has none of them."""
+        return list(self.to_dict())
 
     def __getitem__(self, name: str):
         if name not in self.keys():
