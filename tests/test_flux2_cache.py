@@ -46,8 +46,26 @@ def test_the_cache_stores_raw_posteriors_and_reads_back_the_pipelines_latents(fl
                 expected = vae.encode_latents(to_model_input(prepared.pixels[None]))[0]
             assert item["latents"].shape == expected.shape == (32, *(s // 16 for s in prepared.bucket))
             torch.testing.assert_close(item["latents"], expected, atol=5e-3, rtol=5e-3)  # stored in fp16
+    _check_against_the_pipeline(model_dir, dataset, folder, prep)
     with pytest.raises(ValueError, match="normalize, scaling_factor and shift_factor do not apply"):
         codec.LatentDataset(out, codec=vae, scaling_factor=0.5)
+
+
+def _check_against_the_pipeline(model_dir, dataset, folder, prep) -> None:
+    """The latents read back are those diffusers' own Flux2 pipeline makes of the preprocessed image."""
+    pytest.importorskip("transformers")  # the pipeline's module imports it
+    import types
+
+    import diffusers
+    from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
+
+    vae = diffusers.AutoencoderKLFlux2.from_pretrained(model_dir).eval()
+    pipeline = types.SimpleNamespace(vae=vae, _patchify_latents=Flux2Pipeline._patchify_latents)
+    item = dataset[1]
+    pixels = to_model_input(prep(load_image(folder / item["key"])).pixels[None])
+    with torch.no_grad():
+        expected = Flux2Pipeline._encode_vae_image(pipeline, pixels, generator=None)[0]
+    torch.testing.assert_close(item["latents"], expected, atol=5e-3, rtol=5e-3)  # stored in fp16
 
 
 def test_a_bucket_step_that_splits_a_patch_is_refused(tmp_path, flux2_cache):
