@@ -1,7 +1,9 @@
 """The codec's configuration: the fields and defaults of diffusers' ``AutoencoderKL`` config.json.
 
 Keeping the field names identical means a config.json written by diffusers loads here unchanged and
-ours loads in diffusers, so one file describes the model for both libraries.
+ours loads in diffusers, so one file describes the model for both libraries. FLUX.2's `AutoencoderKLFlux2` is the
+same network with four more fields (an asymmetric decoder, the patch size and batch-norm settings of its latent
+normalisation); a config that sets them is written and read under that class name.
 """
 
 from __future__ import annotations
