@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from codec import memory, precision, streaming, tiling
+from codec import latent_norm, memory, precision, streaming, tiling
 from codec.config import AutoencoderKLConfig
 from codec.layers import preferred_memory_format
 
@@ -193,8 +193,8 @@ def run_pass(vae: AutoencoderKL, x: torch.Tensor, step: Pass) -> torch.Tensor:
     (ENCODE); unscaled latents (B, latent_channels, h, w) -> images (B, 3, h * f, w * f) (DECODE)."""
     _check_input(x, step.input_channels(vae.config), f"{step.name} input")
     x = x.to(device=vae.device, dtype=vae.dtype)
-    if step.pads_input:
-        x = pad_to_multiple(x, vae.config.downsample_factor)
+    if step.pads_input:  # FLUX.2's latents split into 2x2 patches: its images pad to twice the factor
+        x = pad_to_multiple(x, latent_norm.pixel_multiple(vae.config))
     options = vae.inference_options
     if vae.offloaded:
         # accelerate's sequential offload brings each layer's weights in as that layer runs: only the plain

@@ -71,6 +71,7 @@ class LatentsFile:
     model: str | None = None  # the --model that encoded them; a local one as an absolute path
     posterior: str = "mean"  # "mean" or "sample"
     files: list[tuple[int, int]] | None = None  # each source's (device, inode): decode never writes over one
+    latent_norm: dict | None = None  # FLUX.2: the batch-norm statistics of its patched latents (codec.latent_norm)
 
 
 def file_id(path: str | os.PathLike) -> tuple[int, int]:
@@ -104,6 +105,8 @@ def write_latents_file(path: str | os.PathLike, record: LatentsFile) -> None:
         "model": record.model or "",
         "posterior": record.posterior,
     }
+    if record.latent_norm is not None:
+        metadata["latent_norm"] = json.dumps(record.latent_norm)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 
@@ -131,6 +134,7 @@ def read_latents_file(path: str | os.PathLike) -> LatentsFile:
             model=metadata.get("model") or None,
             posterior=metadata.get("posterior", "mean"),
             files=[tuple(f) for f in json.loads(metadata.get("files", "[]"))],  # older files lack them
+            latent_norm=json.loads(metadata["latent_norm"]) if "latent_norm" in metadata else None,
         )
     except KeyError as error:
         raise LatentsFileError(f"{path}: {NOT_OURS} (missing {error})") from None

@@ -32,7 +32,7 @@ def encode_bytes(config: AutoencoderKLConfig, height: int, width: int, itemsize:
 
 def decode_bytes(config: AutoencoderKLConfig, height: int, width: int, itemsize: int, batch: int = 1) -> int:
     """Activation memory of one no-grad decode of `batch` latents of this (latent) size."""
-    channels = tuple(reversed(config.block_out_channels))
+    channels = tuple(reversed(config.decoder_channels))
     levels = len(channels)
     # At 2**k times the latent size live the upsampled output of block k-1 and the resnets of block k.
     pixels = [height * width * 4**level for level in range(levels)]

@@ -5,7 +5,8 @@
     z = posterior.sample(generator)                # or posterior.mode()
     x_hat = vae.decode(z).sample
 
-`encode`/`decode` also pad sizes that are not multiples of the downsampling factor, split large batches,
+`encode`/`decode` also pad sizes that are not multiples of the downsampling factor (FLUX.2's: of twice it, so that
+its latent splits into whole 2x2 patches), split large batches,
 tile images that would not fit the memory budget, and recompute in fp32 whatever half precision turns
 non-finite. `encode_latents`/`decode_latents` add the scaling and shift a diffusion model expects.
 """
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from codec import loading, single_file, weights
+from codec import latent_norm, loading, single_file, weights
 from codec.checkpoint import LoadedWeights, Provenance, load_checked
 from codec.config import AutoencoderKLConfig, check_setting_names
 from codec.distributions import DiagonalGaussianDistribution
@@ -87,6 +88,8 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(self.config)
         self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1) if self.config.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(latent, latent, 1) if self.config.use_post_quant_conv else None
+        # FLUX.2's statistics of patchified latents (diffusers' `bn`); None where the config scales the latents.
+        self.bn = latent_norm.build(self.config)
         # Convolution weights in the layout inference feeds activations in on their device (channels-last on a
         # CPU, codec.layers.preferred_memory_format), so that no call reorders every weight. Values and keys are
         # unchanged; the savers write contiguous copies. Moving to another kind of device re-picks it (_apply).
@@ -215,11 +218,16 @@ class AutoencoderKL(nn.Module):
     # ---- latents as a diffusion model sees them -----------------------------------------------
 
     def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
-        """Raw latent -> the unit-variance latent a diffusion model is trained on (see `codec.model.scale_latents`)."""
+        """Raw latent -> the unit-variance latent a diffusion model is trained on (see `codec.model.scale_latents`);
+        for FLUX.2, its 2x2 patches batch-normalised (codec/latent_norm.py), as its pipelines make them."""
+        if self.bn is not None:
+            return self.bn.normalize(z)
         return scale_latents(z, self.config)
 
     def unscale_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Inverse of `scale_latents`."""
+        if self.bn is not None:
+            return self.bn.denormalize(latents)
         return unscale_latents(latents, self.config)
 
     def encode_latents(

@@ -66,7 +66,7 @@ class Decoder(_Checkpointable):
 
     def __init__(self, config: AutoencoderKLConfig) -> None:
         super().__init__()
-        channels = tuple(reversed(config.block_out_channels))
+        channels = tuple(reversed(config.decoder_channels))
         groups = config.norm_num_groups
         self.conv_in = nn.Conv2d(config.latent_channels, channels[0], 3, padding=1)
         self.mid_block = MidBlock(channels[0], groups, config.act_fn, config.mid_block_add_attention)

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
+from codec import latent_norm
 from codec.atomic import atomic_path
 from codec.checkpoint import CheckpointError, LoadedWeights, Provenance, read_checkpoint
-from codec.config import AutoencoderKLConfig, ConfigError, preset
+from codec.config import BATCH_NORM_FIELDS, BATCH_NORM_TUPLES, AutoencoderKLConfig, ConfigError, preset
 from codec.keys import diffusers_to_ldm, is_ldm_layout, ldm_to_diffusers, upgrade_legacy_attention_keys
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,8 @@ def _recorded_settings(metadata: dict[str, str]) -> dict:
         return {}
     if not isinstance(settings, dict):  # valid JSON of another shape: no record we wrote, so none at all
         return {}
-    settings = {name: value for name, value in settings.items() if name in RECORDED_SETTINGS}
-    for name in ("latents_mean", "latents_std"):
+    settings = {name: value for name, value in settings.items() if name in (*RECORDED_SETTINGS, *BATCH_NORM_FIELDS)}
+    for name in ("latents_mean", "latents_std", *BATCH_NORM_TUPLES):
         if isinstance(settings.get(name), list):
             settings[name] = tuple(settings[name])
     return settings
@@ -95,7 +96,7 @@ def extract_vae_tensors(tensors: dict[str, torch.Tensor], source: str) -> dict[s
 
 
 def _is_vae_key(key: str) -> bool:
-    return key.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))
+    return key.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "bn."))  # bn.: FLUX.2's
 
 
 def _may_be_vae_key(key: str) -> bool:
@@ -128,7 +129,8 @@ def infer_config(
     except (KeyError, ValueError) as error:
         raise CheckpointError(f"{source}: cannot infer the VAE architecture from its keys (missing {error})") from None
     has_quant = "quant_conv.weight" in tensors
-    family = _scaling_family(family, latent, source, quiet)
+    flux2 = latent_norm.inferred_fields(tensors, channels)  # FLUX.2: batch norm of patches, narrower decoder
+    family = _scaling_family(family, latent, source, quiet or bool(flux2))
     fields = dict(
         in_channels=in_channels,
         out_channels=out_channels,
@@ -145,6 +147,7 @@ def infer_config(
         use_post_quant_conv="post_quant_conv.weight" in tensors,
         mid_block_add_attention=any(".mid_block.attentions." in k for k in tensors),
     )
+    fields.update(flux2)
     try:  # recorded settings before validation: 8 groups of 48 channels are valid, 32 groups are not
         return AutoencoderKLConfig(**{**fields, **(recorded or {})})
     except ConfigError as error:
@@ -226,7 +229,7 @@ def _refuse_other_autoencoders(names: list[str], source: str) -> None:
 
 def _warn_about_ignored_tensors(names: list[str], source: str) -> None:
     """A bare VAE file whose other tensors are neither the VAE's nor known leftovers of LDM training: they may carry
-    what the model needs (FLUX.2's files keep latent statistics in bn.*), so say that they were left out."""
+    what the model needs, so say that they were left out."""
     ignored = [n for n in names if not _may_be_vae_key(n) and n not in EDM_KEYS and not n.startswith(LDM_LEFTOVERS)]
     if ignored:
         shown = ", ".join(ignored[:4]) + (f", ... ({len(ignored) - 4} more)" if len(ignored) > 4 else "")
@@ -245,7 +248,9 @@ def write_single_file(
     state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     state = diffusers_to_ldm(state, len(config.block_out_channels))
     guessed = SCALING_SETTINGS if scaling_is_guess else ()
-    settings = json.dumps({name: getattr(config, name) for name in RECORDED_SETTINGS if name not in guessed})
+    settings = {name: getattr(config, name) for name in RECORDED_SETTINGS if name not in guessed}
+    settings.update((name, getattr(config, name)) for name in BATCH_NORM_FIELDS if getattr(config, name))
+    settings = json.dumps(settings)
     if config.norm_num_groups != 32:
         log.warning(
             "%s: this model normalises in %d groups; the file records it for this package, but A1111, ComfyUI and "

@@ -88,12 +88,13 @@ def test_a_playground_checkpoint_brings_its_latent_statistics(tiny_config, tmp_p
 
 def test_tensors_of_a_bare_file_that_are_not_the_vaes_are_named(tiny_config, tmp_path, caplog):
     tensors = load_file(_bare(codec.AutoencoderKL(tiny_config), tmp_path / "vae.safetensors"))
-    # FLUX.2's files keep latent statistics in bn.*; LDM's training leaves loss.* and model_ema.* (not worth a word).
-    extra = {"bn.running_mean": torch.zeros(4), "bn.running_var": torch.ones(4), "loss.logvar": torch.zeros(())}
+    # Tensors of unknown meaning are named (FLUX.2's bn.* statistics are read: tests/test_flux2.py); LDM's training
+    # leaves loss.* and model_ema.* (not worth a word).
+    extra = {"stats.mean": torch.zeros(4), "stats.var": torch.ones(4), "loss.logvar": torch.zeros(())}
     save_file({**tensors, **extra}, str(tmp_path / "extra.safetensors"))
     with caplog.at_level("WARNING"):
         codec.AutoencoderKL.from_single_file(tmp_path / "extra.safetensors")
-    assert "ignored 2 tensors that are not the VAE's: bn.running_mean, bn.running_var" in caplog.text
+    assert "ignored 2 tensors that are not the VAE's: stats.mean, stats.var" in caplog.text
     # A whole checkpoint of a family we cannot tell: its other tensors are its other models, not worth a word.
     whole = {f"first_stage_model.{key}": value for key, value in tensors.items()}
     save_file({**whole, "model.diffusion_model.x.weight": torch.zeros(2)}, str(tmp_path / "whole.safetensors"))

@@ -21,9 +21,11 @@ from codec.bench import classic, rate
 from codec.bench.baselines import BASELINES, SD_LATENT, LatentCodec, LatentShape, load_codec
 from codec.bench.data import BenchItem, open_source
 from codec.bench.fid import FIDUnavailable, InceptionFeatures
+from codec.bench.foreign import load_foreign_codec
 from codec.bench.measure import Meter
 from codec.bench.perceptual import NETS, load_lpips
 from codec.bench.scoring import REFERENCE, Scorer, load_png, save_png
+from codec.foreign import check_supported
 from codec.images import tensor_to_uint8
 
 log = logging.getLogger("codec.bench")
@@ -224,7 +226,8 @@ def _run_models(options: BenchOptions, items, sizes: dict, scorer: Scorer, shard
     latents: dict[tuple[int, int], tuple[LatentShape, list[str]]] = {}  # (factor, channels): first, every model
     for spec, name in planned:
         if spec not in BASELINES:
-            codec = load_codec(spec, name, options.latent_precision, device, options.dtype)
+            args = (spec, name, options.latent_precision, device, options.dtype)
+            codec = load_foreign_codec(*args) or load_codec(*args)  # another diffusers autoencoder: through diffusers
             _run_latent_codec(codec, items, sizes, options, scorer, shard)
             latents.setdefault((codec.latent.factor, codec.latent.channels), (codec.latent, []))[1].append(name)
             del codec  # free one model's weights before the next is loaded
@@ -250,6 +253,7 @@ def run_shard(options: BenchOptions, group: Group, device: torch.device, quiet: 
     for spec in options.models:  # all of them before any work: a typo in the last would surface hours later
         if spec not in BASELINES:
             check_spec(spec)
+            check_supported(spec)  # another diffusers autoencoder's class: one that runs
     items = open_source(options.data, split=options.split, column=options.column)
     if options.limit is not None:
         items = items[: options.limit]

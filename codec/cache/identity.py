@@ -3,7 +3,8 @@
 What makes the latents: the encoder's weights (`encoder.*`, `quant_conv.*`) and the config, minus the fields that
 do not change what the encoder outputs. The decoder is left out, as are its config fields: a decoder-only
 fine-tune (sd-vae-ft-mse is one of SD's VAE) decodes the same latents and may train on the same cache. Scaling
-(`scaling_factor`, `shift_factor`, `latents_mean`, `latents_std`) is left out too: a cache stores raw posteriors
+(`scaling_factor`, `shift_factor`, `latents_mean`, `latents_std`, and FLUX.2's batch-norm statistics of patched
+latents with their patch size and eps) is left out too: a cache stores raw posteriors
 and scales them when read, so `codec stats --write-config` does not orphan the cache it was computed from;
 `force_upcast` and `sample_size` are hints. The hash takes the config as sorted JSON, then, in the order of
 their names, each tensor's name, dtype, shape and bytes; so ours and diffusers' AutoencoderKL with the same
@@ -35,8 +36,11 @@ if TYPE_CHECKING:
 
 PREFIX = "sha256-encoder:"
 LEGACY_PREFIX = "sha256:"  # before 0.2: config and every weight
-IGNORED_CONFIG_FIELDS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std", "force_upcast", "sample_size")
-DECODER_CONFIG_FIELDS = ("out_channels", "up_block_types", "use_post_quant_conv")
+IGNORED_CONFIG_FIELDS = (
+    "scaling_factor", "shift_factor", "latents_mean", "latents_std", "force_upcast", "sample_size",
+    "patch_size", "batch_norm_eps", "batch_norm_momentum",  # FLUX.2's normalisation, applied when read
+)  # fmt: skip
+DECODER_CONFIG_FIELDS = ("out_channels", "up_block_types", "use_post_quant_conv", "decoder_block_out_channels")
 ENCODER_WEIGHTS = ("encoder.", "quant_conv.")
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 

@@ -9,6 +9,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from codec import latent_norm
 from codec.cache.shards import DATA_DIR, FORMAT, FORMAT_VERSION, MANIFEST, CacheError, atomic_write, shard_path
 from codec.version import __version__
 
@@ -101,6 +102,13 @@ def build_manifest(
         },
         "compat_record": compat,
     }
+    norm = latent_norm.of_model(vae)
+    if norm is not None:  # FLUX.2: the batch-norm statistics of its patched latents, which readers apply
+        manifest["codec"]["latent_norm"] = norm.record()
+        manifest["storage"]["posterior"] = (
+            "mean and logvar, raw (unpatched, unnormalised); as the codec's encode_latents does: 2x2 patches into "
+            "channels, then (z - running_mean) / sqrt(running_var + eps) per patched channel (codec.latent_norm)"
+        )
     if metas is not None:
         rows, skipped = sum(m["rows"] for m in metas), sum(len(m["skipped"]) for m in metas)
         manifest["counts"] = {"images": len(source.keys), "rows": rows, "skipped": skipped, "shards": n_shards}

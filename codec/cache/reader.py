@@ -45,7 +45,8 @@ class LatentDataset(torch.utils.data.Dataset):
     as `AutoencoderKL.scale_latents` and diffusers' pipelines do: `(z - latents_mean) * scaling_factor /
     latents_std` where it has per-channel statistics (`codec stats --channel-stats`, Playground v2.5), else
     `(z - shift_factor) * scaling_factor`. `normalize="scaling"` or `"channel"` chooses one of them explicitly;
-    passing `scaling_factor` or `shift_factor` means the second.
+    passing `scaling_factor` or `shift_factor` means the second. A FLUX.2 codec's latents come as its pipelines
+    make them: 2x2 patches folded into channels, batch-normalised by its statistics (`codec.latent_norm`).
     """
 
     def __init__(
@@ -89,8 +90,10 @@ class LatentDataset(torch.utils.data.Dataset):
         self.shift_factor = (shift_factor if shift_factor is not None else config.shift_factor) or 0.0
         has_statistics = config.latents_mean is not None and config.latents_std is not None
         factors_given = scaling_factor is not None or shift_factor is not None  # asks for (z - shift) * scaling
+        asked_normalize = normalize
         normalize = normalize or ("channel" if has_statistics and not factors_given else "scaling")
         self.normalize, self.posterior, self.seed = normalize, posterior, seed
+        self._batch_norm = _batch_norm(codec, info, self.root, asked=asked_normalize is not None or factors_given)
         self.max_cached_shards = max_cached_shards
         if normalize == "channel":
             stats = config.latents_mean, config.latents_std
@@ -211,7 +214,9 @@ class LatentDataset(torch.utils.data.Dataset):
         if self.posterior == "sample":
             std = torch.exp(0.5 * self._tensor(arrays, prefix + "logvar", row, shape))
             z = z + std * torch.randn(z.shape, generator=generator)
-        if self.normalize == "channel":
+        if self._batch_norm is not None:
+            latents = self._batch_norm.normalize(z)  # FLUX.2: patched, then batch-normalised, as its pipelines
+        elif self.normalize == "channel":
             latents = (z - self._channel[0]) * self.scaling_factor / self._channel[1]  # as diffusers' SDXL pipelines
         else:
             latents = (z - self.shift_factor) * self.scaling_factor
@@ -249,6 +254,27 @@ class LatentDataset(torch.utils.data.Dataset):
 
     def describe(self) -> str:
         return json.dumps({k: self.manifest[k] for k in ("codec", "preprocessing", "counts")}, indent=2)
+
+
+def _batch_norm(codec: Any, info: dict, root: Path, asked: bool):
+    """FLUX.2's normalisation of patched latents, from the codec given (a model wins, as for scaling) or else the
+    manifest; None for a codec that scales by its config."""
+    from codec import latent_norm
+
+    if hasattr(codec, "config"):
+        norm = latent_norm.of_model(codec)
+    else:
+        record = info.get("latent_norm")
+        try:
+            norm = latent_norm.from_record(record) if record is not None else None
+        except ValueError as error:
+            raise CacheError(f"{root}: manifest codec.latent_norm: {error}") from None
+    if norm is not None and asked:
+        raise ValueError(
+            f"{root}: this codec normalises its latents by the batch-norm statistics of 2x2 patches (FLUX.2); "
+            "normalize, scaling_factor and shift_factor do not apply to it"
+        )
+    return norm
 
 
 class _Obj:

@@ -13,12 +13,14 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from codec.atomic import atomic_path
 from codec.cache import shards
 from codec.cache.manifest import read_manifest
-from codec.config import CONFIG_NAME, AutoencoderKLConfig
+from codec.config import CONFIG_NAME, FLUX2_CLASS_NAME, AutoencoderKLConfig
+from codec.latent_norm import from_record, patchify
 
 
 class LatentStats:
@@ -72,12 +74,20 @@ def cache_stats(root: str | Path, posterior: str = "sample", progress: bool = Tr
     manifest = read_manifest(root)
     if manifest is None or not manifest.get("complete"):
         raise shards.CacheError(f"{root}: not a finished cache (no complete manifest.json)")
-    stats = LatentStats(manifest["codec"]["latent_channels"])
+    norm = _recorded_norm(manifest, root)
+    patch = norm.patch_size if norm is not None else (1, 1)  # FLUX.2: statistics of the patched latents
+    stats = LatentStats(manifest["codec"]["latent_channels"] * patch[0] * patch[1])
     bf16 = manifest["storage"]["latent_dtype"] == "bf16"
     with tqdm(total=manifest["counts"]["rows"], desc="stats", unit="row", disable=None if progress else True) as bar:
         for entry in manifest["shards"]:
-            bar.update(_add_shard(stats, root / entry["file"], bf16, posterior == "sample"))
+            bar.update(_add_shard(stats, root / entry["file"], bf16, posterior == "sample", patch))
     result = stats.result()
+    if norm is not None:  # what FLUX.2's bn holds: running_var is the variance of z, not of its mean
+        result["latent_norm"] = {
+            **norm.record(),
+            "running_mean": result["latents_mean"],
+            "running_var": [std**2 for std in result["latents_std"]],
+        }
     # Enlarged images blur the statistics: their count is in the shards' footers (0 for shards that predate it).
     upscaled = sum((shards.read_shard_meta(root / e["file"]) or {}).get("upscaled", 0) for e in manifest["shards"])
     result.update(posterior=posterior, cache=str(root), identity=manifest["codec"]["identity"], upscaled=upscaled)
@@ -85,8 +95,8 @@ def cache_stats(root: str | Path, posterior: str = "sample", progress: bool = Tr
     return result
 
 
-def _add_shard(stats: LatentStats, path: Path, bf16: bool, with_logvar: bool) -> int:
-    """Every row of one shard into `stats`; returns the number of rows."""
+def _add_shard(stats: LatentStats, path: Path, bf16: bool, with_logvar: bool, patch: tuple[int, int]) -> int:
+    """Every row of one shard into `stats` (FLUX.2's: its 2x2 patches as channels); returns the number of rows."""
     import pyarrow.parquet as pq
 
     table = pq.read_table(path, columns=["shape", "mean", "logvar"])
@@ -97,8 +107,21 @@ def _add_shard(stats: LatentStats, path: Path, bf16: bool, with_logvar: bool) ->
     (offsets, means), (_, logvars) = columns
     for row, shape in enumerate(shapes):
         span = slice(offsets[row], offsets[row + 1])
-        stats.add(means[span].reshape(shape), logvars[span].reshape(shape) if with_logvar else None)
+        mean, logvar = means[span].reshape(shape), logvars[span].reshape(shape)
+        if patch != (1, 1):
+            mean, logvar = (patchify(torch.from_numpy(v.copy()), patch).numpy() for v in (mean, logvar))
+        stats.add(mean, logvar if with_logvar else None)
     return len(shapes)
+
+
+def _recorded_norm(manifest: dict, root: Path):
+    record = manifest["codec"].get("latent_norm")
+    if record is None:
+        return None
+    try:
+        return from_record(record)
+    except ValueError as error:
+        raise shards.CacheError(f"{root}: manifest codec.latent_norm: {error}") from None
 
 
 def write_config(model_dir: str | Path, result: dict, channel_stats: bool = False) -> Path:
@@ -119,6 +142,8 @@ def write_config(model_dir: str | Path, result: dict, channel_stats: bool = Fals
         data = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise ValueError(f"{path}: cannot read the config ({error})") from None
+    if isinstance(data, dict) and data.get("_class_name") == FLUX2_CLASS_NAME:
+        return _write_batch_norm(folder, result)
     if channel_stats:
         data.update(
             latents_mean=[round(v, 6) for v in result["latents_mean"]],
@@ -132,4 +157,34 @@ def write_config(model_dir: str | Path, result: dict, channel_stats: bool = Fals
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
         tmp.chmod(mode)  # as it was: the temporary file would otherwise leave it 0600
+    return path
+
+
+def _write_batch_norm(folder: Path, result: dict) -> Path:
+    """FLUX.2 keeps its statistics in its weights (bn.running_mean, bn.running_var), where diffusers reads them:
+    they are replaced in the weights file, atomically, every other tensor and the file's metadata kept as they were.
+    The codec's identity leaves them out, so caches made with this model stay valid."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from codec.checkpoint import read_tensors
+
+    record = result.get("latent_norm")
+    if record is None:
+        raise ValueError(f"{folder}: a {FLUX2_CLASS_NAME}, but these are not statistics of its patched latents")
+    path = folder / "diffusion_pytorch_model.safetensors"
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file; FLUX.2's statistics are written into one safetensors weights file")
+    tensors = read_tensors(path)
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+    for key in ("running_mean", "running_var"):
+        old = tensors.get(f"bn.{key}")
+        if old is None or old.numel() != len(record[key]):
+            raise ValueError(f"{path}: no bn.{key} of {len(record[key])} values to replace")
+        tensors[f"bn.{key}"] = torch.tensor(record[key], dtype=old.dtype)
+    mode = path.stat().st_mode & 0o777
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.chmod(mode)
     return path

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
+from codec import latent_norm
 from codec.cache import checksums, manifest, shards
 from codec.cache.identity import DTYPE_NAMES, is_legacy, same_codec
 from codec.cache.preprocess import Prepared, Preprocessing, to_model_input
@@ -45,7 +46,7 @@ class Settings:
 
     def check(self, source, vae) -> None:
         """Refuse settings that cannot make this cache, before anything is written."""
-        self.preprocessing.check_factor(vae.config.downsample_factor)
+        self.preprocessing.check_factor(latent_norm.pixel_multiple(vae.config))  # FLUX.2's: whole 2x2 patches
         if self.latent_dtype not in shards.LATENT_DTYPES:
             raise ValueError(f"latent dtype {self.latent_dtype!r}: choose one of {', '.join(shards.LATENT_DTYPES)}")
         if self.shard_size < 1 or self.batch_size < 1:

@@ -33,7 +33,8 @@ def add_parsers(subparsers) -> None:
         required=True,
         metavar="MODEL",
         help="repeatable: diffusers folder, single file, hub id, 'builtin', 'preset:NAME' (random weights), "
-        f"or a baseline: {', '.join(BASELINES)}",
+        f"or a baseline: {', '.join(BASELINES)}. A folder of another diffusers autoencoder (AutoencoderTiny, "
+        "AutoencoderDC, AutoencoderKLQwenImage, ...) runs through diffusers' own class",
     )
     parser.add_argument(
         "--data", required=True, help="folder, image, .txt list, .parquet, save_to_disk folder or hub dataset"

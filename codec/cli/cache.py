@@ -297,5 +297,7 @@ def run_stats(args: argparse.Namespace) -> int:
     )
     if "wrote" in result:
         what = "latents_mean, latents_std and scaling_factor 1.0" if args.channel_stats else "scaling_factor"
+        if "latent_norm" in result:  # FLUX.2: its statistics live in its weights
+            what = "the batch-norm statistics of patched latents (bn.running_mean, bn.running_var)"
         print(f"wrote {what} to {result['wrote']}")
     return 0

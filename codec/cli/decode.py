@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from codec import latent_norm
 from codec.atomic import atomic_path
 from codec.cli.common import add_model_options, check_output_folder, load_model, output_stems
 from codec.cli.outputs import add_overwrite_option, check_outputs, recording
@@ -56,13 +57,27 @@ def output_targets(args: argparse.Namespace, record: LatentsFile) -> list[Path]:
     return targets
 
 
-def decoding_config(args: argparse.Namespace, record: LatentsFile, vae):
+def recorded_norm(args: argparse.Namespace, record: LatentsFile, vae) -> latent_norm.LatentBatchNorm | None:
+    """FLUX.2's normalisation as the file records it (the statistics it was encoded with), or None."""
+    if (record.latent_norm is None) != (vae.bn is None):
+        encoded = "a FLUX.2 codec" if record.latent_norm is not None else "a codec without FLUX.2's batch norm"
+        raise ValueError(f"{args.latents}: encoded with {encoded} ({record.model}); pass one of that kind with --model")
+    if record.latent_norm is None:
+        return None
+    try:
+        return latent_norm.from_record(record.latent_norm)
+    except ValueError as error:
+        raise ValueError(f"{args.latents}: its 'latent_norm' metadata is {error}") from None
+
+
+def decoding_config(args: argparse.Namespace, record: LatentsFile, vae, norm):
     """The model's config with the file's scaling, once the latents are known to fit the model."""
     channels = int(record.latents[0].shape[0])
-    if channels != vae.config.latent_channels:
+    wanted = vae.config.latent_channels * (norm.patch_size[0] * norm.patch_size[1] if norm is not None else 1)
+    if channels != wanted:
         raise ValueError(
             f"{args.latents}: latents of {channels} channels (encoded with {record.model}), "
-            f"but {args.model} decodes {vae.config.latent_channels}; pass the model that encoded them with --model"
+            f"but {args.model} decodes {wanted}; pass the model that encoded them with --model"
         )
     theirs = Scaling.of(vae.config)
     if record.scaling != theirs:
@@ -72,13 +87,15 @@ def decoding_config(args: argparse.Namespace, record: LatentsFile, vae):
             if value != getattr(theirs, name)
         )
         print(f"warning: {args.latents} was scaled with {differ}; unscaling with the file's values")
-    factor = vae.config.downsample_factor
+    factor = latent_norm.pixel_multiple(vae.config) if norm is not None else vae.config.downsample_factor
     for latent, (height, width), name in zip(record.latents, record.sizes, record.sources, strict=True):
         full = (latent.shape[-2] * factor, latent.shape[-1] * factor)
         if height > full[0] or width > full[1]:
             raise ValueError(f"{args.latents}: {name} is recorded as {height}x{width}, larger than its latent decodes")
         if full[0] * full[1] > MAX_DECODED_PIXELS:  # as Pillow refuses a decompression bomb
             raise ValueError(f"{args.latents}: {name} would decode to {full[0]}x{full[1]} pixels, over the limit")
+    if norm is not None:  # FLUX.2: unscaled by the recorded statistics alone
+        return None
     try:
         return dataclasses.replace(vae.config, **record.scaling.as_config_fields())
     except ValueError as error:
@@ -92,13 +109,18 @@ def run(args: argparse.Namespace) -> int:
     args.model = decoding_model(args.model, record.model, args.latents)
     targets = output_targets(args, record)
     vae = load_model(args)
-    config = decoding_config(args, record, vae)
+    norm = recorded_norm(args, record, vae)
+    config = decoding_config(args, record, vae, norm)
     args.output.mkdir(parents=True, exist_ok=True)
     with recording(targets):
         for latent, target, (height, width), name in zip(
             record.latents, targets, record.sizes, record.sources, strict=True
         ):
-            image = vae.decode(unscale_latents(latent[None].to(vae.device, vae.dtype), config)).sample
+            if norm is not None:  # FLUX.2: the file's statistics undone, then the patches unfolded
+                z = norm.denormalize(latent[None].float()).to(vae.device, vae.dtype)
+            else:
+                z = unscale_latents(latent[None].to(vae.device, vae.dtype), config)
+            image = vae.decode(z).sample
             if not torch.isfinite(image).all():  # would be saved as a black image: an error instead
                 raise ValueError(f"{args.latents}: {name} decodes to NaN or infinite values; {target} not written")
             with atomic_path(target) as tmp:

@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         model=recorded_model_name(args.model),
         posterior="sample" if args.sample else "mean",
         files=[file_id(path) for path in args.images],
+        latent_norm=vae.bn.record() if vae.bn is not None else None,  # FLUX.2: patched and batch-normalised
     )
     with recording([args.output]):
         write_latents_file(args.output, record)
