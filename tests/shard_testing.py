@@ -10,6 +10,14 @@ from pathlib import Path
 from cache_testing import smooth_image
 from PIL import Image
 
+import codec
+from codec.cache.by_input import build_by_input
+from codec.cache.identity import model_identities
+from codec.cache.locations import filesystem
+from codec.cache.preprocess import Preprocessing
+from codec.cache.shard_sources import open_shard_source
+from codec.cache.writer import Settings
+
 
 def image_bytes(seed: int, height: int = 32, width: int = 40, fmt: str = "PNG") -> bytes:
     buffer = io.BytesIO()
@@ -80,3 +88,21 @@ def read_cache_rows(fs, root: str) -> list[dict]:
 
 def file_bytes(folder: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.is_file()}
+
+
+def build(source: str, out, model_dir: Path, **options):
+    """build_by_input with a freshly loaded model; options go to Preprocessing, the source, Settings or the run."""
+    prep = Preprocessing(options.pop("resolution", 32), flip=options.pop("flip", False))
+    run = {k: options.pop(k) for k in ("on_part_written", "group") if k in options}
+    opened = open_shard_source(str(source), **{k: options.pop(k) for k in ("columns", "image_column") if k in options})
+    settings = Settings(prep, **{"batch_size": 2, "shard_size": 2, **options})
+    vae = codec.AutoencoderKL.load(model_dir)
+    return build_by_input(
+        opened, str(out), vae, model_identities(vae), settings, model_name=str(model_dir), progress=False, **run
+    )
+
+
+def rows(out) -> list[dict]:
+    """Every row of a cache at a path or URL."""
+    fs, root = filesystem(str(out))
+    return read_cache_rows(fs, root)

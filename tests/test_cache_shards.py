@@ -8,37 +8,14 @@ from pathlib import Path
 
 import pytest
 from cache_testing import tiny_model_dir
-from shard_testing import file_bytes, parquet_bytes, read_cache_rows, tar_bytes, write_tars
+from shard_testing import build, file_bytes, parquet_bytes, rows, tar_bytes, write_tars
 
-import codec
-from codec.cache.by_input import build_by_input
-from codec.cache.identity import model_identities
-from codec.cache.locations import filesystem
-from codec.cache.preprocess import Preprocessing
-from codec.cache.shard_sources import open_shard_source
 from codec.cache.shards import CacheError
-from codec.cache.writer import Settings
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     return tiny_model_dir(tmp_path_factory.mktemp("shards_model"))
-
-
-def build(source: str, out, model_dir: Path, **options):
-    prep = Preprocessing(options.pop("resolution", 32), flip=options.pop("flip", False))
-    run = {k: options.pop(k) for k in ("on_part_written", "group") if k in options}
-    opened = open_shard_source(str(source), **{k: options.pop(k) for k in ("columns", "image_column") if k in options})
-    settings = Settings(prep, **{"batch_size": 2, "shard_size": 2, **options})
-    vae = codec.AutoencoderKL.load(model_dir)
-    return build_by_input(
-        opened, str(out), vae, model_identities(vae), settings, model_name=str(model_dir), progress=False, **run
-    )
-
-
-def rows(out) -> list[dict]:
-    fs, root = filesystem(str(out))
-    return read_cache_rows(fs, root)
 
 
 def _stats(folder: Path) -> dict[str, int]:

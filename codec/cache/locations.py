@@ -31,7 +31,11 @@ def filesystem(where: str | os.PathLike) -> tuple[Any, str]:
     from fsspec.core import url_to_fs
 
     text = str(where) if is_url(where) else os.path.expanduser(os.fspath(where))
-    return url_to_fs(text)
+    try:
+        return url_to_fs(text)
+    except ImportError as error:  # fsspec names the package its protocol needs
+        extra = " (pip install 'latent-codec[s3]')" if text.startswith(("s3://", "s3a://")) else ""
+        raise ValueError(f"{text}: {error}{extra}") from None
 
 
 def is_local(fs: Any) -> bool:
