@@ -94,7 +94,9 @@ def build(source: str, out, model_dir: Path, **options):
     """build_by_input with a freshly loaded model; options go to Preprocessing, the source, Settings or the run."""
     prep = Preprocessing(options.pop("resolution", 32), flip=options.pop("flip", False))
     run = {k: options.pop(k) for k in ("on_part_written", "group") if k in options}
-    opened = open_shard_source(str(source), **{k: options.pop(k) for k in ("columns", "image_column") if k in options})
+    opened = open_shard_source(
+        str(source), **{k: options.pop(k) for k in ("columns", "image_column", "streaming") if k in options}
+    )
     settings = Settings(prep, **{"batch_size": 2, "shard_size": 2, **options})
     vae = codec.AutoencoderKL.load(model_dir)
     return build_by_input(

@@ -147,3 +147,23 @@ def test_an_unreadable_shard_stops_the_run_naming_it_and_keeps_what_was_written(
     with pytest.raises(CacheError, match=r"00001\.tar: cannot be read"):
         build(shards, out, model_dir)
     assert (out / "data" / "00000-00000.parquet").is_file()
+
+
+def test_a_streamed_dataset_is_cached_one_data_file_at_a_time(tmp_path, model_dir, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    data = tmp_path / "dataset" / "data"
+    data.mkdir(parents=True)
+    (data / "train-00000-of-00002.parquet").write_bytes(parquet_bytes(0, 3))
+    (data / "train-00001-of-00002.parquet").write_bytes(parquet_bytes(3, 2, missing=(4,)))
+    out = tmp_path / "out"
+    summary = build(str(tmp_path / "dataset"), out, model_dir, streaming=True, columns=["caption"])
+    assert (summary.images, summary.rows, summary.skipped, summary.written) == (5, 4, 1, 3)
+    cached = rows(out)
+    assert [r["key"] for r in cached] == [
+        "train-00000-of-00002.parquet/000000000", "train-00000-of-00002.parquet/000000001",
+        "train-00000-of-00002.parquet/000000002", "train-00001-of-00002.parquet/000000000",
+    ]  # fmt: skip
+    assert [r["caption"] for r in cached] == ["row 0", "row 1", "row 2", "row 3"] and "score" not in cached[0]
+    assert build(str(tmp_path / "dataset"), out, model_dir, streaming=True, columns=["caption"]).written == 0
+    (data / "train-00001-of-00002.parquet").write_bytes(parquet_bytes(3, 2))
+    assert build(str(tmp_path / "dataset"), out, model_dir, streaming=True, columns=["caption"]).written == 1

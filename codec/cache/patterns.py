@@ -14,8 +14,10 @@ from __future__ import annotations
 import itertools
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from codec.cache.locations import filesystem, fingerprint, is_url
+from codec.images import IMAGE_SUFFIXES
 from codec.sources import SourceError
 
 SHARD_SUFFIXES = {".tar": "tar", ".tar.gz": "tar", ".tgz": "tar", ".parquet": "parquet"}
@@ -155,3 +157,25 @@ def _typed(source: str, root: str, infos: dict[str, dict]) -> tuple[str, str, li
         if kinds[name]
     ]
     return found.pop(), root, sorted(inputs, key=lambda item: item.name)
+
+
+def is_shard_source(text: str) -> bool:
+    """Whether `codec cache` reads SRC as input shards: a URL, a brace pattern or glob, a .tar file, or a local
+    folder in which the first file met is a tar (not an image). A local .parquet file or folder stays a dataset,
+    whose files name its splits; a glob of them ('data/*.parquet') reads them as shards."""
+    if is_url(text) or shard_kind(text) == "tar":
+        return True
+    path = Path(text).expanduser()
+    if path.exists():
+        return path.is_dir() and _first_kind(path) == "tar"
+    return is_pattern(text)
+
+
+def _first_kind(folder: Path) -> str | None:
+    for path in folder.rglob("*"):
+        suffix = path.suffix.lower()
+        if suffix in IMAGE_SUFFIXES:
+            return "image"
+        if shard_kind(path.name) == "tar":
+            return "tar"
+    return None
