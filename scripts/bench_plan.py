@@ -149,7 +149,7 @@ def throughput_table(args: argparse.Namespace) -> str:
     from codec.cache.identity import model_identities
     from codec.cache.preprocess import Preprocessing
     from codec.cache.shard_sources import open_shard_source
-    from codec.cache.writer import Settings
+    from codec.cache.writer import CacheModel, Settings
     from codec.model import AutoencoderKL
 
     folder = OUT / "throughput"
@@ -162,12 +162,12 @@ def throughput_table(args: argparse.Namespace) -> str:
     identities = model_identities(vae)
     vae = vae.eval()
     source = open_shard_source(str(shards / f"{{00000..{args.shards - 1:05d}}}.tar"))
-    settings = Settings(Preprocessing(args.size), "fp16", args.batch_size, args.num_workers, 1000)
+    settings = Settings(Preprocessing(args.size), "fp16", args.batch_size, args.num_workers, 1000, progress=False)
 
     def end_to_end() -> float:
         with tempfile.TemporaryDirectory(prefix="bench-plan-", dir=folder) as out:
             start = time.perf_counter()
-            summary = build_by_input(source, out, vae, identities, settings, model_name=args.model, progress=False)
+            summary = build_by_input(source, out, CacheModel(vae, identities, args.model), settings)
             assert summary.rows == args.images, summary
             return time.perf_counter() - start
 

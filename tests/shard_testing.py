@@ -16,7 +16,7 @@ from codec.cache.identity import model_identities
 from codec.cache.locations import filesystem
 from codec.cache.preprocess import Preprocessing
 from codec.cache.shard_sources import open_shard_source
-from codec.cache.writer import Settings
+from codec.cache.writer import CacheModel, Settings
 
 
 def image_bytes(seed: int, height: int = 32, width: int = 40, fmt: str = "PNG") -> bytes:
@@ -97,11 +97,9 @@ def build(source: str, out, model_dir: Path, **options):
     opened = open_shard_source(
         str(source), **{k: options.pop(k) for k in ("columns", "image_column", "streaming") if k in options}
     )
-    settings = Settings(prep, **{"batch_size": 2, "shard_size": 2, **options})
+    settings = Settings(prep, **{"batch_size": 2, "shard_size": 2, "progress": False, **options})
     vae = codec.AutoencoderKL.load(model_dir)
-    return build_by_input(
-        opened, str(out), vae, model_identities(vae), settings, model_name=str(model_dir), progress=False, **run
-    )
+    return build_by_input(opened, str(out), CacheModel(vae, model_identities(vae), str(model_dir)), settings, **run)
 
 
 def rows(out) -> list[dict]:

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from cache_testing import tiny_model_dir
+from cache_testing import cli, tiny_model_dir
 from shard_testing import build, file_bytes, parquet_bytes, rows, tar_bytes, write_tars
 
 from codec.cache.shards import CacheError
@@ -26,8 +26,10 @@ def test_tar_shards_cache_every_image_with_its_caption_and_new_shards_touch_noth
     shards = tmp_path / "shards"
     write_tars(shards, range(8), uncaptioned=(4,), broken=(7,))
     out = tmp_path / "out"
-    first = build(f"{shards}/{{00000..00007}}.tar", out, model_dir)
-    assert (first.images, first.rows, first.skipped, first.shards, first.written) == (24, 23, 1, 16, 16)
+    options = ["-o", out, "--model", model_dir, "--resolution", 32, "--shard-size", 2, "--num-workers", 1]
+    code, stdout, stderr = cli(["cache", f"{shards}/{{00000..00007}}.tar", *options])
+    assert code == 0, stderr
+    assert "23 of 24 images cached in 16 shards (0 already done, 16 written now)" in stdout
     cached = {row["key"]: row for row in rows(out)}
     assert sorted(cached) == sorted(f"{i // 3:05d}.tar/{i:09d}" for i in range(24) if i != 7)
     assert cached["00001.tar/000000003"]["caption"] == "photo number 3"
@@ -39,23 +41,27 @@ def test_tar_shards_cache_every_image_with_its_caption_and_new_shards_touch_noth
     report = (out / "skipped.jsonl").read_bytes()
 
     write_tars(shards, range(8, 10))
-    second = build(f"{shards}/{{00000..00009}}.tar", out, model_dir)
-    assert (second.reused, second.written, second.rows) == (16, 4, 29)  # two new tars, two parts each
+    code, stdout, stderr = cli(["cache", f"{shards}/{{00000..00009}}.tar", *options])
+    assert code == 0, stderr
+    assert "29 of 30 images cached in 20 shards (16 already done, 4 written now)" in stdout  # two new tars' parts
     after = file_bytes(out / "data")
     assert {name: after[name] for name in before} == before  # every existing part byte-identical...
     assert {name: (out / "data" / name).stat().st_mtime_ns for name in before} == stamps  # ...and not rewritten
-    assert sorted(set(after) - set(before)) == [
-        "00008-00000.parquet",
-        "00008-00001.parquet",
-        "00009-00000.parquet",
-        "00009-00001.parquet",
-    ]
+    new = ["00008-00000.parquet", "00008-00001.parquet", "00009-00000.parquet", "00009-00001.parquet"]
+    assert sorted(set(after) - set(before)) == new
     assert (out / "skipped.jsonl").read_bytes() == report
 
     manifest = (out / "manifest.json").read_bytes()
     again = build(f"{shards}/{{00000..00009}}.tar", out, model_dir)
     assert (again.written, again.reused) == (0, 20)
-    assert (out / "manifest.json").read_bytes() == manifest and _stats(out / "data") == _stats(out / "data")
+    assert (out / "manifest.json").read_bytes() == manifest
+
+
+def test_cache_requires_a_model_and_says_why(tmp_path):
+    write_tars(tmp_path / "shards", range(1))
+    code, _, stderr = cli(["cache", tmp_path / "shards", "-o", tmp_path / "out"])
+    assert code == 2 and "--model is required" in stderr and "--model builtin" in stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_changed_shard_reencodes_its_parts_only_and_a_removed_one_drops_them(tmp_path, model_dir):

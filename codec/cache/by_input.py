@@ -27,12 +27,11 @@ from codec.cache import input_plan, shards
 from codec.cache.identity import DTYPE_NAMES
 from codec.cache.locations import Location
 from codec.cache.preprocess import Prepared
-from codec.cache.writer import Group, Settings, Summary, _encode, _upscaled
+from codec.cache.writer import CacheModel, Group, Settings, Summary, _encode, _upscaled
 from codec.sources import SourceError, decode_image
 
 if TYPE_CHECKING:
     from codec.cache.shard_sources import ShardSource
-    from codec.model import AutoencoderKL
 
 log = logging.getLogger(__name__)
 LAYOUT = "by-input"
@@ -156,23 +155,6 @@ class _Part:
         return input_plan.entry_of(file, meta), footer["skipped"]
 
 
-def _check_settings(source: ShardSource, vae, settings: Settings) -> None:
-    settings.preprocessing.check_factor(vae.config.downsample_factor)
-    if settings.latent_dtype not in shards.LATENT_DTYPES:
-        raise ValueError(f"latent dtype {settings.latent_dtype!r}: choose one of {', '.join(shards.LATENT_DTYPES)}")
-    if settings.shard_size < 1 or settings.batch_size < 1:
-        raise ValueError(
-            f"shard size and batch size must be positive, got {settings.shard_size}, {settings.batch_size}"
-        )
-    if settings.num_workers < 0:
-        raise ValueError(f"--num-workers must be 0 (decode in this process) or more, got {settings.num_workers}")
-    clashes = [name for name in source.carried_columns if name in shards.RESERVED_COLUMNS]
-    if clashes:
-        raise ValueError(
-            f"{source.name}: column(s) {clashes} would clash with the cache's own; pick others with --columns"
-        )
-
-
 def read_manifest(location: Location) -> dict | None:
     """The cache's manifest (None where there is none yet); one written from another kind of source is refused."""
     data = location.read_bytes(shards.MANIFEST)
@@ -203,9 +185,10 @@ def _manifest(context: dict, entries: list[dict], complete: bool) -> dict:
     from codec.cache import manifest
 
     source, settings = context["source"], context["settings"]
+    model = context["model"]
     found = manifest.build_manifest(
-        context["vae"], context["identities"], context["model_name"], _Described(source), settings,
-        context["compat"], context["compat_hash"], 0,
+        model.vae, model.identities, model.name, _Described(source), settings, context["compat"],
+        context["compat_hash"], 0,
     )  # fmt: skip
     entries = sorted(entries, key=lambda e: (e["input"], e["part"]))
     images = sum(e["count"] for e in entries)
@@ -261,17 +244,17 @@ def _plan(location: Location, context: dict, group: Group):
     return _share(group, plan)
 
 
-def _encode_share(
-    location: Location, context: dict, work: list[input_plan.Work], group: Group, on_part_written, progress: bool
-):
+def _encode_share(location: Location, context: dict, work: list[input_plan.Work], group: Group, on_part_written):
     """Encode this process's inputs; returns the entries and skipped images of the parts it wrote."""
-    source, vae, settings = context["source"], context["vae"], context["settings"]
+    source, vae, settings = context["source"], context["model"].vae, context["settings"]
     record = (context["compat"], context["compat_hash"])
     loader = torch.utils.data.DataLoader(
         _Stream(source, work, settings), batch_size=None, num_workers=min(settings.num_workers, len(work))
     )
     where = f" (rank {group.rank} of {group.world})" if group.world > 1 else ""
-    bar = tqdm(total=len(work), desc=f"cache{where}", unit="shard", disable=not (progress and group.is_main and work))
+    bar = tqdm(
+        total=len(work), desc=f"cache{where}", unit="shard", disable=not (settings.progress and group.is_main and work)
+    )
     parts: dict[int, _Part] = {}
     entries, skipped = [], []
 
@@ -365,32 +348,30 @@ def _finish(location: Location, context: dict, plan: input_plan.Plan, entries: l
 def build_by_input(
     source: ShardSource,
     out: str,
-    vae: AutoencoderKL,
-    identities: dict[str, str],
+    model: CacheModel,
     settings: Settings,
     *,
-    model_name: str,
     group: Group | None = None,
     on_part_written: Callable[[dict], None] | None = None,
-    progress: bool = True,
 ) -> Summary:
     """Encode every input shard of `source` not already cached in `out` (a path or fsspec URL). Shard counts in
     the summary are parts, every process's together; rows, skipped and upscaled are filled in on the main one."""
     started = time.perf_counter()
     group = group or Group()
-    _check_settings(source, vae, settings)
+    settings.check(source, model.vae)
+    vae = model.vae
     compat = shards.compat_record(
-        identities["float32"], settings.preprocessing.to_dict(), settings.latent_dtype,
+        model.identities["float32"], settings.preprocessing.to_dict(), settings.latent_dtype,
         DTYPE_NAMES.get(vae.dtype, str(vae.dtype)), settings.shard_size, {**source.descriptor(), "layout": LAYOUT},
     )  # fmt: skip
     context = {
-        "source": source, "vae": vae, "identities": identities, "model_name": model_name, "settings": settings,
-        "compat": compat, "compat_hash": shards.compat_hash(compat),
+        "source": source, "model": model, "settings": settings, "compat": compat,
+        "compat_hash": shards.compat_hash(compat),
     }  # fmt: skip
     location = Location(out)
     plan = _plan(location, context, group)
     mine = input_plan.assign(plan.work, group.world)[group.rank]
-    entries, skipped = _encode_share(location, context, mine, group, on_part_written, progress)
+    entries, skipped = _encode_share(location, context, mine, group, on_part_written)
     entries, skipped = _gather(group, entries), _gather(group, skipped)  # also a barrier
     summary = Summary(reused=len(plan.kept), written=len(entries))
     if group.is_main:
