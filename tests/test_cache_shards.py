@@ -11,6 +11,7 @@ from cache_testing import cli, tiny_model_dir
 from shard_testing import build, file_bytes, parquet_bytes, rows, tar_bytes, write_tars
 
 from codec.cache.shards import CacheError
+from codec.cache.verify import verify_cache
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +51,7 @@ def test_tar_shards_cache_every_image_with_its_caption_and_new_shards_touch_noth
     new = ["00008-00000.parquet", "00008-00001.parquet", "00009-00000.parquet", "00009-00001.parquet"]
     assert sorted(set(after) - set(before)) == new
     assert (out / "skipped.jsonl").read_bytes() == report
+    assert verify_cache(out).ok
 
     manifest = (out / "manifest.json").read_bytes()
     again = build(f"{shards}/{{00000..00009}}.tar", out, model_dir)
@@ -83,6 +85,9 @@ def test_a_changed_shard_reencodes_its_parts_only_and_a_removed_one_drops_them(t
     removed = build(shards, out, model_dir)
     assert (removed.written, removed.rows) == (0, 5)
     assert sorted(file_bytes(out / "data")) == ["00001-00000.parquet", "00002-00000.parquet", "00002-00001.parquet"]
+    assert verify_cache(out).ok
+    (out / "data" / "00002-00000.parquet").write_bytes((out / "data" / "00001-00000.parquet").read_bytes())
+    assert any("as another shard" in problem for problem in verify_cache(out).problems)
 
 
 def test_a_glob_of_parquet_shards_caches_their_images_and_columns(tmp_path, model_dir):
@@ -128,6 +133,7 @@ def test_a_run_killed_after_any_part_resumes_to_the_rows_of_an_uninterrupted_run
     assert rows(out) == rows(whole)
     assert file_bytes(out / "data").keys() == file_bytes(whole / "data").keys()
     assert (out / "skipped.jsonl").read_bytes() == (whole / "skipped.jsonl").read_bytes()
+    assert verify_cache(out).ok
 
 
 def test_a_cache_of_other_settings_or_another_kind_is_refused(tmp_path, model_dir):
