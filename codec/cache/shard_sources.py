@@ -14,6 +14,7 @@ unique across shards, and stable when other shards come and go. Paths may be fss
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -198,12 +199,22 @@ def _parquet_sample(fs, folder: str, key: str, value: Any, carried: dict) -> Sam
 
 
 def _streaming_dataset(source: ShardSource):
+    """The streamed dataset, resolved once per process and plan (its data files may be a hub request away)."""
+    return _streamed(source.name, source.split, source.image_column, tuple(i.fingerprint for i in source.inputs))
+
+
+@functools.lru_cache(maxsize=4)
+def _streamed(name: str, split: str, image_column: str, plan: tuple):
+    return _load_streamed(name, split, image_column)
+
+
+def _load_streamed(name: str, split: str, image_column: str):
     import datasets
 
-    loaded = datasets.load_dataset(source.name, split=source.split, streaming=True)
+    loaded = datasets.load_dataset(name, split=split, streaming=True)
     features = loaded.features or {}
-    if isinstance(features.get(source.image_column), datasets.Image):
-        loaded = loaded.cast_column(source.image_column, datasets.Image(decode=False))
+    if isinstance(features.get(image_column), datasets.Image):
+        loaded = loaded.cast_column(image_column, datasets.Image(decode=False))
     return loaded
 
 
@@ -224,8 +235,7 @@ def _streaming_samples(source: ShardSource, item: Input, start: int) -> Iterator
 def _streaming_inputs(name: str, split: str, image_column: str, columns: list[str] | None) -> ShardSource:
     """A streamed dataset's units: its data files where `datasets` says which they are, else its shards."""
     try:
-        probe = ShardSource("streaming", name, "", [], [], image_column, split=split)
-        loaded = _streaming_dataset(probe)
+        loaded = _load_streamed(name, split, image_column)
     except Exception as error:  # offline, unknown name, missing split: all end the same way for the user
         raise SourceError(
             f"cannot stream the dataset {name!r} (split {split!r}): {type(error).__name__}: {error}"
