@@ -106,7 +106,7 @@ def test_a_glob_of_parquet_shards_caches_their_images_and_columns(tmp_path, mode
     assert skipped["key"] == "part-0.parquet/k00003" and skipped["reason"] == "no image in this row"
 
 
-@pytest.mark.parametrize("kill_after", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("kill_after", [0, 1, 2, 3, 4, 5])
 def test_a_run_killed_after_any_part_resumes_to_the_rows_of_an_uninterrupted_run(tmp_path, model_dir, kill_after):
     shards = tmp_path / "shards"
     write_tars(shards, range(2), per_shard=5, broken=(2,))  # parts of 2, 2, 1 items per shard
