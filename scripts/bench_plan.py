@@ -152,7 +152,7 @@ def throughput_table(args: argparse.Namespace) -> str:
     from codec.cache.writer import CacheModel, Settings
     from codec.model import AutoencoderKL
 
-    folder = OUT / "throughput"
+    folder = OUT / f"throughput-{args.images}x{args.size}-{args.shards}"
     images, shards = folder / "images", folder / "shards"
     if not shards.is_dir():
         images.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from codec.cache.input_plan import part_file
+from codec.cache.locations import fingerprint
 from codec.cache.patterns import expand_braces, is_pattern, is_shard_source, list_inputs
 from codec.sources import SourceError
 
@@ -54,3 +55,9 @@ def test_output_names_are_unique_and_readable():
     assert part_file("00012.tar", 3) == "data/00012-00003.parquet"
     nested, spaced = part_file("a/b.tar", 0), part_file("a b.parquet", 0)
     assert nested.startswith("data/a_b-") and nested != part_file("a_b.tar", 0) and spaced.startswith("data/a_b-")
+
+
+def test_an_input_fingerprint_prefers_the_stores_content_hash_to_times():
+    assert fingerprint({"size": 3, "ETag": '"abc"', "LastModified": "then"}) == 'size=3;ETag="abc"'
+    assert fingerprint({"size": 3, "mtime": 1.5}) == "size=3;mtime=1.5"
+    assert fingerprint({"size": 3, "blob_id": "b1", "last_commit": None}) == "size=3;blob_id=b1"

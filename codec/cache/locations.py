@@ -17,8 +17,8 @@ from typing import Any
 
 from codec.atomic import atomic_write_bytes
 
-# Fields that change whenever an object's content does, best first: an ETag or content hash, then a version.
-_CONTENT_FIELDS = ("ETag", "etag", "md5Hash", "sha256", "checksum", "generation", "version_id", "VersionId")
+# Fields that change with an object's content, best first: an ETag or content hash (hf://: git blob id), a version.
+_CONTENT_FIELDS = ("ETag", "etag", "md5Hash", "blob_id", "sha256", "checksum", "generation", "version_id", "VersionId")
 _TIME_FIELDS = ("mtime", "LastModified", "last_modified", "updated", "mtime_ns", "created")
 
 
