@@ -179,7 +179,7 @@ def throughput_table(args: argparse.Namespace) -> str:
         f"Throughput: {args.images} JPEGs in {args.shards} tars, `--model {args.model}` at {args.size} px, "
         f"batch {args.batch_size}, {args.num_workers} decoding workers; best of {args.repeats} after a warm-up\n\n"
         "| model-only img/s | end-to-end img/s (tar shards) | ratio |\n|---|---|---|\n"
-        f"| {alone:.1f} | {e2e:.1f} | {e2e / alone:.2f} |\n"
+        f"| {alone:.2f} | {e2e:.2f} | {e2e / alone:.2f} |\n"
     )
 
 
