@@ -10,6 +10,7 @@ import pytest
 from cache_testing import cli, tiny_model_dir
 from shard_testing import build, file_bytes, parquet_bytes, rows, tar_bytes, write_tars
 
+from codec.cache import LatentDataset
 from codec.cache.shards import CacheError
 from codec.cache.verify import verify_cache
 
@@ -104,6 +105,9 @@ def test_a_glob_of_parquet_shards_caches_their_images_and_columns(tmp_path, mode
     assert cached["part-1.parquet/k00006"]["caption"] == "row 6" and cached["part-1.parquet/k00006"]["score"] == 0.6
     skipped = json.loads((out / "skipped.jsonl").read_text())
     assert skipped["key"] == "part-0.parquet/k00003" and skipped["reason"] == "no image in this row"
+    identity = json.loads((out / "manifest.json").read_text())["codec"]["identity"]
+    dataset = LatentDataset(out, codec=identity)  # the trainer's reader takes it as any cache
+    assert len(dataset) == 7 and dataset[0]["key"] == "part-0.parquet/k00000" and dataset[0]["caption"] == "row 0"
 
 
 @pytest.mark.parametrize("kill_after", [0, 1, 2, 3, 4, 5])
