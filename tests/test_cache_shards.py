@@ -52,7 +52,8 @@ def test_tar_shards_cache_every_image_with_its_caption_and_new_shards_touch_noth
     new = ["00008-00000.parquet", "00008-00001.parquet", "00009-00000.parquet", "00009-00001.parquet"]
     assert sorted(set(after) - set(before)) == new
     assert (out / "skipped.jsonl").read_bytes() == report
-    assert verify_cache(out).ok
+    report_of = verify_cache(out)
+    assert report_of.ok and report_of.unchecked == 0 and report_of.shards == 20  # every part's checksum compared
 
     manifest = (out / "manifest.json").read_bytes()
     again = build(f"{shards}/{{00000..00009}}.tar", out, model_dir)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
-from codec.cache import input_plan, shards
+from codec.cache import checksums, input_plan, shards
 from codec.cache.identity import DTYPE_NAMES
 from codec.cache.locations import Location
 from codec.cache.preprocess import Prepared
@@ -139,13 +139,17 @@ class _Part:
         )
         compat, compat_hash = record
         item = self.work.input
+        digests = checksums.row_digests(table)
         meta = {
             "input": item.name, "part": self.part, "final": final, "fingerprint": item.fingerprint,
             "first": self.first, "count": self.seen, "rows": len(self.rows), "skipped": len(self.skipped),
             "upscaled": sum(1 for row in self.rows if _upscaled(row)),
-            "compat": compat_hash, "record": compat, "written_by": rank,
+            "compat": compat_hash, "record": compat, "written_by": rank, "checksum": checksums.shard_checksum(digests),
         }  # fmt: skip
-        footer = {**meta, "skipped": sorted(self.skipped, key=lambda s: s["key"])}
+        footer = {
+            **meta, "skipped": sorted(self.skipped, key=lambda s: s["key"]),
+            "row_checksums": checksums.row_checksums(digests),
+        }  # fmt: skip
         table = table.replace_schema_metadata({shards.META_KEY: json.dumps(footer).encode()})
         buffer = io.BytesIO()
         # Latents are noise to a dictionary or to min/max statistics: computing them would only cost time.

@@ -21,7 +21,7 @@ from codec.cache.patterns import Input
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _SHARD_SUFFIX = re.compile(r"(\.tar(\.gz)?|\.tgz|\.parquet)$", re.IGNORECASE)
-ENTRY_FIELDS = ("input", "part", "final", "fingerprint", "first", "count", "rows", "skipped", "upscaled")
+ENTRY_FIELDS = ("input", "part", "final", "fingerprint", "first", "count", "rows", "skipped", "upscaled", "checksum")
 
 
 def part_file(input_name: str, part: int) -> str:
