@@ -13,6 +13,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import torch
+
 from codec.cache.preprocess import DEFAULT_BUCKET_STEP, DEFAULT_MAX_ASPECT, RESAMPLE_FILTERS
 from codec.cli.common import DTYPES, add_model_options, resolve_device
 
@@ -106,7 +108,42 @@ def _add_cache_parser(subparsers) -> None:
     )
     parser.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
     _add_encoding_options(parser, default_model="none, required (`--model builtin` names the embedded one)")
+    _add_engine_options(parser)
     parser.set_defaults(run=run_cache)
+
+
+def _add_engine_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine (input shards only)")
+    group.add_argument(
+        "--engine",
+        choices=("default", "ray"),
+        default="default",
+        help="default: this process (or the processes of accelerate launch); ray: a Ray Data pipeline, here or on a "
+        "cluster (pip install 'latent-codec[ray]'). Either finishes a cache the other began",
+    )
+    group.add_argument(
+        "--address",
+        help="with --engine ray: join this running Ray cluster ('auto': the one this machine is in); default: "
+        "start Ray on this machine",
+    )
+    group.add_argument(
+        "--gpus-per-encoder",
+        type=float,
+        default=None,
+        help="with --engine ray: GPUs of each encoder actor (default 1 where the cluster has GPUs, else 0: CPU)",
+    )
+    group.add_argument(
+        "--encoders",
+        type=int,
+        default=None,
+        help="with --engine ray: encoder actors (default: one per encoder's GPUs; 1 on CPU)",
+    )
+    group.add_argument(
+        "--decoders",
+        type=int,
+        default=None,
+        help="with --engine ray: most input shards read and decoded at once (default: as many as CPUs allow)",
+    )
 
 
 def _add_verify_parser(subparsers) -> None:
@@ -203,6 +240,8 @@ def run_cache(args: argparse.Namespace) -> int:
     from codec.distributed import launched_world_size, make_accelerator, shutdown
 
     settings = _settings(args, args.flip, args.latent_dtype, args.shard_size)  # refused settings cost no model load
+    if args.engine == "ray" or _ray_options_given(args):
+        _check_ray_run(args)
     if isinstance(args.output, Path):  # a URL cannot be the model's folder
         refuse_model_paths([args.output / "manifest.json"], args.model)
     accelerator = None
@@ -214,6 +253,8 @@ def run_cache(args: argparse.Namespace) -> int:
         # A resume gives the processes uneven work: early finishers wait at the last barrier past the default timeout.
         accelerator = make_accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=12))])
     device = accelerator.device if accelerator is not None and args.device == "auto" else None
+    if args.engine == "ray":  # the encoders take the model to the GPU Ray gives them
+        device = torch.device("cpu")
     vae, identities = _load(args, device)
     columns = None  # all there are
     if args.columns is not None:  # "none" (or "") carries none: a stray NAME.txt must not change what is carried
@@ -261,7 +302,35 @@ def _run_shards(args: argparse.Namespace, columns, model, settings, group):
     source = open_shard_source(
         args.source, image_column=args.image_column, columns=columns, streaming=args.streaming, split=args.split
     )
+    if args.engine == "ray":
+        from codec.cache.ray_engine import RayOptions, build_with_ray
+
+        options = RayOptions(args.address, args.gpus_per_encoder, args.encoders, args.decoders, args.compile)
+        return build_with_ray(source, str(args.output), model, settings, options)
     return build_by_input(source, str(args.output), model, settings, group=group)
+
+
+def _ray_options_given(args: argparse.Namespace) -> bool:
+    return any(getattr(args, name) is not None for name in ("address", "gpus_per_encoder", "encoders", "decoders"))
+
+
+def _check_ray_run(args: argparse.Namespace) -> None:
+    """Before the model loads: --engine ray's options, sources and Ray itself, each refused in one line."""
+    from codec.cache.ray_engine import import_ray
+    from codec.distributed import launched_world_size
+
+    if args.engine != "ray":
+        raise ValueError("--address, --gpus-per-encoder, --encoders and --decoders are options of --engine ray")
+    if not (args.streaming or _is_shard_source(args.source)):
+        raise ValueError(
+            f"{args.source}: --engine ray encodes input shards (tars, Parquet files, --streaming); an image folder, "
+            "list or dataset is cached by the default engine"
+        )
+    if launched_world_size() > 1:
+        raise ValueError("--engine ray schedules its own workers: run it once, not under accelerate launch")
+    if args.device != "auto":
+        raise ValueError(f"--device {args.device}: with --engine ray each encoder uses the GPU Ray gives it, if any")
+    import_ray()
 
 
 def _warn_upscaled(upscaled: int, rows: int, resolution: int) -> None:
