@@ -194,10 +194,10 @@ def test_encoders_take_the_clusters_gpus_and_what_it_cannot_hold_is_refused():
     from codec.cache.ray_engine import RayOptions, _resources
 
     found = _resources(_Cluster(CPU=64, GPU=8), RayOptions())
-    assert (found.encoders, found.gpus_per_encoder, found.threads) == (8, 1.0, None)
+    assert (found.encoders, found.gpus_per_encoder) == (8, 1.0)
     assert _resources(_Cluster(CPU=64, GPU=8), RayOptions(gpus_per_encoder=0.5)).encoders == 16
     found = _resources(_Cluster(CPU=8), RayOptions())
-    assert (found.encoders, found.gpus_per_encoder, found.threads) == (1, 0.0, 8)
+    assert (found.encoders, found.gpus_per_encoder) == (1, 0.0)
     for cluster, options in [
         (_Cluster(CPU=64, GPU=8), RayOptions(encoders=9)),
         (_Cluster(CPU=8), RayOptions(gpus_per_encoder=1)),

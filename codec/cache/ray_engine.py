@@ -89,7 +89,6 @@ class _Resources:
     encoders: int
     gpus_per_encoder: float
     cpus_per_encoder: float
-    threads: int | None  # torch threads of a CPU encoder
     decoders: int | None
     compile: bool = False
 
@@ -109,12 +108,11 @@ def _resources(ray, options: RayOptions) -> _Resources:
             raise ValueError(
                 f"{encoders} encoder(s) of {per:g} GPU each need {encoders * per:g} GPUs; the Ray cluster has {gpus:g}"
             )
-        return _Resources(encoders, per, 1.0, None, options.decoders, options.compile)
+        return _Resources(encoders, per, 1.0, options.decoders, options.compile)
     encoders = options.encoders or 1
     if encoders >= cpus:
         raise ValueError(f"{encoders} CPU encoder(s) leave none of the Ray cluster's {cpus} CPUs for decoding")
-    # Each CPU encoder reserves one CPU but computes on its share of them all, as the default engine's encoder does.
-    return _Resources(encoders, 0.0, 1.0, max(1, cpus // encoders), options.decoders, options.compile)
+    return _Resources(encoders, 0.0, 1.0, options.decoders, options.compile)
 
 
 def _pipeline(ray, source: ShardSource, work: list[Work], settings: Settings, model_ref, found: _Resources, encoder):
@@ -131,7 +129,7 @@ def _pipeline(ray, source: ShardSource, work: list[Work], settings: Settings, mo
         num_gpus=found.gpus_per_encoder or None, num_cpus=found.cpus_per_encoder,
         fn_constructor_kwargs={
             "model": [model_ref], "batch_size": settings.batch_size, "flip": settings.preprocessing.flip,
-            "compile": found.compile, "threads": found.threads,
+            "compile": found.compile,
         },
     )  # fmt: skip
 

@@ -10,6 +10,7 @@ input also sends a row that marks its end (or the reason it could not be read), 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -115,13 +116,15 @@ class Encoder:
     """A Ray Data callable class: an actor that loads the model once (from the object store) and encodes each
     batch's images, per bucket, in batches of at most `batch_size`."""
 
-    def __init__(self, model: list, batch_size: int, flip: bool, compile: bool, threads: int | None) -> None:
+    def __init__(self, model: list, batch_size: int, flip: bool, compile: bool) -> None:
         import ray
 
         vae = ray.get(model[0])  # a list, so Ray hands over the reference, not a copy made at submission
         on_gpu = torch.cuda.is_available() and bool(ray.get_gpu_ids())
-        if threads and not on_gpu:
-            torch.set_num_threads(threads)
+        if not on_gpu:  # Ray sets one thread; a CPU encoder computes on its node's cores, as the default engine does
+            torch.set_num_threads(
+                len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            )
         if compile:
             vae.enable_compile()
         self.vae = vae.to("cuda" if on_gpu else "cpu").eval()
