@@ -88,7 +88,6 @@ def ray_session(ray, address: str | None, progress: bool):
 class _Resources:
     encoders: int
     gpus_per_encoder: float
-    cpus_per_encoder: float
     decoders: int | None
     compile: bool = False
 
@@ -108,11 +107,11 @@ def _resources(ray, options: RayOptions) -> _Resources:
             raise ValueError(
                 f"{encoders} encoder(s) of {per:g} GPU each need {encoders * per:g} GPUs; the Ray cluster has {gpus:g}"
             )
-        return _Resources(encoders, per, 1.0, options.decoders, options.compile)
+        return _Resources(encoders, per, options.decoders, options.compile)
     encoders = options.encoders or 1
     if encoders >= cpus:
         raise ValueError(f"{encoders} CPU encoder(s) leave none of the Ray cluster's {cpus} CPUs for decoding")
-    return _Resources(encoders, 0.0, 1.0, options.decoders, options.compile)
+    return _Resources(encoders, 0.0, options.decoders, options.compile)
 
 
 def _pipeline(ray, source: ShardSource, work: list[Work], settings: Settings, model_ref, found: _Resources, encoder):
@@ -126,7 +125,7 @@ def _pipeline(ray, source: ShardSource, work: list[Work], settings: Settings, mo
     # Actor pools default to max_restarts=-1 and max_task_retries=-1: a dead encoder is restarted, its batch rerun.
     return decoded.map_batches(
         encoder, batch_size=settings.batch_size, compute=ray.data.ActorPoolStrategy(size=found.encoders),
-        num_gpus=found.gpus_per_encoder or None, num_cpus=found.cpus_per_encoder,
+        num_gpus=found.gpus_per_encoder or None, num_cpus=1,
         fn_constructor_kwargs={
             "model": [model_ref], "batch_size": settings.batch_size, "flip": settings.preprocessing.flip,
             "compile": found.compile,
@@ -246,8 +245,9 @@ def _encode_with_ray(
     finally:
         if hasattr(rows, "close"):  # stops the pipeline's tasks and actors at once when this run stops early
             rows.close()
-    if writer.unfinished():
-        raise shards.CacheError(f"{len(writer.unfinished())} input(s) unfinished (first: {writer.unfinished()[0]})")
+    missing = writer.unfinished()
+    if missing:  # every input sends its end: one missing is a pipeline that stopped short
+        raise shards.CacheError(f"{len(missing)} input(s) unfinished when the pipeline ended (first: {missing[0]})")
     return writer.entries, writer.skipped
 
 
