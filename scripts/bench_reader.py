@@ -4,7 +4,8 @@
     python scripts/bench_reader.py --size-gb 0.01 --modes bounded     # quick look
     python scripts/bench_reader.py --cache out/bench_reader/cache --keep   # build once, measure again
 
-Modes: `all` (LatentDataset keeping every block it reads: the reader's behaviour before it was bounded, and its
+Modes: `none` (the same DataLoader, sampler and batches, with random latents in place of reading any: what a
+worker takes without the reader), `all` (LatentDataset keeping every block it reads: the reader's behaviour before it was bounded, and its
 default then, so this script run against that code measures it too), `bounded` (LatentDataset's default budget),
 `stream` (LatentStream). Each mode runs in a fresh interpreter with `--workers` DataLoader workers for one epoch (or
 `--max-batches`); a thread samples every worker's /proc every 0.2 s: peak RSS (VmHWM, which counts the pages a
@@ -24,7 +25,6 @@ import json
 import math
 import os
 import platform
-import resource
 import shlex
 import shutil
 import subprocess
@@ -37,7 +37,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-MODES = ("all", "bounded", "stream")
+MODES = ("none", "all", "bounded", "stream")
 FORK = "fork"  # as DataLoader starts workers by default on Linux (before Python 3.14): pages shared with the reader
 
 
@@ -139,9 +139,37 @@ class Meter(threading.Thread):
                 self.short = True
 
 
+def _no_latents_class():
+    import codec
+
+    class NoLatents(codec.LatentDataset):
+        """The index, sampler and batches of a LatentDataset, with random latents of each item's shape instead."""
+
+        def __getitem__(self, index: int) -> dict:
+            shape = self._shapes[index].tolist()
+            return {
+                "latents": torch.randn(shape),
+                "key": self.keys[index],
+                "bucket": torch.from_numpy(self._buckets[index]),
+            }
+
+    return NoLatents
+
+
 def _loader(mode: str, cache: str, workers: int, batch_size: int):
     import codec
 
+    if mode == "none":
+        dataset = _no_latents_class()(cache, codec=None, seed=0)
+        sampler = codec.BucketBatchSampler(dataset, batch_size=batch_size, seed=0)
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=dataset.collate,
+            num_workers=workers,
+            multiprocessing_context=FORK,
+        )
+        return loader, dataset
     if mode == "stream":
         stream = codec.LatentStream(cache, codec=None, batch_size=batch_size, seed=0)
         return stream.loader(num_workers=workers, multiprocessing_context=FORK), stream
@@ -181,7 +209,7 @@ def read_once(mode: str, cache: str, workers: int, batch_size: int, max_batches:
     seen = sorted(meter.peaks)
     return {
         "mode": mode,
-        "blocks_kept": "all" if mode == "all" else ("-" if mode == "stream" else kept or "all (fits)"),
+        "blocks_kept": {"all": "all", "none": "0", "stream": "-"}.get(mode, kept or "all (fits)"),
         "batches": batches,
         "items": items,
         "seconds": round(seconds, 1),
@@ -190,7 +218,7 @@ def read_once(mode: str, cache: str, workers: int, batch_size: int, max_batches:
         "worker_peak_private_mib": [round(meter.peaks[p]["private"] / 1024) for p in seen],
         "worker_first_rss_mib": [round(meter.first[p][0] / 1024) for p in seen],
         "worker_first_private_mib": [round(meter.first[p][1] / 1024) for p in seen],
-        "main_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "main_peak_rss_mib": round(_status(os.getpid()).get("VmHWM", 0) / 1024),  # ru_maxrss outlives exec
     }
 
 

@@ -36,7 +36,7 @@ def open_shard(location: CacheLocation, relative: str) -> Iterator[pq.ParquetFil
     where = location.where(relative)
     try:
         with location.open(relative) as file:
-            yield pq.ParquetFile(file, buffer_size=READ_BUFFER)
+            yield pq.ParquetFile(file, buffer_size=READ_BUFFER, pre_buffer=False)
     except (OSError, pa.ArrowException) as error:
         raise CacheError(f"{where}: unreadable shard ({error}); check it with `codec cache verify`") from None
 
