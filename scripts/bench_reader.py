@@ -20,6 +20,7 @@ prints the Markdown. A mode stops early (and says so) if the machine's available
 from __future__ import annotations
 
 import argparse
+import gc
 import inspect
 import json
 import math
@@ -188,10 +189,14 @@ def _loader(mode: str, cache: str, workers: int, batch_size: int):
     return loader, dataset
 
 
-def read_once(mode: str, cache: str, workers: int, batch_size: int, max_batches: int, min_free: int) -> dict:
+def read_once(
+    mode: str, cache: str, workers: int, batch_size: int, max_batches: int, min_free: int, freeze: bool
+) -> dict:
     """One mode in this (fresh) process: its figures."""
     torch.set_num_threads(1)
     loader, reader = _loader(mode, cache, workers, batch_size)
+    if freeze:  # the parent's objects out of the collector's reach: a worker's full collection copies no pages
+        gc.freeze()
     kept = getattr(reader, "max_cached_shards", None)
     meter = Meter(min_free)
     meter.start()
@@ -225,6 +230,7 @@ def read_once(mode: str, cache: str, workers: int, batch_size: int, max_batches:
 def measure(mode: str, args: argparse.Namespace, cache: Path) -> dict:
     """`read_once` in a fresh interpreter (this script run with --read-one), so no mode inherits another's memory."""
     options = [str(cache), str(args.workers), str(args.batch_size), str(args.max_batches), str(args.min_free_gb)]
+    options.append("freeze" if args.gc_freeze else "-")
     command = [sys.executable, str(Path(__file__).resolve()), "--read-one", mode, *options]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
@@ -268,16 +274,21 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-batches", type=int, default=0, help="stop each mode after this many (0: one epoch)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--min-free-gb", type=float, default=3.0)
+    parser.add_argument(
+        "--gc-freeze",
+        action="store_true",
+        help="gc.freeze() before the workers start, so that a worker's garbage collection does not copy the "
+        "parent's pages (up to ~160 MiB private per worker here, whenever a full collection happens to run)",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--read-one"]:  # the child process of `measure`
-        mode, cache, workers, batch_size, max_batches, min_free_gb = argv[1:]
-        result = read_once(
-            mode, cache, int(workers), int(batch_size), int(max_batches), int(float(min_free_gb) * 2**30)
-        )
+        mode, cache, workers, batch_size, max_batches, min_free_gb, freeze = argv[1:]
+        numbers = int(workers), int(batch_size), int(max_batches), int(float(min_free_gb) * 2**30)
+        result = read_once(mode, cache, *numbers, freeze == "freeze")
         print(json.dumps(result))
         return 0
     args = parse(argv)

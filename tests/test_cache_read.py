@@ -43,6 +43,7 @@ def test_import_codec_stays_light():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
     assert codec.LatentDataset.__name__ == "LatentDataset" and codec.BucketBatchSampler.__name__ == "BucketBatchSampler"
+    assert codec.LatentStream.__name__ == "LatentStream" and codec.cache.LatentStream is codec.LatentStream
 
 
 def test_refuses_a_cache_made_with_other_weights(cache, model_dir, tmp_path):

@@ -181,3 +181,19 @@ def test_datasets_streams_a_cache(cache, tmp_path, monkeypatch):
     first = rows[5]
     assert np.array_equal(np.asarray(first["mean"], np.float32), np.asarray(stored[5]["mean"], np.float32))
     assert len(first["mean"]) == int(np.prod(first["shape"]))
+
+
+def test_bf16_latents_stream_as_the_map_style_reader_gives_them(tmp_path):
+    model_dir = tiny_model_dir(tmp_path / "model")
+    build(
+        image_folder(tmp_path / "images", [(32, 32), (40, 32), (32, 40)]),
+        tmp_path / "bf16",
+        model_dir,
+        latent_dtype="bf16",
+    )
+    vae = codec.AutoencoderKL.load(model_dir)
+    batches = batches_of(codec.LatentStream(tmp_path / "bf16", codec=vae, batch_size=1))
+    dataset = codec.LatentDataset(tmp_path / "bf16", codec=vae)
+    index = {key: i for i, key in enumerate(dataset.keys)}
+    assert len(batches) == 3
+    assert all(torch.equal(b["latents"][0], dataset[index[b["key"][0]]]["latents"]) for b in batches)

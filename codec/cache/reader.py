@@ -197,10 +197,10 @@ class BucketBatchSampler(torch.utils.data.Sampler):
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        # A dataset that keeps only K shards in memory is read K shards at a time: the epoch visits shards in a
-        # shuffled order, K at once, and shuffles batches only among those, so a shard is read about once per
-        # epoch per worker instead of at nearly every batch (2 of 8 shards kept: 1335 ms per batch shuffled across
-        # all, 60-70 ms in windows; see _window_batches).
+        # A dataset that keeps only K blocks (shards, or their row groups) in memory is read K blocks at a time: the
+        # epoch visits blocks in a shuffled order, K at once, and shuffles batches only among those, so a block is
+        # read about once per epoch per worker instead of at nearly every batch (2 of 8 shards kept: 1335 ms per
+        # batch shuffled across all, 60-70 ms in windows; see _window_batches).
         self.window_shards: int | None = None
         if isinstance(buckets, LatentDataset):
             self.bucket_ids = buckets.bucket_ids
