@@ -197,3 +197,13 @@ def test_bf16_latents_stream_as_the_map_style_reader_gives_them(tmp_path):
     index = {key: i for i, key in enumerate(dataset.keys)}
     assert len(batches) == 3
     assert all(torch.equal(b["latents"][0], dataset[index[b["key"][0]]]["latents"]) for b in batches)
+
+
+def test_persistent_workers_follow_the_epoch(cache):
+    out, vae = cache
+    stream = codec.LatentStream(out, codec=vae, batch_size=2, seed=4)
+    loader = stream.loader(num_workers=2, persistent_workers=True)
+    passes = [keys(batches_of(loader)) for _ in range(2)]
+    fresh = codec.LatentStream(out, codec=vae, batch_size=2, seed=4)
+    fresh.set_epoch(1)
+    assert passes[1] == keys(batches_of(fresh.loader(num_workers=2))) != passes[0]
