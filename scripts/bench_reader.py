@@ -278,7 +278,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--gc-freeze",
         action="store_true",
         help="gc.freeze() before the workers start, so that a worker's garbage collection copies none of the "
-        "parent's pages (the spread of the 'none' baseline, 20-190 MiB private, comes from elsewhere: the allocator)",
+        "parent's pages (the spread of the 'none' baseline, 20-190 MiB private, does not come from it)",
     )
     return parser.parse_args(argv)
 
