@@ -307,3 +307,17 @@ def test_plain_labels_bf16_storage_and_an_incomplete_cache(tmp_path, model_dir):
     with pytest.raises(CacheError, match="incomplete"):
         codec.LatentDataset(tmp_path / "fp16", codec=vae)
     assert np.isfinite(a[0]["latents"].numpy()).all()
+
+
+def test_large_shards_are_written_in_row_groups_a_reader_can_hold(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from codec.cache import shards
+
+    values = np.zeros((40, 1 << 20), dtype=np.uint8)  # 40 rows of 1 MiB: 40 MiB, over one row group's budget
+    table = pa.table({"key": [f"{i:03d}" for i in range(40)], "mean": list(values)})
+    path = shards.write_shard(tmp_path, 0, table, {"shard": 0})
+    metadata = pq.ParquetFile(path).metadata
+    assert metadata.num_rows == 40 and metadata.num_row_groups == 2
+    assert shards.read_shard_meta(path) == {"shard": 0}
