@@ -367,7 +367,7 @@ def test_top_level_help_and_usage_errors(capsys):
     [
         ("roundtrip", "default: 'builtin'"),
         ("decode", "default: the model the file records"),
-        ("cache", "default: 'builtin'"),
+        ("cache", "default: none, required (`--model builtin` names the embedded one)"),
         ("cache verify", "default: the codec is not checked"),
         ("stats", "statistics need no model"),
     ],

@@ -126,6 +126,13 @@ def _check_latents(path: Path, table, keys: list[str], manifest: dict, report: R
             )
 
 
+def _listed_as(meta: dict, entry: dict, index: int) -> bool:
+    """Whether a shard is the one its manifest entry names: by position, or by input and part (input shards)."""
+    if "input" in entry:
+        return (meta.get("input"), meta.get("part")) == (entry["input"], entry["part"])
+    return meta.get("shard") == index
+
+
 def verify_cache(root: str | Path, codec: AutoencoderKL | str | None = None, progress: bool = True) -> Report:
     """Check a cache; with `codec` (an AutoencoderKL or identity string), also that it was made with that codec.
     `progress` shows a bar on stderr, where that is a terminal."""
@@ -170,7 +177,7 @@ def _check_shards(listed: list[Path], manifest: dict, report: Report, progress: 
         meta = shards.read_shard_meta(path)
         if meta is None:
             report.problems.append(f"{path}: missing, or not a finished shard")
-        elif meta.get("compat") != manifest["compat"] or meta.get("shard") != index:
+        elif meta.get("compat") != manifest["compat"] or not _listed_as(meta, entry, index):
             report.problems.append(f"{path}: written with other settings than the manifest's, or as another shard")
         else:
             rows += _check_shard(path, meta, entry, manifest, report)
@@ -185,7 +192,9 @@ def _check_accounting(root: Path, manifest: dict, accounted: list[str], skipped:
     """Rows and skipped images together are the source's keys, each once, as counted and as skipped.jsonl lists."""
     if len(set(accounted)) != len(accounted):
         report.problems.append(f"{root}: some keys appear in more than one shard")
-    if manifests.keys_digest(sorted(accounted)) != manifest["source"]["keys_sha256"] and not report.problems:
+    digest = manifest["source"].get("keys_sha256")  # none for input shards: their items were never listed
+    found = manifests.keys_digest(sorted(accounted)) if digest else len(accounted)
+    if found != (digest or manifest["counts"]["images"]) and not report.problems:
         report.problems.append(
             f"{root}: rows and skipped images are not exactly the source's {manifest['source']['images']} keys"
         )

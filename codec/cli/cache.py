@@ -81,10 +81,20 @@ def _add_cache_parser(subparsers) -> None:
         usage=CACHE_USAGE,
         description="Encode images to latents, resumably: run the same command again to finish an interrupted run. "
         "SRC: an image folder (recursive), a .txt list of images, a .parquet file or folder, a save_to_disk "
-        "folder, or a hub dataset name. `codec cache verify OUT` checks a cache (see `codec cache verify --help`).",
+        "folder, or a hub dataset name; or input shards, encoded shard by shard (adding shards encodes only "
+        "theirs): WebDataset .tar or .parquet files as a brace pattern ('data/{00000..00999}.tar'), a glob "
+        "('data/*.parquet') or a folder of tars, local or an fsspec URL (s3://, gs://, hf://). "
+        "`codec cache verify OUT` checks a cache (see `codec cache verify --help`).",
     )
     parser.add_argument("source", metavar="SRC", help="what to encode (a folder named verify: ./verify)")
-    parser.add_argument("-o", "--output", type=Path, required=True, help="cache folder to write (or resume)")
+    parser.add_argument(
+        "-o", "--output", type=_output, required=True, help="cache folder to write (or resume): a path or fsspec URL"
+    )
+    parser.add_argument(
+        "--streaming",
+        action="store_true",
+        help="SRC is a `datasets` name (or folder) to stream, one data file at a time",
+    )
     parser.add_argument(
         "--columns",
         help="comma-separated columns to carry (default: a dataset's all but the image, a folder's captions); "
@@ -95,7 +105,7 @@ def _add_cache_parser(subparsers) -> None:
         "--latent-dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="storage (default fp16)"
     )
     parser.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
-    _add_encoding_options(parser, default_model="'builtin'")
+    _add_encoding_options(parser, default_model="none, required (`--model builtin` names the embedded one)")
     parser.set_defaults(run=run_cache)
 
 
@@ -139,6 +149,20 @@ def _add_stats_parser(subparsers) -> None:
     parser.set_defaults(run=run_stats)
 
 
+MODEL_REQUIRED = (
+    "--model is required: a cache is only of use to a diffusion model trained on the same codec's latents (e.g. "
+    "--model stabilityai/sd-vae-ft-mse for SD 1.x/2.x). The embedded model's latents match no diffusion model; "
+    "name it, --model builtin, to use it anyway"
+)
+
+
+def _output(text: str) -> Path | str:
+    """-o: a local folder, or an fsspec URL (kept as written: a Path would fold its '//')."""
+    from codec.cache.locations import is_url
+
+    return text if is_url(text) else Path(text)
+
+
 def _settings(args: argparse.Namespace, flip: bool = False, latent_dtype: str = "fp16", shard_size: int = 1000):
     from codec.cache.preprocess import Preprocessing
     from codec.cache.writer import Settings
@@ -171,13 +195,16 @@ def _load(args: argparse.Namespace, device=None):
 
 
 def run_cache(args: argparse.Namespace) -> int:
+    if args.model is None:
+        raise ValueError(MODEL_REQUIRED)
     from codec.cache.sources import open_source
     from codec.cache.writer import CacheModel, Group, build_cache
     from codec.cli.outputs import refuse_model_paths
     from codec.distributed import launched_world_size, make_accelerator, shutdown
 
     settings = _settings(args, args.flip, args.latent_dtype, args.shard_size)  # refused settings cost no model load
-    refuse_model_paths([args.output / "manifest.json"], args.model or "builtin")
+    if isinstance(args.output, Path):  # a URL cannot be the model's folder
+        refuse_model_paths([args.output / "manifest.json"], args.model)
     accelerator = None
     if launched_world_size() > 1:
         from datetime import timedelta
@@ -191,10 +218,17 @@ def run_cache(args: argparse.Namespace) -> int:
     columns = None  # all there are
     if args.columns is not None:  # "none" (or "") carries none: a stray NAME.txt must not change what is carried
         columns = [c.strip() for c in args.columns.split(",") if c.strip() and c.strip().lower() != "none"]
-    source = open_source(args.source, split=args.split, image_column=args.image_column, columns=columns)
     group = Group(accelerator)
-    model = CacheModel(vae, identities, str(args.model or "builtin"))
-    summary = build_cache(source, args.output, model, settings, group=group)
+    model = CacheModel(vae, identities, str(args.model))
+    if args.streaming or _is_shard_source(args.source):
+        summary = _run_shards(args, columns, model, settings, group)
+    else:
+        if isinstance(args.output, str):
+            raise ValueError(
+                f"{args.output}: a cache of {args.source} is written to a local folder; URLs are for shards"
+            )
+        source = open_source(args.source, split=args.split, image_column=args.image_column, columns=columns)
+        summary = build_cache(source, args.output, model, settings, group=group)
     if accelerator is not None:
         shutdown(accelerator)  # only on success: a failed rank exits and the launcher ends the others
     if group.is_main:
@@ -203,14 +237,31 @@ def run_cache(args: argparse.Namespace) -> int:
             f"({summary.reused} already done, {summary.written} written now) in {summary.seconds:.1f} s"
         )
         if summary.skipped:
-            print(f"skipped {summary.skipped} unreadable images; reasons in {args.output / 'skipped.jsonl'}")
+            print(f"skipped {summary.skipped} unreadable images; reasons in {args.output}/skipped.jsonl")
         if summary.images and not summary.rows:
             print(
                 f"warning: every image was skipped, so the cache is empty (a .txt list's paths are relative to "
-                f"the list); the reasons are in {args.output / 'skipped.jsonl'}"
+                f"the list); the reasons are in {args.output}/skipped.jsonl"
             )
         _warn_upscaled(summary.upscaled, summary.rows, args.resolution)
     return 0
+
+
+def _is_shard_source(source: str) -> bool:
+    from codec.cache.patterns import is_shard_source
+
+    return is_shard_source(source)
+
+
+def _run_shards(args: argparse.Namespace, columns, model, settings, group):
+    """Input shards (tars, Parquet files, a streamed dataset), planned and written shard by shard."""
+    from codec.cache.by_input import build_by_input
+    from codec.cache.shard_sources import open_shard_source
+
+    source = open_shard_source(
+        args.source, image_column=args.image_column, columns=columns, streaming=args.streaming, split=args.split
+    )
+    return build_by_input(source, str(args.output), model, settings, group=group)
 
 
 def _warn_upscaled(upscaled: int, rows: int, resolution: int) -> None:
