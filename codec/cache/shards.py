@@ -185,11 +185,11 @@ def rows_to_table(rows: list[Row], latent_dtype: str, flip: bool, carried):
     return pa.table([columns[f.name] for f in target], schema=target)
 
 
-def write_shard(out: Path, index: int, table, meta: dict) -> Path:
-    """Write one shard atomically, its record in the footer."""
+def write_shard(out: Path, index: int, table, meta: dict, path: Path | None = None) -> Path:
+    """Write one shard atomically (to `path`, by default shard `index`'s by position), its record in the footer."""
     import pyarrow.parquet as pq
 
-    path = shard_path(out, index)
+    path = shard_path(out, index) if path is None else path
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_KEY: json.dumps(meta).encode()})
     rows = row_group_rows(table)
     # Latents are noise to a dictionary or to min/max statistics: computing them would only cost time.
