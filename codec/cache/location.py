@@ -6,13 +6,12 @@ path; credentials and endpoints come from the environment as fsspec's filesystem
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import IO, Any
 
-from codec.cache.manifest import _check_shape, read_manifest
-from codec.cache.shards import FORMAT, MANIFEST, CacheError
+from codec.cache.manifest import parse_manifest, read_manifest
+from codec.cache.shards import MANIFEST, CacheError
 
 
 def is_url(root: str | os.PathLike) -> bool:
@@ -57,10 +56,7 @@ class CacheLocation:
             return None
         try:
             with self.open(MANIFEST) as file:
-                manifest = json.loads(file.read())
-        except (OSError, ValueError) as error:
+                text = file.read()
+        except OSError as error:
             raise CacheError(f"{where}: unreadable manifest ({error})") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise CacheError(f'{where}: not a latent cache manifest (no "format": {FORMAT!r})')
-        _check_shape(where, manifest)
-        return manifest
+        return parse_manifest(text, where)

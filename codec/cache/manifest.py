@@ -19,12 +19,21 @@ def read_manifest(out: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
+        text = path.read_text()
+    except OSError as error:
         raise CacheError(f"{path}: unreadable manifest ({error})") from None
+    return parse_manifest(text, path)
+
+
+def parse_manifest(text: str | bytes, where: str | Path) -> dict:
+    """A manifest's text, checked: a file edited by hand or by another tool fails here, naming `where`."""
+    try:
+        manifest = json.loads(text)
+    except ValueError as error:
+        raise CacheError(f"{where}: unreadable manifest ({error})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CacheError(f'{path}: not a latent cache manifest (no "format": {FORMAT!r})')
-    _check_shape(path, manifest)
+        raise CacheError(f'{where}: not a latent cache manifest (no "format": {FORMAT!r})')
+    _check_shape(where, manifest)
     return manifest
 
 
