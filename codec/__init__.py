@@ -1,8 +1,8 @@
 """latent-codec: the Stable Diffusion VAE (AutoencoderKL) family, weight-compatible with diffusers and LDM files.
 
 Importing this package loads only torch, safetensors and huggingface_hub; diffusers, datasets, lpips and
-accelerate are imported inside the commands that need them; `LatentDataset` and `BucketBatchSampler` (which need
-pyarrow) load on first use.
+accelerate are imported inside the commands that need them; `LatentDataset`, `BucketBatchSampler` and
+`LatentStream` (which need pyarrow) load on first use.
 """
 
 from codec.checkpoint import CheckpointError
@@ -22,16 +22,17 @@ __all__ = [
     "DecoderOutput",
     "DiagonalGaussianDistribution",
     "LatentDataset",
+    "LatentStream",
     "preset",
 ]
 
-_LAZY = ("LatentDataset", "BucketBatchSampler")
+_LAZY = ("LatentDataset", "BucketBatchSampler", "LatentStream")
 
 
 def __getattr__(name: str):
     # Lazily, so `import codec` stays free of pyarrow and the cache code until a trainer asks for them.
     if name in _LAZY:
-        from codec.cache import reader
+        import codec.cache
 
-        return getattr(reader, name)
+        return getattr(codec.cache, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,20 +2,17 @@
 against the model alone encoding tensors of the same shape at the same batch size. The goal is a ratio >= 0.9:
 decoding should hide behind encoding.
 
-    .venv/bin/python scripts/bench_cache.py --model preset:tiny --images 64 --size 256 --batch-size 16
-    .venv/bin/python scripts/bench_cache.py --source ../shared/data/kodak --model my-vae   # real photos
+    python scripts/bench_cache.py --model preset:tiny --images 64 --size 256 --batch-size 16
+    python scripts/bench_cache.py --source ../shared/data/kodak --model my-vae   # real photos
 
 Without --source, N images are generated (JPEG, slightly larger than --size and of varied aspect, so every one is
 resized and cropped). Each figure is the best of --repeats timed runs after one untimed warm-up run. The table,
-the exact command and the machine (CPU model, cores, load average) are appended to BENCHMARKS.md.
+the exact command and the machine (CPU model, cores, load average) go to OUT/report.md and are printed.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import shlex
 import sys
 import tempfile
 import time
@@ -24,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_report import DEFAULT_OUT, command_line, load_average, machine, markdown_table, write_report
 from PIL import Image
 
 from codec.cache.identity import model_identities
@@ -32,9 +30,6 @@ from codec.cache.sources import open_source
 from codec.cache.writer import CacheModel, Settings, build_cache
 from codec.cli.common import DTYPES, resolve_device
 from codec.model import AutoencoderKL
-
-BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
-HEADER = "# Benchmarks\n\nMeasurements with the exact command and machine; each section is appended by its script.\n"
 
 
 def make_images(folder: Path, count: int, size: int) -> None:
@@ -45,24 +40,6 @@ def make_images(folder: Path, count: int, size: int) -> None:
         base = np.stack([x * 255 / width, y * 255 / height, np.full_like(x, index * 4 % 256)], axis=2)
         pixels = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
         Image.fromarray(pixels).save(folder / f"{index:05d}.jpg", quality=90)
-
-
-def machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").is_file() else "?"
-    text = f"{model}, {cores} cores available, load average {load} at start, torch {torch.__version__}"
-    text += f" ({torch.get_num_threads()} threads)"
-    if torch.cuda.is_available():
-        text += f", GPU {torch.cuda.get_device_name()}"
-    return text
 
 
 def model_only_run(vae, count: int, batch: int, size: int):
@@ -105,12 +82,7 @@ def interleaved_best(runs: list, repeats: int) -> list[float]:
     return [min(column) for column in zip(*times, strict=True)]
 
 
-def append(table: str) -> None:
-    text = BENCHMARKS.read_text() if BENCHMARKS.is_file() else HEADER
-    BENCHMARKS.write_text(text.rstrip("\n") + "\n\n" + table)
-
-
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="preset:tiny")
     parser.add_argument("--source", type=Path, help="an image folder (default: generate --images images)")
@@ -123,10 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no-append", action="store_true", help="print the table only")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT / "bench_cache", help="folder for report.md")
+    return parser.parse_args(argv)
 
-    where_run = machine()  # before the runs: the load average is other people's work, not ours
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    # Before the runs: the load average is other people's work, not ours.
+    where_run = f"{machine(resolve_device(args.device))}, load average {load_average()} at start"
     vae = AutoencoderKL.load(args.model)
     identities = model_identities(vae)
     vae = vae.to(resolve_device(args.device), DTYPES[args.dtype]).eval()
@@ -150,20 +127,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.source
         else f"{count} generated JPEGs (about {args.size}-{args.size * 3 // 2} px)"
     )
-    command = "python scripts/bench_cache.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    table = (
-        f"## codec cache throughput, {args.model} at {args.size} px ({date.today().isoformat()})\n\n"
-        f"`{command}`\n\n"
-        f"Machine: {where_run}. Data: {where}; best of {args.repeats} interleaved runs after a warm-up.\n\n"
-        "| model | device, dtype | batch | workers | model-only img/s | end-to-end img/s | ratio |\n"
-        "|---|---|---|---|---|---|---|\n"
-        f"| {args.model} | {vae.device.type}, {args.dtype} | {args.batch_size} | {args.num_workers} "
-        f"| {alone:.1f} | {e2e:.1f} | {e2e / alone:.2f} |\n"
-    )
-    print(table)
-    if not args.no_append:
-        append(table)
-        print(f"appended to {BENCHMARKS}")
+    header = ["model", "device, dtype", "batch", "workers", "model-only img/s", "end-to-end img/s", "ratio"]
+    row = [args.model, f"{vae.device.type}, {args.dtype}", str(args.batch_size), str(args.num_workers)]
+    row += [f"{alone:.1f}", f"{e2e:.1f}", f"{e2e / alone:.2f}"]
+    sections = [
+        f"## codec cache throughput, {args.model} at {args.size} px ({date.today().isoformat()})",
+        f"`{command_line('bench_cache', argv)}` on {where_run}. Data: {where}; best of {args.repeats} "
+        "interleaved runs after a warm-up.",
+        markdown_table(header, [row]),
+    ]
+    write_report(args.out, sections)
     return 0
 
 

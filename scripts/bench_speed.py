@@ -1,7 +1,7 @@
 """Speed and memory of our AutoencoderKL against diffusers' on the same weights and inputs, in one process.
 
-    python scripts/bench_speed.py                    # the full table (SD config), appended to BENCHMARKS.md
-    python scripts/bench_speed.py --quick --no-write # a few seconds: tiny config, small images, printed only
+    python scripts/bench_speed.py                          # the full table (SD config) into out/bench_speed/
+    python scripts/bench_speed.py --quick --out /tmp/bench # a few seconds: tiny config, small images
 
 Both models get the same seeded random weights (SD config unless --config says otherwise) and the same inputs.
 Runs are alternated (ours, theirs, theirs, ours, ...) after one warm-up each, and medians are reported, so
@@ -9,17 +9,13 @@ that a slow phase of a shared machine hits both sides alike. FLOPs come from tor
 run of ours; the matmul peak (a large square matmul in the same dtype) is measured in the same run. Peak
 memory comes from codec bench's meter (codec.bench.measure): the resident-set high-water mark during the run
 minus what the process held before, after returning freed memory to the system (CPU, Linux), or
-torch.cuda.max_memory_allocated on a GPU.
-
-A last section measures quality with the embedded model on real photos: bf16 against fp32 output, and tiled
-against untiled output at 1024x1024.
+torch.cuda.max_memory_allocated on a GPU. The report (OUT/report.md) is printed too; how close tiled and bf16
+output come to the untiled fp32 output is scripts/bench_fidelity.py's question.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import platform
 import statistics
 import sys
 import time
@@ -28,11 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from bench_report import DEFAULT_OUT, command_line, load_average, machine, markdown_table, write_report
 
 from codec import AutoencoderKL, precision, preset
 from codec.bench.measure import Meter
 
-ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -184,30 +180,38 @@ def speed_rows(ours, theirs, args, device: torch.device, peaks: dict[str, float]
                 runs["diffusers"] = torch.compile(runs["diffusers"])
             timings = time_alternating(runs, args.repeats, device, warmups=2 if compiled else 1)
             ours_d.disable_compile()
-            ours_t, theirs_t = timings["ours"], timings["diffusers"]
             if dtype == torch.float32 and not compiled:
-                diffusers_fp32[op, size, batch] = theirs_t.median
+                diffusers_fp32[op, size, batch] = timings["diffusers"].median
             baseline = diffusers_fp32.get((op, size, batch))
+            label = dtype_name + (" compiled" if compiled else "")
             row = [
                 op,
                 f"{size}x{size}",
                 str(batch),
-                dtype_name + (" compiled" if compiled else ""),
-                # Significant digits, not decimals: GPU rows take milliseconds, and a ratio can be 0.03.
-                f"{ours_t.median:.4g}",
-                f"{theirs_t.median:.4g}",
-                f"{ours_t.median / theirs_t.median:.3g}",
-                f"{ours_t.median / baseline:.3g}" if baseline else "-",
-                f"{flops / ours_t.median / 1e9:.0f} ({100 * flops / ours_t.median / peaks[dtype_name]:.0f}%)",
-                f"{flops / theirs_t.median / 1e9:.0f}",
-                f"{batch / ours_t.median:.1f}",
-                f"{batch / theirs_t.median:.1f}",
-                f"{ours_t.peak_bytes / 2**20:.0f}",
-                f"{theirs_t.peak_bytes / 2**20:.0f}",
+                label,
+                *speed_cells(timings, baseline, flops, batch, peaks[dtype_name]),
             ]
             rows.append(row)
             print(" | ".join(row), flush=True)
     return rows
+
+
+def speed_cells(timings: dict[str, Timing], baseline: float | None, flops: int, batch: int, peak: float) -> list[str]:
+    """A speed row's measured cells: seconds, ratios, GFLOP/s (ours as a share of `peak`), images/s, peak MiB."""
+    ours, theirs = timings["ours"].median, timings["diffusers"].median
+    return [
+        # Significant digits, not decimals: GPU rows take milliseconds, and a ratio can be 0.03.
+        f"{ours:.4g}",
+        f"{theirs:.4g}",
+        f"{ours / theirs:.3g}",
+        f"{ours / baseline:.3g}" if baseline else "-",
+        f"{flops / ours / 1e9:.0f} ({100 * flops / ours / peak:.0f}%)",
+        f"{flops / theirs / 1e9:.0f}",
+        f"{batch / ours:.1f}",
+        f"{batch / theirs:.1f}",
+        f"{timings['ours'].peak_bytes / 2**20:.0f}",
+        f"{timings['diffusers'].peak_bytes / 2**20:.0f}",
+    ]
 
 
 SPEED_HEADER = [
@@ -287,83 +291,7 @@ def _diffusers_tiling(model, tile_latent: int | None):
 TILED_HEADER = ["size", "variant", "seconds", "time / ours untiled", "peak MiB"]
 
 
-@torch.no_grad()
-def quality_rows(
-    photos: list[Path], tile: int, device: torch.device, out: Path, size: int = 1024, precision_size: int = 256
-) -> list[list[str]]:
-    """The embedded model on real photos: bf16 vs fp32 at `precision_size` (first photo; issue 7 asks for 256),
-    tiled vs untiled decode at `size` (every photo: the shared statistics are estimated, so how close they come
-    depends on the content)."""
-    from codec.images import image_to_tensor, tensor_to_pil, tensor_to_uint8
-    from codec.metrics import psnr
-
-    def db(a: torch.Tensor, b: torch.Tensor) -> float:
-        return psnr(tensor_to_uint8(a.float().cpu()), tensor_to_uint8(b.float().cpu())).item()
-
-    vae = untiled(AutoencoderKL.load("builtin").float().to(device).eval())
-    rows = []
-    crop = _center_square(image_to_tensor(photos[0]), precision_size).to(device)
-    square = f"{precision_size}x{precision_size}"
-    z = vae.encode(crop).latent_dist.mode()
-    reference = vae.decode(z).sample
-    half = untiled(as_dtype(vae, torch.bfloat16))
-    rows.append(
-        [f"{photos[0].name}: bf16 decode vs fp32 decode, {square}", f"{db(reference, half.decode(z).sample):.2f}"]
-    )
-    z_half = half.encode(crop.bfloat16()).latent_dist.mode()
-    rows.append(
-        [f"{photos[0].name}: bf16 encode+decode vs fp32, {square}", f"{db(reference, half.decode(z_half).sample):.2f}"]
-    )
-
-    out.mkdir(parents=True, exist_ok=True)
-    for photo in photos:
-        big = _center_square(image_to_tensor(photo), size).to(device)
-        z = untiled(vae).encode(big).latent_dist.mode()
-        reference = vae.decode(z).sample
-        tiled = _tiled(vae, tile).decode(z).sample  # switches `vae` to tiling: the next photo switches it back
-        label = f"{photo.name}: tiled decode (tile {tile} latent px) vs untiled, {size}x{size}"
-        rows.append([label, f"{db(reference, tiled):.2f}"])
-        # The difference, x8 around mid-grey: a tone shift between tiles would show as a grid of flat patches.
-        difference = ((tiled - reference).float() * 8).clamp(-1, 1)
-        tensor_to_pil(difference.cpu())[0].save(out / f"tiled-minus-untiled-x8-{photo.stem}.png")
-    return rows
-
-
-def _center_square(image: torch.Tensor, size: int) -> torch.Tensor:
-    h, w = image.shape[-2:]
-    scale = size / min(h, w)
-    if scale != 1:
-        new = (max(size, round(h * scale)), max(size, round(w * scale)))
-        image = torch.nn.functional.interpolate(image, size=new, mode="bicubic", antialias=scale < 1).clamp(-1, 1)
-        h, w = new
-    top, left = (h - size) // 2, (w - size) // 2
-    return image[..., top : top + size, left : left + size]
-
-
-# --- report ---------------------------------------------------------------------------------------------------
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    model = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as cpuinfo:
-        model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    # The vector instructions decide the ratios, above all bf16's (emulated without AVX512-BF16 or AMX), and
-    # machines of one name differ: this project's "AMD EPYC" has been AVX2-only and AVX-512 with native bf16.
-    from codec.precision import cpu_has_native_bf16
-
-    isa = torch.backends.cpu.get_cpu_capability() + (", native bf16" if cpu_has_native_bf16() else ", no native bf16")
-    return f"{model} ({isa}), {torch.get_num_threads()} threads, torch {torch.__version__}"
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="sd", help="preset for the speed rows (default: sd)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -385,29 +313,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tile", type=int, default=64, help="tile side in latent pixels, both sides (diffusers' SD default)"
     )
-    parser.add_argument("--quality-size", type=int, default=1024, help="side of the tiled-vs-untiled quality check")
-    parser.add_argument("--photos", type=Path, nargs="+", default=None, help="real photos for the quality rows")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench_speed"), help="folder for the difference picture")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT / "bench_speed", help="folder for report.md")
     parser.add_argument("--quick", action="store_true", help="tiny config, 64-128 px, 1 repeat: a smoke run")
-    parser.add_argument("--no-write", action="store_true", help="print only; do not append to BENCHMARKS.md")
     args = parser.parse_args(argv)
     if args.quick:
         args.config, args.sizes, args.batches, args.repeats = "tiny", [64], [1], 1
-        args.tiled_sizes, args.tile, args.quality_size, args.tiled_repeats = [128], 8, 128, 1
-    device = torch.device(args.device)
-    kodak = [ROOT.parent / f"shared/data/kodak/kodim{n:02d}.png" for n in (23, 1, 5, 13)]
-    photos = args.photos or [p for p in kodak if p.is_file()] or [ROOT / "codec/assets/samples/astronaut.png"]
-    if args.quick:
-        photos = photos[:1]
+        args.tiled_sizes, args.tile, args.tiled_repeats = [128], 8, 1
+    return args
 
-    # A CPU without native bf16 emulates it: a 2048^2 bf16 matmul took minutes on an AVX2-only EPYC.
+
+def measure_peaks(args: argparse.Namespace, device: torch.device) -> tuple[dict[str, float], list[str]]:
+    """The matmul peak of each dtype measured, and the dtypes this CPU would emulate."""
+    # A CPU without native bf16 emulates it: a 2048^2 bf16 matmul took minutes on an AVX2-only CPU.
     size = 256 if args.quick else 2048
     emulated = [name for name in args.dtypes if precision.emulated_on_cpu(DTYPES[name], device)]
     measured = {*args.dtypes, *args.compile_dtypes, *(["fp32"] if emulated else [])}
     peaks = {name: matmul_peak(DTYPES[name], device, n=size) for name in sorted(measured)}
     print("matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()), flush=True)
-    # Ours runs an emulated dtype in fp32, so fp32's peak is the one its GFLOP/s are a share of.
-    shares_of = {name: peaks["fp32"] if name in emulated else value for name, value in peaks.items()}
+    return peaks, emulated
+
+
+def report_sections(
+    args: argparse.Namespace, command: str, device: torch.device, peaks: dict[str, float], emulated: list[str]
+) -> list[str]:
+    """The report's header: what was run, where, and how to read its ratios."""
     bf16_note = (
         f" This CPU would emulate {' and '.join(emulated)}: there ours computes with an fp32 copy of the model "
         "(codec.precision) and returns the dtype asked for, diffusers emulates; ours' share of the matmul peak "
@@ -415,42 +344,41 @@ def main(argv: list[str] | None = None) -> int:
         if emulated
         else ""
     )
+    return [
+        f"## Speed and memory against diffusers, {args.config} config ({time.strftime('%Y-%m-%d')})",
+        f"`{command}` on {machine(device)}, load average {load_average()} at start; diffusers "
+        f"{_diffusers_version()}. Same seeded random weights and inputs; medians of {args.repeats} alternated "
+        "runs after a warm-up. Matmul peak: "
+        + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items())
+        + "."
+        + bf16_note,
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    peaks, emulated = measure_peaks(args, device)
+    # Ours runs an emulated dtype in fp32, so fp32's peak is the one its GFLOP/s are a share of.
+    shares_of = {name: peaks["fp32"] if name in emulated else value for name, value in peaks.items()}
     ours, theirs = build_pair(args.config, 0, device)
     speed = speed_rows(ours, theirs, args, device, shares_of)
     tiled = tiled_rows(ours, theirs, args.tiled_sizes, args.tile, args.tiled_repeats, device)
-    del ours, theirs
-    quality = quality_rows(photos, args.tile, device, args.out, args.quality_size, 128 if args.quick else 256)
-    for row in quality:
-        print(f"{row[0]}: {row[1]} dB")
 
-    tiled_section = []  # `--tiled-sizes` with no sizes: no such section, rather than an empty table
-    if tiled:
-        tiled_section = [
+    sections = report_sections(args, command_line("bench_speed", argv), device, peaks, emulated)
+    sections += [
+        markdown_table(SPEED_HEADER, speed),
+        "Peak memory: above what was in use before each run, by codec bench's meter (codec.bench.measure; "
+        "on a CPU the resident-set peak, on a GPU max_memory_allocated).",
+    ]
+    if tiled:  # `--tiled-sizes` with no sizes: no such section, rather than an empty table
+        sections += [
             f"Large decodes, medians of {args.tiled_repeats} alternated runs, tile {args.tile} latent px for both "
             "(peak memory: the largest above the loaded model):",
             markdown_table(TILED_HEADER, tiled),
         ]
-    command = "python scripts/bench_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    report = "\n\n".join(
-        [
-            f"## Speed and memory against diffusers, {args.config} config ({time.strftime('%Y-%m-%d')})",
-            f"`{command.strip()}` on {machine(device)}; diffusers {_diffusers_version()}. Same seeded random "
-            f"weights and inputs; medians of {args.repeats} alternated runs after a warm-up. Matmul peak: "
-            + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items())
-            + "."
-            + bf16_note,
-            markdown_table(SPEED_HEADER, speed),
-            "Peak memory: above what was in use before each run, by codec bench's meter (codec.bench.measure; "
-            "on a CPU the resident-set peak, on a GPU max_memory_allocated).",
-            *tiled_section,
-            f"Quality with the embedded model (PSNR in dB; difference pictures in {args.out}):",
-            markdown_table(["comparison", "PSNR dB"], quality),
-        ]
-    )
-    print(report)
-    if not args.no_write:
-        with open(ROOT / "BENCHMARKS.md", "a") as handle:
-            handle.write("\n" + report + "\n")
+    write_report(args.out, sections)
     return 0
 
 

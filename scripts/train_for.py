@@ -2,7 +2,7 @@
 
     python scripts/train_for.py --minutes 6 --config builtin-large [section.key=value ...]
 
-A GPU is often had for minutes, not hours, and its speed is not known in advance. Stopping a cosine schedule early
+A GPU machine booked for a fixed time runs at a speed not known in advance. Stopping a cosine schedule early
 wastes most of its annealing, so rather than cut a run short this first times two short runs of the same recipe
 (their difference is the time per step, what is left is the fixed start-up: data workers, the first steps'
 kernel selection), then sets `run.max_steps` so that the real run, with its validations and checkpoints, ends

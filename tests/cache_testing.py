@@ -53,13 +53,39 @@ def build(source, out: Path, model_dir: Path, identities=model_identities, **opt
 
 
 def read_rows(out: Path) -> list[dict]:
-    """Every row of a cache (all shards, in file order) as Python values."""
+    """Every row of a cache (all shards' files in data/) as Python values, in key order."""
     import pyarrow.parquet as pq
 
     rows = []
     for path in sorted((out / "data").glob("*.parquet")):
         rows += pq.read_table(path).to_pylist()
-    return rows
+    return sorted(rows, key=lambda row: row["key"])
+
+
+def planned(keys, shard_size: int = 3) -> list[list[str]]:
+    """The keys of each shard a cache of these keys is written in, in key order (blocks of codec.cache.key_blocks)."""
+    from codec.cache.key_blocks import plan_blocks
+
+    keys = sorted(keys)
+    return [keys[block.start : block.stop] for block in plan_blocks(keys, shard_size)]
+
+
+def folder_keys(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.suffix in (".png", ".jpg"))
+
+
+def shard_files(out: Path) -> list[Path]:
+    """A complete cache's shard files, in the manifest's (key) order."""
+    import json
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    return [out / entry["file"] for entry in manifest["shards"]]
+
+
+def shard_keys(path: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path, columns=["key"]).column("key").to_pylist()
 
 
 def cli(argv: list) -> tuple[int, str, str]:

@@ -1,20 +1,26 @@
-"""scripts/bench_speed.py as a user runs it (--quick: tiny config, small images): the report it prints holds
-every section, the timings are real numbers, and the tiling difference picture is written."""
+"""scripts/bench_speed.py as a user runs it (--quick: tiny config, small images): the report it prints and writes
+holds every section, the timings are real numbers, and BENCHMARKS.md is left alone."""
 
 from __future__ import annotations
 
 import re
 
 import pytest
-from script_loading import load_script
+from script_loading import SCRIPTS, load_script
 
 pytest.importorskip("diffusers")
 
 
-def test_quick_run_prints_all_sections_and_writes_the_difference_picture(tmp_path, capsys):
+def test_quick_run_prints_and_writes_the_report(tmp_path, capsys):
+    import torch
+
+    benchmarks = SCRIPTS.parent / "BENCHMARKS.md"
+    before = benchmarks.read_bytes()
     script = load_script("bench_speed")
-    assert script.main(["--quick", "--no-write", "--out", str(tmp_path)]) == 0
-    report = capsys.readouterr().out
+    assert script.main(["--quick", "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert report in capsys.readouterr().out
+    assert benchmarks.read_bytes() == before
     speed_rows = [
         line for line in report.splitlines() if re.match(r"\| (encode|decode) \| 64x64 \| 1 \| (fp32|bf16)", line)
     ]
@@ -26,12 +32,8 @@ def test_quick_run_prints_all_sections_and_writes_the_difference_picture(tmp_pat
         share = int(re.search(r"\((\d+)%\)", row).group(1))
         assert 0 <= share <= 150, row
     assert re.search(r"\| 128x128 \| ours tiled \| [\d.]+ \| [\d.]+ \|", report)
-    assert re.search(r"\| \S+: bf16 decode vs fp32 decode, 128x128 \| [\d.]+ \|", report)
-    assert re.search(r"\| \S+: tiled decode \(tile 8 latent px\) vs untiled, 128x128 \| [\d.]+ \|", report)
-    assert len(list(tmp_path.glob("tiled-minus-untiled-x8-*.png"))) == 1
+    assert "`python scripts/bench_speed.py --quick --out " in report
     # The machine line names the vector instructions: bf16's ratios hinge on them.
-    import torch
-
     assert f"({torch.backends.cpu.get_cpu_capability()}, " in report and "native bf16)" in report
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from cache_testing import build, image_folder, perturbed_copy, tiny_model_dir
+from cache_testing import build, image_folder, perturbed_copy, shard_files, shard_keys, tiny_model_dir
 from PIL import Image, ImageOps
 
 import codec
@@ -33,7 +34,7 @@ def cache(tmp_path_factory, model_dir) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("read_cache")
     folder = image_folder(root / "images", SIZES)
     (folder / "img002.txt").write_text("two")
-    build(folder, root / "out", model_dir, buckets=True, bucket_step=16, flip=True, shard_size=4)
+    build(folder, root / "out", model_dir, buckets=True, bucket_step=16, flip=True, shard_size=3)
     return root / "out", folder
 
 
@@ -42,6 +43,7 @@ def test_import_codec_stays_light():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
     assert codec.LatentDataset.__name__ == "LatentDataset" and codec.BucketBatchSampler.__name__ == "BucketBatchSampler"
+    assert codec.LatentStream.__name__ == "LatentStream" and codec.cache.LatentStream is codec.LatentStream
 
 
 def test_refuses_a_cache_made_with_other_weights(cache, model_dir, tmp_path):
@@ -202,18 +204,25 @@ def test_bucket_batches_are_single_bucket_seeded_and_split_disjointly_across_ran
     assert batch["flipped"].dtype == torch.bool
 
 
-def latent_reads(reads: list) -> list:
-    return [read for read in reads if "mean" in read[1].get("columns", [])]
+def recording_block_reads(monkeypatch) -> list:
+    """(shard file name, latent columns) of every block the reader reads from now on."""
+    from codec.cache import reader
+
+    reads, real_read = [], reader.read_block
+    monkeypatch.setattr(
+        reader,
+        "read_block",
+        lambda location, relative, group, names, *a: (
+            reads.append((Path(relative).name, list(names))) or real_read(location, relative, group, names, *a)
+        ),
+    )
+    return reads
 
 
 def test_a_bounded_shard_cache_is_read_a_window_of_shards_at_a_time(cache, model_dir, monkeypatch):
-    out, _ = cache  # 11 items in 3 shards of 4
+    out, _ = cache  # 11 items in blocks of about 3
     dataset = codec.LatentDataset(out, codec=codec.AutoencoderKL.load(model_dir), max_cached_shards=1)
-    reads = []
-    real_read = pq.read_table
-    monkeypatch.setattr(
-        pq, "read_table", lambda path, **kw: reads.append((Path(path).name, kw)) or real_read(path, **kw)
-    )
+    reads = recording_block_reads(monkeypatch)
     sampler = codec.BucketBatchSampler(dataset, batch_size=2, seed=5)
     for epoch in range(2):
         sampler.set_epoch(epoch)
@@ -221,21 +230,70 @@ def test_a_bounded_shard_cache_is_read_a_window_of_shards_at_a_time(cache, model
         batches = list(sampler)
         # The same items, and as many batches, as without windows: a bucket's remainder joins the next window.
         assert sorted(i for batch in batches for i in batch) == list(range(len(dataset)))
-        unwindowed = codec.BucketBatchSampler(codec.LatentDataset(out, codec=None), batch_size=2, seed=5)
+        unwindowed = codec.BucketBatchSampler(codec.LatentDataset(out, codec=None, max_cached_bytes=None), 2, seed=5)
         unwindowed.set_epoch(epoch)
         assert len(batches) == len(unwindowed)
-        before = len(latent_reads(reads))
+        before = len(reads)
         for batch in batches:
             dataset.collate([dataset[i] for i in batch])
+            assert len(dataset._cache) == 1
         # Each shard read once per epoch, its window's batches coming together; a batch that completes a bucket
         # with items carried from an earlier window may read their shard once more. Shuffled across all shards,
         # nearly every batch had read one.
-        mixed = sum(len({int(dataset._shard_of[i]) for i in batch}) > 1 for batch in batches)
-        assert len(latent_reads(reads)) - before <= 3 + mixed
-    assert set(latent_reads(reads)[0][1]["columns"]) == {"mean", "logvar", "flip_mean", "flip_logvar"}
+        mixed = sum(len({int(dataset._block_of[i]) for i in batch}) > 1 for batch in batches)
+        assert len(reads) - before <= len(shard_files(out)) + mixed
+    assert set(reads[0][1]) == {"mean", "logvar", "flip_mean", "flip_logvar"}
     plain = codec.LatentDataset(out, codec=None, posterior="mean", flip=False)
     plain[0]
-    assert reads[-1][1]["columns"] == ["mean"]  # what a mean, unflipped reader needs, and no more
+    assert reads[-1][1] == ["mean"]  # what a mean, unflipped reader needs, and no more
+
+
+def test_by_default_a_process_keeps_a_bounded_number_of_bytes_of_latents(cache, model_dir, monkeypatch):
+    out, _ = cache
+    vae = codec.AutoencoderKL.load(model_dir)
+    files = shard_files(out)
+    assert len(files) > 2
+    values = [sum(len(r) for r in pq.read_table(p, columns=["mean"]).column("mean").to_pylist()) for p in files]
+    largest = max(values) * 2 * 4  # the largest shard's latents: fp16, 4 columns
+    small = codec.LatentDataset(out, codec=vae, max_cached_bytes=2 * largest)
+    assert small.max_cached_shards == 2
+    assert codec.LatentDataset(out, codec=vae, max_cached_bytes=1).max_cached_shards == 1  # one block at least
+    assert codec.LatentDataset(out, codec=vae).max_cached_shards is None  # all of it fits in the default
+    assert codec.BucketBatchSampler(small, batch_size=2).window_shards == 2
+    reads = recording_block_reads(monkeypatch)
+    starts = np.cumsum([0, *[len(shard_keys(p)) for p in files]])
+    order = (0, 1, 2, 0, 1, 2, 0)  # each shard read again once two others came since
+    for shard in order:
+        small[int(starts[shard])]
+        assert len(small._cache) <= 2
+    assert [name for name, _ in reads] == [files[shard].name for shard in order]
+    unbounded = codec.LatentDataset(out, codec=vae, max_cached_bytes=None)
+    for index in range(len(unbounded)):
+        unbounded[index]
+    assert len(unbounded._cache) == len(files) and unbounded.max_cached_shards is None
+
+
+def test_row_groups_are_read_one_at_a_time(cache, model_dir, tmp_path, monkeypatch):
+    """A shard written in several row groups is cached by row group: the budget bounds memory even where one
+    shard alone exceeds it."""
+    out, _ = cache
+    copy = tmp_path / "grouped"
+    shutil.copytree(out, copy)
+    for path in sorted((copy / "data").glob("*.parquet")):
+        table = pq.read_table(path)  # the footer record travels in the schema's metadata
+        pq.write_table(table, path, row_group_size=2)
+    vae = codec.AutoencoderKL.load(model_dir)
+    whole = codec.LatentDataset(out, codec=vae, posterior="mean")
+    grouped = codec.LatentDataset(copy, codec=vae, posterior="mean", max_cached_bytes=1)
+    groups = sum(-(-len(shard_keys(path)) // 2) for path in shard_files(out))  # row groups of 2 rows
+    assert len(grouped._blocks) == groups > len(shard_files(out)) and grouped.max_cached_shards == 1
+    expected = [whole[index] for index in range(len(whole))]
+    reads = recording_block_reads(monkeypatch)
+    for index, a in enumerate(expected):
+        b = grouped[index]
+        assert a["key"] == b["key"] and a["flipped"] == b["flipped"] and torch.equal(a["latents"], b["latents"])
+        assert a.get("caption") == b.get("caption") and torch.equal(a["crop_box"], b["crop_box"])
+    assert len(reads) == groups
 
 
 def test_plain_labels_bf16_storage_and_an_incomplete_cache(tmp_path, model_dir):
@@ -254,3 +312,17 @@ def test_plain_labels_bf16_storage_and_an_incomplete_cache(tmp_path, model_dir):
     with pytest.raises(CacheError, match="incomplete"):
         codec.LatentDataset(tmp_path / "fp16", codec=vae)
     assert np.isfinite(a[0]["latents"].numpy()).all()
+
+
+def test_large_shards_are_written_in_row_groups_a_reader_can_hold(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from codec.cache import shards
+
+    values = np.zeros((40, 1 << 20), dtype=np.uint8)  # 40 rows of 1 MiB: 40 MiB, over one row group's budget
+    table = pa.table({"key": [f"{i:03d}" for i in range(40)], "mean": list(values)})
+    path = shards.write_shard(tmp_path, 0, table, {"shard": 0})
+    metadata = pq.ParquetFile(path).metadata
+    assert metadata.num_rows == 40 and metadata.num_row_groups == 2
+    assert shards.read_shard_meta(path) == {"shard": 0}

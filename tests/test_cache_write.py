@@ -10,7 +10,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cache_testing import build, cli, image_folder, perturbed_copy, read_rows, smooth_image, tiny_model_dir
+from cache_testing import (
+    build,
+    cli,
+    folder_keys,
+    image_folder,
+    perturbed_copy,
+    planned,
+    read_rows,
+    shard_files,
+    shard_keys,
+    smooth_image,
+    tiny_model_dir,
+)
 from PIL import Image
 
 import codec
@@ -33,7 +45,8 @@ def folder(tmp_path_factory) -> Path:
 
 def test_interrupted_run_resumes_to_exactly_the_rows_of_an_uninterrupted_run(tmp_path, model_dir, folder):
     whole = build(folder, tmp_path / "whole", model_dir, buckets=True, bucket_step=16, flip=True)
-    assert (whole.written, whole.rows, whole.skipped, whole.shards) == (4, 10, 0, 4)
+    blocks = len(planned(folder_keys(folder)))
+    assert blocks > 2 and (whole.written, whole.rows, whole.skipped, whole.shards) == (blocks, 10, 0, blocks)
 
     class Killed(Exception):
         pass
@@ -51,14 +64,14 @@ def test_interrupted_run_resumes_to_exactly_the_rows_of_an_uninterrupted_run(tmp
     (out / "data" / ".shard-00002.parquet.x1y2.tmp").write_bytes(b"half a shard")
 
     resumed = build(folder, out, model_dir, buckets=True, bucket_step=16, flip=True)
-    assert (resumed.reused, resumed.written, resumed.rows) == (2, 2, 10)
+    assert (resumed.reused, resumed.written, resumed.rows) == (2, blocks - 2, 10)
     assert read_rows(out) == read_rows(tmp_path / "whole")
-    assert sorted(p.name for p in (out / "data").iterdir()) == [f"shard-0000{i}.parquet" for i in range(4)]
+    assert sorted(p.name for p in (out / "data").iterdir()) == sorted(p.name for p in shard_files(tmp_path / "whole"))
     keys = [row["key"] for row in read_rows(out)]
     assert keys == sorted(p.name for p in folder.iterdir())  # no duplicate, no missing key
     assert verify_cache(out).ok
     again = build(folder, out, model_dir, buckets=True, bucket_step=16, flip=True)
-    assert (again.reused, again.written) == (4, 0)
+    assert (again.reused, again.written) == (blocks, 0)
 
 
 def test_cli_refuses_another_model_or_preprocessing_in_the_same_output(tmp_path, model_dir, folder):
@@ -66,7 +79,7 @@ def test_cli_refuses_another_model_or_preprocessing_in_the_same_output(tmp_path,
     base = ["cache", folder, "-o", out, "--resolution", 32, "--shard-size", 4, "--num-workers", 0, "--device", "cpu"]
     code, stdout, stderr = cli([*base, "--model", model_dir])
     assert code == 0, stderr
-    assert "10 of 10 images cached in 3 shards" in stdout
+    assert f"10 of 10 images cached in {len(planned(folder_keys(folder), 4))} shards" in stdout
     before = read_rows(out)
     other = perturbed_copy(model_dir, tmp_path / "other")
     code, _, stderr = cli([*base, "--model", other])
@@ -78,7 +91,7 @@ def test_cli_refuses_another_model_or_preprocessing_in_the_same_output(tmp_path,
     code, _, stderr = cli([*base, "--model", model_dir, "--num-workers", -1])
     assert code == 2 and "--num-workers must be 0" in stderr  # had left the manifest marked incomplete
     code, _, stderr = cli([*base, "--model", model_dir, "--shard-size", 3])  # the last one given counts
-    assert code == 2 and "shard_size: cache has 4, this run has 3" in stderr  # every shard's range would move
+    assert code == 2 and "shard_size: cache has 4, this run has 3" in stderr  # every block would move
     for flag in (["--bucket-step", 16], ["--bucket-step", 64], ["--max-aspect", 4]):  # even the defaults, if given
         code, _, stderr = cli([*base, "--model", tmp_path / "nowhere", *flag])  # refused before the model loads
         assert code == 2 and "add --buckets, or leave them out" in stderr
@@ -97,11 +110,12 @@ def test_a_moved_source_folder_is_the_same_source_and_files_are_readable_by_othe
     folder = image_folder(tmp_path / "images", SIZES[:4])
     out = tmp_path / "out"
     build(folder, out, model_dir)
-    shard = out / "data" / "shard-00000.parquet"
+    shard = shard_files(out)[0]
     before = shard.stat().st_mtime_ns
     moved = folder.rename(tmp_path / "elsewhere")
     summary = build(moved, out, model_dir)
-    assert (summary.reused, summary.written) == (2, 0) and shard.stat().st_mtime_ns == before
+    assert (summary.reused, summary.written) == (len(planned(folder_keys(moved))), 0)
+    assert shard.stat().st_mtime_ns == before
     # Written through temporary files (mkstemp makes them 0600), yet with an ordinary new file's mode: other
     # users' training jobs read a cache.
     umask = os.umask(0)
@@ -122,26 +136,30 @@ def test_a_shard_whose_footer_has_another_shape_is_encoded_again(tmp_path, model
     out = tmp_path / "out"
     build(folder, out, model_dir)
     before = read_rows(out)
-    shard = out / "data" / "shard-00000.parquet"
+    shard = shard_files(out)[0]
     table = pq.read_table(shard)
     pq.write_table(table.replace_schema_metadata({META_KEY: b'{"compat": "old", "record": null}'}), shard)
     summary = build(folder, out, model_dir)  # had raised AttributeError from inside the shard check
-    assert (summary.reused, summary.written) == (1, 1) and read_rows(out) == before and verify_cache(out).ok
+    assert (
+        (summary.reused, summary.written) == (len(planned(folder_keys(folder))) - 1, 1)
+        and read_rows(out) == before
+        and verify_cache(out).ok
+    )
 
 
 def test_shards_without_their_manifest_still_refuse_another_model(tmp_path, model_dir, folder):
     out = tmp_path / "out"
     build(folder, out, model_dir)
+    first = min(path.name for path in shard_files(out))  # the first file found
     (out / "manifest.json").unlink()
     other = perturbed_copy(model_dir, tmp_path / "other")
-    with pytest.raises(
-        CacheError, match=r"shard-00000.parquet was made with different settings.*resolution: cache has 32"
-    ):
+    with pytest.raises(CacheError, match=rf"{first} was made with different settings.*resolution: cache has 32"):
         build(folder, out, model_dir, resolution=64)
     with pytest.raises(CacheError, match="codec identity"):
         build(folder, out, other)
-    assert len(list((out / "data").glob("*.parquet"))) == 4 and not (out / "manifest.json").exists()
-    assert build(folder, out, model_dir).reused == 4  # the same settings adopt them
+    blocks = len(planned(folder_keys(folder)))
+    assert len(list((out / "data").glob("*.parquet"))) == blocks and not (out / "manifest.json").exists()
+    assert build(folder, out, model_dir).reused == blocks  # the same settings adopt them
 
 
 def test_changed_files_make_only_their_shard_stale_and_a_shrunk_source_drops_shards(tmp_path, model_dir):
@@ -149,17 +167,28 @@ def test_changed_files_make_only_their_shard_stale_and_a_shrunk_source_drops_sha
     out = tmp_path / "out"
     build(folder, out, model_dir)
     first = {row["key"]: row for row in read_rows(out)}
-    Image.fromarray(smooth_image(99, 32, 32)).save(folder / "img004.png")  # shard 1 of [0-2], [3-5], [6]
+    blocks = planned(folder_keys(folder))
+    assert len(blocks) > 2
+    stamps = {path: path.stat().st_mtime_ns for path in shard_files(out)}
+    holding = next(path for path in stamps if "img004.png" in shard_keys(path))
+    Image.fromarray(smooth_image(99, 32, 32)).save(folder / "img004.png")
     os.utime(folder / "img004.png", ns=(1, 1))  # a new mtime even on a coarse clock
     summary = build(folder, out, model_dir)
-    assert (summary.reused, summary.written) == (2, 1)
+    assert (summary.reused, summary.written) == (len(blocks) - 1, 1)
+    assert all(path.stat().st_mtime_ns == stamp for path, stamp in stamps.items() if path != holding)
     second = {row["key"]: row for row in read_rows(out)}
     assert second["img004.png"]["mean"] != first["img004.png"]["mean"]
     assert all(second[key] == first[key] for key in first if key != "img004.png")
+    stamps = {tuple(shard_keys(path)): (path, path.stat().st_mtime_ns) for path in shard_files(out)}
     for name in ("img006.png", "img005.png"):
         (folder / name).unlink()
     summary = build(folder, out, model_dir)
-    assert summary.shards == 2 and not (out / "data" / "shard-00002.parquet").exists()
+    remaining = planned(folder_keys(folder))
+    assert summary.shards == len(remaining) and [shard_keys(path) for path in shard_files(out)] == remaining
+    assert sorted((out / "data").glob("*.parquet")) == sorted(shard_files(out))  # the emptied blocks' files gone
+    kept = [stamps[tuple(block)] for block in remaining if tuple(block) in stamps]
+    assert kept and all(path.stat().st_mtime_ns == stamp for path, stamp in kept)  # untouched blocks untouched
+    assert summary.written == len(remaining) - len(kept)
     assert [row["key"] for row in read_rows(out)] == [f"img00{i}.png" for i in range(5)]
     assert verify_cache(out).ok
 
@@ -205,13 +234,21 @@ def test_a_rerun_with_nothing_to_do_never_marks_the_cache_incomplete(tmp_path, m
     shrunk = tmp_path / "shrunk"
     shutil.copytree(folder, shrunk)
     monkeypatch.setattr(manifest, "write_manifest", real)
-    build(shrunk, tmp_path / "out2", model_dir)  # 10 images in shards of 3: the last holds one
-    max(shrunk.iterdir()).unlink()
+    build(shrunk, tmp_path / "out2", model_dir)
+    blocks = planned(folder_keys(shrunk))
+    # An image alone in its block, whose removal leaves every other block as it was: nothing to encode.
+    alone = next(
+        b[0]
+        for b in blocks
+        if len(b) == 1
+        and planned(k for k in folder_keys(shrunk) if k != b[0]) == [other for other in blocks if other != b]
+    )
+    (shrunk / alone).unlink()
     monkeypatch.setattr(manifest, "write_manifest", write_then_die)
     written.clear()
     with pytest.raises(KeyboardInterrupt):
         build(shrunk, tmp_path / "out2", model_dir)
-    assert written == [False] and len(list((tmp_path / "out2" / "data").glob("shard-*.parquet"))) == 4
+    assert written == [False] and len(list((tmp_path / "out2" / "data").glob("shard-*.parquet"))) == len(blocks)
 
 
 def _png_bomb(path: Path) -> None:
@@ -302,17 +339,18 @@ def test_verify_finds_missing_extra_and_corrupt_shards(tmp_path, model_dir, fold
     out = tmp_path / "out"
     build(folder, out, model_dir)
     assert verify_cache(out).ok
-    shard = out / "data" / "shard-00001.parquet"
+    shard, other = shard_files(out)[1:3]
     data = shard.read_bytes()
     shard.write_bytes(data[:100] + b"\0" * 50 + data[150:])
     problems = " ".join(verify_cache(out).problems)
-    assert "shard-00001.parquet" in problems
+    assert shard.name in problems
     shard.write_bytes(data)
     (out / "data" / "shard-00099.parquet").write_bytes(data)
     assert "does not list" in " ".join(verify_cache(out).problems)
     (out / "data" / "shard-00099.parquet").unlink()
-    (out / "data" / "shard-00002.parquet").unlink()
-    assert "missing" in " ".join(verify_cache(out).problems)
+    shard.rename(other)  # a shard in another block's place
+    problems = " ".join(verify_cache(out).problems)
+    assert "missing" in problems and "as another shard" in problems
 
 
 def test_file_list_keys_are_its_lines_and_a_hub_name_offline_fails_plainly(tmp_path, model_dir, folder, monkeypatch):

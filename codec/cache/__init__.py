@@ -5,8 +5,9 @@
     codec stats OUT --write-config M        # per-channel latent statistics and the scaling factor
 
 Modules: sources (what is read), preprocess (crops and buckets), identity (the codec's hash), shards (the format),
-manifest, checksums (of shard rows), writer (the run), verify, reader (LatentDataset, BucketBatchSampler), stats. Importing this package is light:
-the names below load their modules (and pyarrow) on first use.
+manifest, checksums (of shard rows), writer (the run), verify, reader (LatentDataset, BucketBatchSampler), stream
+(LatentStream), stats. Importing this package is light: the names below load their modules (and pyarrow) on first
+use.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import importlib
 _LAZY = {
     "LatentDataset": "codec.cache.reader",
     "BucketBatchSampler": "codec.cache.reader",
+    "LatentStream": "codec.cache.stream",
     "CacheError": "codec.cache.shards",
     "model_identity": "codec.cache.identity",
     "model_identities": "codec.cache.identity",

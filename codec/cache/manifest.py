@@ -19,12 +19,21 @@ def read_manifest(out: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
+        text = path.read_text()
+    except OSError as error:
         raise CacheError(f"{path}: unreadable manifest ({error})") from None
+    return parse_manifest(text, path)
+
+
+def parse_manifest(text: str | bytes, where: str | Path) -> dict:
+    """A manifest's text, checked: a file edited by hand or by another tool fails here, naming `where`."""
+    try:
+        manifest = json.loads(text)
+    except ValueError as error:
+        raise CacheError(f"{where}: unreadable manifest ({error})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CacheError(f'{path}: not a latent cache manifest (no "format": {FORMAT!r})')
-    _check_shape(path, manifest)
+        raise CacheError(f'{where}: not a latent cache manifest (no "format": {FORMAT!r})')
+    _check_shape(where, manifest)
     return manifest
 
 
@@ -64,9 +73,19 @@ def keys_digest(keys) -> str:
 
 
 def build_manifest(
-    vae, identities: dict, model_name: str, source, settings, compat: dict, compat_hash: str, n_shards: int, metas=None
+    vae,
+    identities: dict,
+    model_name: str,
+    source,
+    settings,
+    compat: dict,
+    compat_hash: str,
+    n_shards: int,
+    metas=None,
+    files: list[str] | None = None,
 ) -> dict:
-    """The manifest of a cache: complete (with counts and shards) once `metas`, the shards' footers, are given."""
+    """The manifest of a cache: complete (with counts and shards) once `metas`, the shards' footers, are given
+    (with `files`, the shards' paths relative to the cache, in the same order; by default shard i's by position)."""
     config = vae.config
     manifest = {
         "format": FORMAT,
@@ -112,9 +131,11 @@ def build_manifest(
     if metas is not None:
         rows, skipped = sum(m["rows"] for m in metas), sum(len(m["skipped"]) for m in metas)
         manifest["counts"] = {"images": len(source.keys), "rows": rows, "skipped": skipped, "shards": n_shards}
+        files = files or [f"{DATA_DIR}/{shard_path(Path(), i).name}" for i in range(len(metas))]
         manifest["shards"] = [
             {
-                "file": f"{DATA_DIR}/{shard_path(Path(), i).name}",
+                "file": files[i],
+                **({"first_key": m["first_key"]} if "first_key" in m else {}),
                 "rows": m["rows"],
                 "skipped": len(m["skipped"]),
                 **({"checksum": m["checksum"]} if "checksum" in m else {}),  # none in shards of earlier versions

@@ -185,15 +185,28 @@ def rows_to_table(rows: list[Row], latent_dtype: str, flip: bool, carried):
     return pa.table([columns[f.name] for f in target], schema=target)
 
 
-def write_shard(out: Path, index: int, table, meta: dict) -> Path:
-    """Write one shard atomically, its record in the footer."""
+def write_shard(out: Path, index: int, table, meta: dict, path: Path | None = None) -> Path:
+    """Write one shard atomically (to `path`, by default shard `index`'s by position), its record in the footer."""
     import pyarrow.parquet as pq
 
-    path = shard_path(out, index)
+    path = shard_path(out, index) if path is None else path
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_KEY: json.dumps(meta).encode()})
+    rows = row_group_rows(table)
     # Latents are noise to a dictionary or to min/max statistics: computing them would only cost time.
-    atomic_write(path, lambda tmp: pq.write_table(table, tmp, use_dictionary=False, write_statistics=["key"]))
+    atomic_write(
+        path,
+        lambda tmp: pq.write_table(table, tmp, row_group_size=rows, use_dictionary=False, write_statistics=["key"]),
+    )
     return path
+
+
+ROW_GROUP_BYTES = 32 << 20  # a reader holds whole row groups: this bounds its memory whatever the shard size
+
+
+def row_group_rows(table) -> int:
+    """Rows per Parquet row group so that each holds about ROW_GROUP_BYTES."""
+    per_row = table.nbytes / max(1, table.num_rows)
+    return max(1, int(ROW_GROUP_BYTES // max(1.0, per_row)))
 
 
 def read_shard_meta(path: Path) -> dict | None:

@@ -127,9 +127,12 @@ def _check_latents(path: Path, table, keys: list[str], manifest: dict, report: R
 
 
 def _listed_as(meta: dict, entry: dict, index: int) -> bool:
-    """Whether a shard is the one its manifest entry names: by position, or by input and part (input shards)."""
+    """Whether a shard is the one its manifest entry names: by input and part (input shards), by its block's first
+    key (blocks of keys), or by position (caches written before blocks)."""
     if "input" in entry:
         return (meta.get("input"), meta.get("part")) == (entry["input"], entry["part"])
+    if "first_key" in entry:
+        return meta.get("first_key") == entry["first_key"]
     return meta.get("shard") == index
 
 

@@ -1,9 +1,10 @@
 """Encode a source into a latent cache: deterministic shards, resumable, one process or many.
 
-The plan is fixed by the sorted keys and the shard size: shard i holds keys [i * S, (i + 1) * S) and belongs to
-rank i % world. A shard is done when its file exists with this run's settings and its keys' fingerprint in the
-footer, so a second run (or a run with another number of processes) skips it; a shard whose files changed is
-re-encoded. DataLoader workers decode and crop images while this process encodes; a shard's images are batched
+The plan is fixed by the sorted keys and the shard size: shards are content-defined blocks of the keys
+(codec.cache.key_blocks), block i belongs to rank i % world, and its file is named by its first key. A shard is done
+when its file exists with this run's settings and its keys' fingerprint in the footer, so a second run (or a run
+with another number of processes) skips it; a shard whose files changed is re-encoded, and an added or removed
+image changes only its own block. DataLoader workers decode and crop images while this process encodes; a shard's images are batched
 by bucket and flushed at the shard's end, so a resumed shard is encoded in exactly the same batches.
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from codec import latent_norm
-from codec.cache import checksums, manifest, shards
+from codec.cache import checksums, key_blocks, manifest, shards
 from codec.cache.identity import DTYPE_NAMES, is_legacy, same_codec
 from codec.cache.preprocess import Prepared, Preprocessing, to_model_input
 
@@ -176,8 +176,8 @@ def _upscaled(row: shards.Row) -> bool:
 class _ShardBuilder:
     """One shard's images as they arrive: batched per bucket, encoded, collected as rows in key order."""
 
-    def __init__(self, index: int, keys: range, fingerprint: str) -> None:
-        self.index, self.keys, self.fingerprint = index, keys, fingerprint
+    def __init__(self, index: int, keys: range, fingerprint: str, file: str) -> None:
+        self.index, self.keys, self.fingerprint, self.file = index, keys, fingerprint, file
         self.pending: dict[tuple[int, int], list[_Loaded]] = {}
         self.rows: list[shards.Row] = []
         self.skipped: list[dict] = []
@@ -228,7 +228,7 @@ class _ShardBuilder:
         )
         digests = checksums.row_digests(table)
         meta = {
-            "shard": self.index,
+            "first_key": source.keys[self.keys.start],
             "compat": compat_hash,
             "record": compat,
             "fingerprint": self.fingerprint,
@@ -240,11 +240,11 @@ class _ShardBuilder:
             "checksum": checksums.shard_checksum(digests),
             "row_checksums": checksums.row_checksums(digests),
         }
-        shards.write_shard(out, self.index, table, meta)
+        shards.write_shard(out, self.index, table, meta, path=out / self.file)
 
 
-def _clean(out: Path, n_shards: int, before_removing_shards: Callable[[], None]) -> None:
-    """Before any rank writes: drop temporary files of killed runs and shards past the end of a shrunk source
+def _clean(out: Path, files: set[str], before_removing_shards: Callable[[], None]) -> None:
+    """Before any rank writes: drop temporary files of killed runs and shards of blocks no longer in the plan
     (calling `before_removing_shards` first: the manifest must stop calling the cache complete before any of the
     shards it lists goes)."""
     for name in (shards.MANIFEST, shards.SKIPPED):
@@ -256,9 +256,8 @@ def _clean(out: Path, n_shards: int, before_removing_shards: Callable[[], None])
     for tmp in data.glob(".shard-*.tmp"):
         tmp.unlink(missing_ok=True)
     surplus = []
-    for path in data.glob("shard-*.parquet"):
-        number = path.stem.removeprefix("shard-")
-        if not number.isdigit() or int(number) >= n_shards:
+    for path in sorted(data.glob("shard-*.parquet")):
+        if f"{shards.DATA_DIR}/{path.name}" not in files:
             if shards.read_shard_meta(path) is None:  # another tool's file, perhaps: not ours to delete
                 log.warning(
                     "%s: not a shard written by `codec cache`; left in place, but move it out of data/: readers of "
@@ -286,12 +285,11 @@ def _identities_as_recorded(existing: dict | None, vae, identities: dict[str, st
 def _stale_shards(run: _Run, summary: Summary) -> list[_ShardBuilder]:
     """This rank's shards that must be encoded (counting those already done in `summary.reused`); refuses a shard
     written with other settings."""
-    n, size = len(run.source.keys), run.settings.shard_size
     todo = []
     for index in range(run.group.rank, run.n_shards, run.group.world):
-        keys = range(index * size, min(n, (index + 1) * size))
+        keys, file = run.blocks[index], run.files[index]
         fingerprint = run.source.fingerprint(keys)
-        path = shards.shard_path(run.out, index)
+        path = run.out / file
         meta = shards.read_shard_meta(path)
         if meta is not None and meta.get("compat") != run.compat_hash:
             shards.check_compatible(meta.get("record", {}), run.compat, path)
@@ -304,7 +302,7 @@ def _stale_shards(run: _Run, summary: Summary) -> list[_ShardBuilder]:
         if meta is not None:
             why = "its source files changed" if current else "its settings were recorded differently"
             log.info("%s is stale (%s); encoding it again", path, why)
-        todo.append(_ShardBuilder(index, keys, fingerprint))
+        todo.append(_ShardBuilder(index, keys, fingerprint, file))
     return todo
 
 
@@ -319,14 +317,21 @@ class _Run:
     group: Group
     compat: dict
     compat_hash: str
-    n_shards: int
+    blocks: list[range]  # positions in source.keys, in key order
+    files: list[str]  # each block's shard, relative to `out`
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.blocks)
 
     def manifest(self, metas: list[dict] | None = None) -> dict:
         model, settings = self.model, self.settings
-        return manifest.build_manifest(
+        found = manifest.build_manifest(
             model.vae, model.identities, model.name, self.source, settings, self.compat, self.compat_hash,
-            self.n_shards, metas=metas,
+            self.n_shards, metas=metas, files=self.files,
         )  # fmt: skip
+        found["storage"]["layout"] = key_blocks.LAYOUT
+        return found
 
 
 def build_cache(
@@ -375,21 +380,39 @@ def _plan(out: Path, source: Source, model: CacheModel, settings: Settings, grou
     )  # fmt: skip
     if existing is not None:
         shards.check_compatible(existing.get("compat_record", {}), compat, out)  # every rank refuses alike
-    n_shards = math.ceil(len(source.keys) / settings.shard_size)
-    run = _Run(out, source, model, settings, group, compat, shards.compat_hash(compat), n_shards)
+    blocks = key_blocks.plan_blocks(source.keys, settings.shard_size)
+    files = [key_blocks.block_file(source.keys[block.start]) for block in blocks]
+    run = _Run(out, source, model, settings, group, compat, shards.compat_hash(compat), blocks, files)
     refusal = None
     if group.is_main:
+        _note_positional_layout(out, existing)
         try:
             if existing is None:  # shards without a manifest (deleted by hand?): their footers say what they are
                 for path in sorted((out / shards.DATA_DIR).glob("shard-*.parquet")):
                     meta = shards.read_shard_meta(path)
                     if meta is not None and meta.get("compat") != run.compat_hash:
                         shards.check_compatible(meta.get("record", {}), compat, path)
-            _clean(out, n_shards, lambda: manifest.write_manifest(out, run.manifest()))
+            _clean(out, set(files), lambda: manifest.write_manifest(out, run.manifest()))
         except Exception as error:  # any: the other ranks must not be left waiting for this one
             refusal = error
     group.stop_together(refusal)
     return run
+
+
+def _note_positional_layout(out: Path, existing: dict | None) -> None:
+    """Say so where a cache was written in shards by position (before blocks): its shards are all encoded again,
+    once, rather than mixed with blocks."""
+    data = out / shards.DATA_DIR
+    recorded = (existing or {}).get("storage", {}).get("layout")
+    old = recorded != key_blocks.LAYOUT and (
+        existing is not None or any(key_blocks.is_positional(p.name) for p in data.glob("shard-*.parquet"))
+    )
+    if old and data.is_dir():
+        log.warning(
+            "%s: written with shards of positions in the key order (an earlier version); encoding it once again in "
+            "blocks of keys, after which adding or removing an image re-encodes only its own block",
+            out,
+        )
 
 
 def _write_stale(run: _Run, todo: list[_ShardBuilder], on_shard_written: Callable[[int], None] | None) -> int:
@@ -424,7 +447,7 @@ def _write_stale(run: _Run, todo: list[_ShardBuilder], on_shard_written: Callabl
 def _complete(run: _Run, summary: Summary) -> None:
     """On the main process, once every shard is written: skipped.jsonl, the counts, and the complete manifest."""
     out = run.out
-    metas = [shards.read_shard_meta(shards.shard_path(out, i)) for i in range(run.n_shards)]
+    metas = [shards.read_shard_meta(out / file) for file in run.files]
     missing = [i for i, m in enumerate(metas) if m is None or m.get("compat") != run.compat_hash]
     if missing:
         raise shards.CacheError(f"{out}: shard(s) {missing} missing after every process finished")

@@ -106,7 +106,7 @@ def _add_cache_parser(subparsers) -> None:
     parser.add_argument(
         "--latent-dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="storage (default fp16)"
     )
-    parser.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
+    parser.add_argument("--shard-size", type=int, default=1000, help="images per shard, on average (default 1000)")
     _add_encoding_options(parser, default_model="none, required (`--model builtin` names the embedded one)")
     _add_engine_options(parser)
     parser.set_defaults(run=run_cache)
