@@ -6,7 +6,7 @@
 Both engines cache the same tars to a fresh folder each run, with the same model, size and batch; a local Ray is
 started once (its start is reported apart) and each Ray run starts its own pool of encoder actors, as a
 command does. Best of --repeats interleaved runs after a warm-up round. The report is printed as Markdown and
-written to out/bench_engines/report.md.
+written to OUT/report.md (--out, default out/bench_engines), with the shards and images made for it.
 """
 
 from __future__ import annotations
@@ -21,15 +21,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/ is not a package: its siblings' helpers
 
-from bench_cache import interleaved_best, machine, make_images
+import torch
+from bench_cache import interleaved_best, make_images
 from bench_plan import write_tars
-
-ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "out" / "bench_engines"
+from bench_report import DEFAULT_OUT, command_line, load_average, machine, markdown_table, write_report
 
 
 def _shards(args: argparse.Namespace) -> Path:
-    folder = OUT / f"{args.images}x{args.size}-{args.shards}"
+    folder = args.out / f"{args.images}x{args.size}-{args.shards}"
     images, shards = folder / "images", folder / "shards"
     if not shards.is_dir():
         images.mkdir(parents=True, exist_ok=True)
@@ -56,7 +55,7 @@ def _runs(args: argparse.Namespace, shards: Path) -> list:
 
     def timed(build, *extra):
         def run() -> float:
-            with tempfile.TemporaryDirectory(prefix="bench-engines-", dir=OUT) as out:
+            with tempfile.TemporaryDirectory(prefix="bench-engines-", dir=args.out) as out:
                 start = time.perf_counter()
                 summary = build(source, out, model, settings, *extra)
                 assert summary.rows == args.images, summary
@@ -81,10 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         "--decoders", type=int, default=None, help="Ray's decoding tasks at once (default: the engine's)"
     )
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT / "bench_engines")
     args = parser.parse_args(argv)
     import ray
 
     shards = _shards(args)
+    where = f"{machine(torch.device('cpu'))}, load average {load_average()} at start"
     started = time.perf_counter()
     ray.init(num_cpus=_cpus(), include_dashboard=False, logging_level=logging.WARNING)
     ray_start = time.perf_counter() - started
@@ -92,19 +93,19 @@ def main(argv: list[str] | None = None) -> int:
         default_s, ray_s = interleaved_best(_runs(args, shards), args.repeats)
     finally:
         ray.shutdown()
-    report = (
-        f"## codec cache: default engine against --engine ray\n\n`python scripts/bench_engines.py {' '.join(argv)}`"
-        f"\n\nMachine: {machine()}. {args.images} JPEGs ({args.size} to 1.5x{args.size} px) in {args.shards} tars, "
-        f"`--model {args.model}` at {args.size} px, batch {args.batch_size}; default engine with {args.num_workers} "
-        f"decoding worker(s); Ray local ({_cpus()} CPUs, started once in {ray_start:.1f} s, not counted), "
-        f"encoders {args.encoders or 'default'}, decoders {args.decoders or 'default'}, each run starting its "
-        f"actors; best of {args.repeats} after a warm-up\n\n"
-        "| engine | s | img/s |\n|---|---|---|\n"
-        f"| default | {default_s:.2f} | {args.images / default_s:.2f} |\n"
-        f"| ray | {ray_s:.2f} | {args.images / ray_s:.2f} |\n"
+    setup = (
+        f"`{command_line('bench_engines', argv)}` on {where}. {args.images} JPEGs ({args.size} to 1.5x{args.size} "
+        f"px) in {args.shards} tars, `--model {args.model}` at {args.size} px, batch {args.batch_size}. Default "
+        f"engine: {args.num_workers} decoding worker(s). Ray: local, {_cpus()} CPUs, started once in {ray_start:.1f} s "
+        f"(not counted); encoders {args.encoders or 'default'}, decoders {args.decoders or 'default'}; each run starts "
+        f"its actors. Best of {args.repeats} interleaved runs after a warm-up."
     )
-    print(report)
-    (OUT / "report.md").write_text(report)
+    table = markdown_table(
+        ["engine", "s", "img/s"],
+        [["default", f"{default_s:.2f}", f"{args.images / default_s:.2f}"],
+         ["ray", f"{ray_s:.2f}", f"{args.images / ray_s:.2f}"]],
+    )  # fmt: skip
+    write_report(args.out, ["## codec cache: the default engine and --engine ray on tar shards", setup, table])
     return 0
 
 
