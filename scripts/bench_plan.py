@@ -33,7 +33,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/ is not a package: its sibling's helpers
 
-from bench_cache import interleaved_best, machine, make_images, model_only_run
+import torch
+from bench_cache import interleaved_best, make_images, model_only_run
+from bench_report import command_line, load_average, machine, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "out" / "bench_plan"
@@ -200,11 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-planning", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
     args = parser.parse_args(argv)
-    print(f"## codec cache at scale\n\n`python scripts/bench_plan.py {' '.join(argv)}`\n\nMachine: {machine()}.\n")
+    argv = sys.argv[1:] if argv is None else argv
+    where = f"{machine(torch.device('cpu'))}, load average {load_average()} at start"
+    sections = [f"## codec cache at scale\n\n`{command_line('bench_plan', argv)}`\n\nMachine: {where}."]
     if not args.skip_planning:
-        print(planning_table(args.items, args.items_per_shard))
+        sections.append(planning_table(args.items, args.items_per_shard))
     if not args.skip_throughput:
-        print(throughput_table(args))
+        sections.append(throughput_table(args))
+    write_report(OUT, sections)
     return 0
 
 
