@@ -12,8 +12,8 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
-from codec.cache.blocks import latent_values
 from codec.cache.items import CONDITIONING
+from codec.cache.shards import latent_arrays
 
 _WIDTHS = {"shape": (3, np.int64), "bucket": (2, np.int64), **{name: (w, t) for name, w, t in CONDITIONING}}
 _DRAWS = 4096  # buffer slots drawn at a time; fixed, so a replay draws exactly what the first run drew
@@ -40,7 +40,7 @@ def rows_of(
     for first, batch in batches:
         names = batch.schema.names
         fixed = {name: _fixed(batch.column(name), *_WIDTHS[name]) for name in names if name in _WIDTHS}
-        latents = {name: latent_values(batch.column(name)) for name in latent_columns if name in names}
+        latents = {name: latent_arrays(batch.column(name)) for name in latent_columns if name in names}
         plain = {name: batch.column(name).to_pylist() for name in names if name not in _WIDTHS and name not in latents}
         order = ["bucket", *(name for name, _, _ in CONDITIONING)]
         for i in range(max(start - first, 0), min(batch.num_rows, stop - first)):

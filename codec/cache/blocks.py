@@ -14,20 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from codec.cache.location import CacheLocation
-from codec.cache.shards import CacheError
+from codec.cache.shards import CacheError, latent_arrays
 
 CHUNK_BYTES = 4 << 20  # rows per read: enough to amortise a read call, small next to a worker's memory
 READ_BUFFER = 1 << 20  # bytes fsspec or the OS hands pyarrow per read, instead of a whole column chunk
-
-
-def latent_values(array: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """A list<float> or binary (bf16 bytes) column -> (offsets, flat values), without copying."""
-    if isinstance(array, pa.ChunkedArray):
-        array = array.combine_chunks()
-    if pa.types.is_binary(array.type):
-        offsets = np.frombuffer(array.buffers()[1], dtype=np.int32)[array.offset : array.offset + len(array) + 1]
-        return offsets // 2, np.frombuffer(array.buffers()[2], dtype=np.int16)
-    return array.offsets.to_numpy(), array.values.to_numpy(zero_copy_only=False)
 
 
 @contextlib.contextmanager
@@ -61,7 +51,7 @@ def read_block(
         ):
             end = row + batch.num_rows
             for name in names:
-                found, flat = latent_values(batch.column(name))
+                found, flat = latent_arrays(batch.column(name))
                 if end > len(sizes) or found[-1] - found[0] != offsets[end] - offsets[row]:
                     raise CacheError(
                         f"{location.where(relative)}: column {name} does not hold what the shape column says; "

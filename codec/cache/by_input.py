@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
-from codec.cache import checksums, input_plan, shards
+from codec.cache import checksums, input_plan, manifest, shards
 from codec.cache.identity import DTYPE_NAMES
 from codec.cache.locations import Location
 from codec.cache.preprocess import Prepared
-from codec.cache.writer import CacheModel, Group, Settings, Summary, _encode, _upscaled
+from codec.cache.writer import NOT_FINITE, CacheModel, Group, Settings, Summary, _encode, _upscaled
 from codec.sources import SourceError, decode_image
 
 if TYPE_CHECKING:
@@ -117,7 +117,7 @@ class _Part:
         items, flip = self.pending.pop(bucket), settings.preprocessing.flip
         for item, latents in zip(items, _encode(vae, items, flip), strict=True):
             if not all(torch.isfinite(t).all() for t in latents):
-                item.reason = "the codec's output is not finite for this image"
+                item.reason = NOT_FINITE
                 self.skip(item)
                 continue
             p = item.prepared
@@ -165,12 +165,7 @@ def read_manifest(location: Location) -> dict | None:
     if data is None:
         return None
     where = location.name(shards.MANIFEST)
-    try:
-        found = json.loads(data)
-    except ValueError as error:
-        raise shards.CacheError(f"{where}: unreadable manifest ({error})") from None
-    if not isinstance(found, dict) or found.get("format") != shards.FORMAT:
-        raise shards.CacheError(f'{where}: not a latent cache manifest (no "format": {shards.FORMAT!r})')
+    found = manifest.parse_manifest(data, where, sections=False)
     if found.get("storage", {}).get("layout") != LAYOUT or not isinstance(found.get("shards", []), list):
         raise shards.CacheError(
             f"{where}: a cache of another kind of source (an image folder, a list or a dataset); write shards to a new output"

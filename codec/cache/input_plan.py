@@ -47,7 +47,6 @@ class Plan:
     kept: list[dict] = field(default_factory=list)  # entries of parts that stay as they are
     kept_skipped: dict[str, list[dict]] = field(default_factory=dict)  # by input, where read from footers
     work: list[Work] = field(default_factory=list)
-    done_inputs: int = 0
 
 
 def entry_of(file: str, meta: dict) -> dict:
@@ -117,14 +116,11 @@ def make_plan(
         entries = by_input.get(item.name, [])
         if _contiguous_done(entries, item):
             plan.kept += sorted(entries, key=lambda e: e["part"])
-            plan.done_inputs += 1
             continue
         found, skipped, done = _probe(location, item, compat_hash, compat)
         plan.kept += found
         plan.kept_skipped[item.name] = skipped
-        if done:
-            plan.done_inputs += 1
-        else:
+        if not done:
             start = found[-1]["first"] + found[-1]["count"] if found else 0
             plan.work.append(Work(item, len(found), start))
     return plan

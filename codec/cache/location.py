@@ -10,12 +10,9 @@ import os
 from pathlib import Path
 from typing import IO, Any
 
+from codec.cache.locations import is_url
 from codec.cache.manifest import parse_manifest, read_manifest
 from codec.cache.shards import MANIFEST, CacheError
-
-
-def is_url(root: str | os.PathLike) -> bool:
-    return isinstance(root, str) and "://" in root
 
 
 class CacheLocation:

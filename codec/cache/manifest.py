@@ -25,15 +25,17 @@ def read_manifest(out: Path) -> dict | None:
     return parse_manifest(text, path)
 
 
-def parse_manifest(text: str | bytes, where: str | Path) -> dict:
-    """A manifest's text, checked: a file edited by hand or by another tool fails here, naming `where`."""
+def parse_manifest(text: str | bytes, where: str | Path, sections: bool = True) -> dict:
+    """A manifest's text, checked: a file edited by hand or by another tool fails here, naming `where`.
+    `sections=False` checks only that it is a manifest of ours (a cache of input shards has sections of its own)."""
     try:
         manifest = json.loads(text)
     except ValueError as error:
         raise CacheError(f"{where}: unreadable manifest ({error})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CacheError(f'{where}: not a latent cache manifest (no "format": {FORMAT!r})')
-    _check_shape(where, manifest)
+    if sections:
+        _check_shape(where, manifest)
     return manifest
 
 

@@ -19,12 +19,11 @@ import torch
 
 from codec.cache.input_plan import Work
 from codec.cache.preprocess import Prepared, Preprocessing
-from codec.cache.writer import _encode
+from codec.cache.writer import NOT_FINITE, _encode
 from codec.sources import SourceError, decode_image
 
 ITEM, END, FAILED = "", "end", "failed"  # the `marker` column
 CHUNK = 16  # items a decoding task yields at a time: Ray's blocks stream instead of waiting for a whole input
-NOT_FINITE = "the codec's output is not finite for this image"
 PASSED = ("slot", "position", "marker", "key", "reason", "carried", "geometry")  # through the encoder unchanged
 
 

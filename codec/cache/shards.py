@@ -229,10 +229,11 @@ def fixed_width_rows(column, width: int, dtype) -> np.ndarray:
 
 
 def latent_arrays(column) -> tuple[np.ndarray, np.ndarray]:
-    """A list<float> or binary (bf16 bytes) column -> (offsets, flat values), for slicing rows without copies."""
+    """A list<float> or binary (bf16 bytes) column, chunked or not -> (offsets, flat values), for slicing rows
+    without copies."""
     import pyarrow as pa
 
-    array = column.combine_chunks()
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     if pa.types.is_binary(array.type):
         offsets = np.frombuffer(array.buffers()[1], dtype=np.int32)[array.offset : array.offset + len(array) + 1]
         return offsets // 2, np.frombuffer(array.buffers()[2], dtype=np.int16)

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from codec.model import AutoencoderKL
 
 log = logging.getLogger(__name__)
+NOT_FINITE = "the codec's output is not finite for this image"  # why such an image is skipped, in every engine
 
 
 @dataclass
@@ -203,7 +204,7 @@ class _ShardBuilder:
         flip = settings.preprocessing.flip
         for item, latents in zip(items, _encode(vae, items, flip), strict=True):
             if not all(torch.isfinite(t).all() for t in latents):
-                item.reason = "the codec's output is not finite for this image"
+                item.reason = NOT_FINITE
                 self.skip(item, source)
                 continue
             p = item.prepared

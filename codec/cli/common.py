@@ -112,8 +112,15 @@ def format_ssim(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def load_model(args: argparse.Namespace):
+def load_model(args: argparse.Namespace, foreign: bool = False):
+    """--model on --device at --dtype; with `foreign`, also a folder of another diffusers autoencoder, run through
+    diffusers' own class (codec.foreign)."""
     from codec.model import AutoencoderKL
 
-    device = resolve_device(args.device)
-    return AutoencoderKL.load(args.model, torch_dtype=DTYPES[args.dtype]).to(device).eval()
+    device, dtype = resolve_device(args.device), DTYPES[args.dtype]
+    if foreign:
+        from codec.foreign import is_foreign, load_foreign
+
+        if is_foreign(args.model):
+            return load_foreign(args.model, dtype).to(device).eval()
+    return AutoencoderKL.load(args.model, torch_dtype=dtype).to(device).eval()

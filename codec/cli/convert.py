@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
             vae.save_single_file(args.destination)
         else:
             vae.save_pretrained(args.destination)
-        if getattr(vae, "scaling_is_guess", False):  # a folder's config.json has no way to mark a guess
+        if vae.scaling_is_guess:  # a folder's config.json has no way to mark a guess
             print(
                 f"note: {args.destination / 'config.json'} holds scaling_factor {vae.config.scaling_factor}, the "
                 "guess warned about above: correct it there (or convert with --config) if the model uses another"

@@ -13,14 +13,12 @@ import torch
 
 from codec.atomic import atomic_path, atomic_write_text
 from codec.cli.common import (
-    DTYPES,
     add_model_options,
     check_output_folder,
     display_name,
     format_ssim,
     load_model,
     output_stems,
-    resolve_device,
     ssim_or_none,
 )
 from codec.cli.outputs import add_overwrite_option, check_outputs, recording
@@ -48,15 +46,6 @@ def add_parsers(subparsers) -> None:
     add_overwrite_option(parser)
     add_model_options(parser)
     parser.set_defaults(run=run)
-
-
-def _load(args: argparse.Namespace):
-    """Our model, or a folder of another diffusers autoencoder run through diffusers (codec.foreign)."""
-    from codec.foreign import is_foreign, load_foreign
-
-    if is_foreign(args.model):
-        return load_foreign(args.model, DTYPES[args.dtype]).to(resolve_device(args.device)).eval()
-    return load_model(args)
 
 
 def _save_png(image, path: Path) -> None:
@@ -124,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     check_outputs(targets, args.overwrite, model=args.model)
     for path in args.images:  # every input read once first: a bad one is named before any output is written
         image_to_tensor(path)
-    vae = _load(args)
+    vae = load_model(args, foreign=True)
     if tile is not None:
         vae.enable_tiling(tile)
     args.output.mkdir(parents=True, exist_ok=True)
