@@ -257,7 +257,7 @@ def test_dtype_runs_the_model_in_that_precision(clashing, tmp_path, monkeypatch)
     args = argparse.Namespace(model="preset:tiny", device="cpu", dtype="bf16")
     assert common.load_model(args).dtype == torch.bfloat16
     loaded = []
-    monkeypatch.setattr(roundtrip, "load_model", lambda a: loaded.append(a.dtype) or common.load_model(a))
+    monkeypatch.setattr(roundtrip, "load_model", lambda a, **kw: loaded.append(a.dtype) or common.load_model(a, **kw))
     for dtype in ("fp32", "bf16"):
         args = ["roundtrip", str(clashing[0]), "-o", str(tmp_path / dtype), "--model", "preset:tiny", "--dtype", dtype]
         assert main(args) == 0
